@@ -1,0 +1,427 @@
+"""RQ-Transformer: autoregressive prior over (H, W, D) residual code stacks (Lee et al. 2022).
+
+Notation: B batch, T = H*W spatial positions in raster order, D code depth, K codebook size,
+C code-embedding width (the RQ-VAE's), E model width.
+
+Spatial transformer (causal over T): the input at position t is
+    proj_spatial( sum_d e(codes[t-1, d]) ) + pos[t],       and class (or start) embedding at t=0
+and its output h_t summarises everything before position t.
+Depth transformer (causal over D, run for each position independently): the input at depth d is
+    h_t + depth[0]                                          for d = 0
+    proj_depth( sum_{i<d} e(codes[t, i]) ) + depth[d]       for d > 0
+and one head (LayerNorm + Linear to K), shared across depths, predicts codes[t, d].
+
+The code embeddings e(.) are the RQ-VAE's codebook, frozen. Sampling runs both transformers
+with KV caches: one spatial step per position, D depth steps within it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.serialization import load_pretrained, save_pretrained
+
+
+@dataclass
+class RQTransformerConfig:
+    code_shape: list[int] = field(default_factory=lambda: [8, 8, 4])  # H, W, D
+    codebook_size: int = 16384  # K
+    width: int = 1536  # E
+    heads: int = 24
+    spatial_layers: int = 42
+    depth_layers: int = 6
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    num_classes: int = 1000  # 0: unconditional
+    label_dropout: float = 0.1  # drop labels in training, for classifier-free guidance
+
+    def __post_init__(self) -> None:
+        self.code_shape = list(self.code_shape)
+        if len(self.code_shape) != 3 or min(self.code_shape) < 1:
+            raise ValueError(
+                f"code_shape must be [H, W, D] of positive ints, got {self.code_shape}"
+            )
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+    @property
+    def num_positions(self) -> int:
+        return self.code_shape[0] * self.code_shape[1]
+
+    @property
+    def depth(self) -> int:
+        return self.code_shape[2]
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> RQTransformerConfig:
+        if name not in RQTRANSFORMER_PRESETS:
+            raise KeyError(
+                f"unknown RQ-Transformer preset {name!r}; choose one of "
+                f"{sorted(RQTRANSFORMER_PRESETS)}"
+            )
+        return cls.from_dict({**RQTRANSFORMER_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RQTransformerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown RQ-Transformer config keys {unknown}; valid keys: {sorted(known)}"
+            )
+        return cls(**values)
+
+
+RQTRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's ImageNet 256x256 class-conditional models (8x8x4 codes, K = 16384).
+    "imagenet256-480M": dict(spatial_layers=12, depth_layers=4),
+    "imagenet256-821M": dict(spatial_layers=24, depth_layers=4),
+    "imagenet256-1.4B": dict(spatial_layers=42, depth_layers=6),
+    # CPU-sized, for the demo and the tests (codebook size and classes come from the data).
+    "tiny": dict(
+        width=128, heads=4, spatial_layers=3, depth_layers=2, codebook_size=256, num_classes=4
+    ),
+}
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated for `capacity` positions."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, like: Tensor):
+        self.k = like.new_zeros(batch, heads, capacity, head_dim)
+        self.v = like.new_zeros(batch, heads, capacity, head_dim)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length : end], self.v[:, :, self.length : end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        b, n, e = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, e // self.heads).permute(2, 0, 3, 1, 4)
+        # q, k, v: (B, heads, n, head_dim)
+        if cache is None:
+            p = self.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            if n != 1:
+                raise ValueError("cached attention takes one new position at a time")
+            k, v = cache.append(k, v)  # the new position attends to itself and all before
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, e))
+
+
+class Block(nn.Module):
+    """Pre-LN GPT block."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads, dropout)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, mlp_ratio * width),
+            nn.GELU(),
+            nn.Linear(mlp_ratio * width, width),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class Stack(nn.Module):
+    """Blocks followed by a final LayerNorm; with caches, one position at a time."""
+
+    def __init__(self, cfg: RQTransformerConfig, layers: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(layers)
+        )
+        self.ln_f = nn.LayerNorm(cfg.width)
+
+    def forward(self, x: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return self.ln_f(x)
+
+    def new_caches(self, batch: int, capacity: int, like: Tensor) -> list[KVCache]:
+        heads = self.blocks[0].attn.heads if len(self.blocks) else 1
+        head_dim = like.shape[-1] // heads
+        return [KVCache(batch, heads, capacity, head_dim, like) for _ in self.blocks]
+
+
+def sample_logits(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """(N, K) logits -> (N,) sampled indices after temperature, top-k and nucleus filtering."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keeps at least the best
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _per_depth(value: Any, depth: int, name: str) -> list[Any]:
+    if isinstance(value, list | tuple):
+        if len(value) != depth:
+            raise ValueError(
+                f"{name} has {len(value)} entries; give one or one per depth ({depth})"
+            )
+        return list(value)
+    return [value] * depth
+
+
+class RQTransformer(nn.Module):
+    model_type = "rqtransformer"
+
+    def __init__(self, config: RQTransformerConfig, code_embeddings: Tensor) -> None:
+        """code_embeddings: the RQ-VAE codebook, (K, C) shared or (D, K, C) one per depth."""
+        super().__init__()
+        self.config = config
+        if code_embeddings.dim() == 2:
+            code_embeddings = code_embeddings.unsqueeze(0)
+        books, k, c = code_embeddings.shape
+        if k != config.codebook_size or books not in (1, config.depth):
+            raise ValueError(
+                f"code embeddings of shape {tuple(code_embeddings.shape)} do not fit "
+                f"codebook_size={config.codebook_size}, depth={config.depth}"
+            )
+        # Frozen: a buffer, saved with the model so sampling needs no VAE to build it.
+        self.register_buffer("code_embeddings", code_embeddings.detach().clone().float())
+        e, t, d = config.width, config.num_positions, config.depth
+        self.proj_spatial = nn.Linear(c, e)
+        self.proj_depth = nn.Linear(c, e)
+        self.class_embedding = nn.Embedding(config.num_classes + 1, e)  # last row: no label
+        self.pos_embedding = nn.Parameter(torch.zeros(t, e))
+        self.depth_embedding = nn.Parameter(torch.zeros(d, e))
+        self.spatial = Stack(config, config.spatial_layers)
+        self.depth_transformer = Stack(config, config.depth_layers)
+        self.head = nn.Linear(e, config.codebook_size)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.pos_embedding, std=0.02)
+        nn.init.normal_(self.depth_embedding, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def null_label(self) -> int:
+        return self.config.num_classes
+
+    # -- embeddings -----------------------------------------------------------------------------
+
+    def embed_codes(self, codes: Tensor) -> Tensor:
+        """(..., D') codes -> (..., D', C) frozen code embeddings."""
+        books = self.code_embeddings
+        if books.shape[0] == 1:
+            return books[0][codes]
+        return torch.stack([books[i][codes[..., i]] for i in range(codes.shape[-1])], dim=-2)
+
+    def _start(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        if labels is None:
+            labels = torch.full((batch,), self.null_label, device=device, dtype=torch.long)
+        elif self.config.num_classes == 0:
+            raise ValueError("this RQ-Transformer is unconditional: pass labels=None")
+        elif labels.min() < 0 or labels.max() > self.null_label:
+            raise ValueError(f"labels must be in [0, {self.config.num_classes}) (or the null "
+                             f"label {self.null_label}), got {labels.tolist()[:8]}")  # fmt: skip
+        return self.class_embedding(labels)  # (B, E)
+
+    # -- training forward -----------------------------------------------------------------------
+
+    def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
+        """codes (B, H, W, D) int64, labels (B,) or None -> logits (B, H, W, D, K)."""
+        b, h, w, d = codes.shape
+        if [h, w, d] != self.config.code_shape:
+            raise ValueError(f"codes of shape {[h, w, d]} != config code_shape "
+                             f"{self.config.code_shape}")  # fmt: skip
+        if self.training and labels is not None and self.config.label_dropout > 0:
+            dropped = torch.rand(b, device=codes.device) < self.config.label_dropout
+            labels = labels.masked_fill(dropped, self.null_label)
+        flat = codes.reshape(b, h * w, d)  # (B, T, D)
+        partial = self.embed_codes(flat).cumsum(dim=2)  # (B, T, D, C): sums of first d+1 codes
+
+        start = self._start(labels, b, codes.device).unsqueeze(1)  # (B, 1, E)
+        shifted = self.proj_spatial(partial[:, :-1, -1])  # (B, T-1, E): full sums of t-1
+        x = torch.cat([start, shifted], dim=1) + self.pos_embedding  # (B, T, E)
+        h_t = self.spatial(x)  # (B, T, E)
+
+        depth_in = torch.cat(
+            [h_t.unsqueeze(2), self.proj_depth(partial[:, :, :-1])], dim=2
+        )  # (B, T, D, E)
+        depth_in = (depth_in + self.depth_embedding).reshape(b * h * w, d, -1)
+        out = self.depth_transformer(depth_in)  # (B*T, D, E)
+        return self.head(out).reshape(b, h, w, d, -1)  # (B, H, W, D, K)
+
+    @staticmethod
+    def loss(
+        logits: Tensor, codes: Tensor, soft_targets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Cross-entropy averaged over all T*D tokens -> (loss, per-depth loss (D,)).
+
+        soft_targets (B, H, W, D, K), e.g. from ResidualQuantizer.soft_codes, turn it into the
+        soft-target cross-entropy -sum_k q_k log p_k.
+        """
+        log_probs = F.log_softmax(logits.float(), dim=-1)  # (B, H, W, D, K)
+        if soft_targets is None:
+            nll = -log_probs.gather(-1, codes.unsqueeze(-1)).squeeze(-1)  # (B, H, W, D)
+        else:
+            nll = -(soft_targets * log_probs).sum(-1)
+        per_depth = nll.flatten(0, 2).mean(0)  # (D,)
+        return nll.mean(), per_depth
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def _prepare_labels(
+        self, num_samples: int | None, labels: Tensor | list[int] | None, device: torch.device
+    ) -> tuple[int, Tensor | None]:
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+            return labels.shape[0], labels
+        if num_samples is None:
+            raise ValueError("give num_samples (unconditional) or labels (class-conditional)")
+        return num_samples, None
+
+    def _guided_logits(self, logits: Tensor, batch: int, cfg_scale: float) -> Tensor:
+        if cfg_scale == 1.0:
+            return logits
+        cond, uncond = logits[:batch], logits[batch:]
+        return uncond + cfg_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        num_samples: int | None = None,
+        labels: Tensor | list[int] | None = None,
+        temperature: float = 1.0,
+        top_k: int | list[int | None] | None = None,
+        top_p: float | list[float | None] | None = None,
+        cfg_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample code stacks (B, H, W, D) with KV caches in both transformers.
+
+        top_k / top_p may be one value or one per depth. cfg_scale != 1 runs the conditional
+        and unconditional passes in one doubled batch (classifier-free guidance).
+        """
+        device = self.pos_embedding.device
+        batch, labels = self._prepare_labels(num_samples, labels, device)
+        top_ks = _per_depth(top_k, self.config.depth, "top_k")
+        top_ps = _per_depth(top_p, self.config.depth, "top_p")
+        if cfg_scale != 1.0:
+            if labels is None:
+                raise ValueError("cfg_scale needs labels: guidance contrasts them with no label")
+            labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
+        rows = labels.shape[0] if labels is not None else batch
+        h, w, d = self.config.code_shape
+        codes = torch.zeros(batch, h * w, d, dtype=torch.long, device=device)
+
+        x = (self._start(labels, rows, device) + self.pos_embedding[0]).unsqueeze(1)  # (R,1,E)
+        spatial_caches = self.spatial.new_caches(rows, h * w, x)
+        for t in range(h * w):
+            h_t = self.spatial(x, spatial_caches)  # (R, 1, E)
+            depth_caches = self.depth_transformer.new_caches(rows, d, x)
+            u = h_t + self.depth_embedding[0]
+            partial = None
+            for depth in range(d):
+                out = self.depth_transformer(u, depth_caches)  # (R, 1, E)
+                logits = self._guided_logits(self.head(out[:, 0]), batch, cfg_scale)  # (B, K)
+                code = sample_logits(logits, temperature, top_ks[depth], top_ps[depth], generator)
+                codes[:, t, depth] = code
+                embedding = self.embed_codes(code.unsqueeze(-1))[:, 0]  # (B, C)
+                if rows != batch:
+                    embedding = embedding.repeat(rows // batch, 1)  # same code for both halves
+                partial = embedding if partial is None else partial + embedding  # (R, C)
+                if depth + 1 < d:
+                    u = (self.proj_depth(partial) + self.depth_embedding[depth + 1]).unsqueeze(1)
+            if t + 1 < h * w:
+                x = (self.proj_spatial(partial) + self.pos_embedding[t + 1]).unsqueeze(1)
+        return codes.reshape(batch, h, w, d)
+
+    @torch.no_grad()
+    def generate_uncached(
+        self,
+        num_samples: int | None = None,
+        labels: Tensor | list[int] | None = None,
+        temperature: float = 1.0,
+        top_k: int | list[int | None] | None = None,
+        top_p: float | list[float | None] | None = None,
+        cfg_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Reference sampler: the full forward pass for every token. Slow; for tests and bench."""
+        device = self.pos_embedding.device
+        batch, labels = self._prepare_labels(num_samples, labels, device)
+        top_ks = _per_depth(top_k, self.config.depth, "top_k")
+        top_ps = _per_depth(top_p, self.config.depth, "top_p")
+        if cfg_scale != 1.0:
+            if labels is None:
+                raise ValueError("cfg_scale needs labels: guidance contrasts them with no label")
+            labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
+        rows = labels.shape[0] if labels is not None else batch
+        h, w, d = self.config.code_shape
+        codes = torch.zeros(rows, h, w, d, dtype=torch.long, device=device)
+        for t in range(h * w):
+            for depth in range(d):
+                logits = self(codes, labels)[:, t // w, t % w, depth]  # causal: later unused
+                logits = self._guided_logits(logits, batch, cfg_scale)
+                code = sample_logits(logits, temperature, top_ks[depth], top_ps[depth], generator)
+                codes[:, t // w, t % w, depth] = code.repeat(rows // batch)
+        return codes[:batch]
+
+    # -- artifacts ------------------------------------------------------------------------------
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def save_pretrained(self, uri: str) -> None:
+        save_pretrained(self, uri, self.model_type, dataclasses.asdict(self.config))
+
+    @classmethod
+    def from_pretrained(cls, uri: str, map_location: str = "cpu") -> RQTransformer:
+        config, state = load_pretrained(uri, cls.model_type, map_location)
+        model = cls(RQTransformerConfig.from_dict(config), state["code_embeddings"])
+        model.load_state_dict(state)
+        return model.eval()
+
+
+def flops_per_token(config: RQTransformerConfig) -> float:
+    """Approximate forward FLOPs per code token (for throughput reporting): 2 * params touched."""
+    block = 12 * config.width**2  # attention (4 E^2) + MLP (8 E^2) weights per block
+    spatial_share = config.spatial_layers * block / config.depth  # spatial runs once per D tokens
+    return 2 * (spatial_share + config.depth_layers * block + config.width * config.codebook_size)

@@ -1,0 +1,167 @@
+import math
+
+import pytest
+import torch
+
+from model.rqtransformer import RQTransformer, RQTransformerConfig, sample_logits
+
+
+def small(code_shape=(3, 3, 3), k=32, classes=4, **kw) -> RQTransformer:
+    torch.manual_seed(0)
+    cfg = RQTransformerConfig(code_shape=list(code_shape), codebook_size=k, width=32, heads=2,
+                              spatial_layers=2, depth_layers=2, num_classes=classes, **kw)  # fmt: skip
+    return RQTransformer(cfg, torch.randn(k, 8)).eval()
+
+
+def random_codes(model, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(model.config.codebook_size, (batch, *model.config.code_shape), generator=g)
+
+
+def test_spatial_causality():
+    model = small()
+    codes, labels = random_codes(model), torch.tensor([0, 1])
+    base = model(codes, labels).reshape(2, 9, 3, -1)  # (B, T, D, K)
+    for t in range(9):
+        changed = codes.reshape(2, 9, 3).clone()
+        changed[:, t] = (changed[:, t] + 1) % 32  # every depth of position t
+        out = model(changed.reshape(codes.shape), labels).reshape(2, 9, 3, -1)
+        assert torch.allclose(out[:, :t], base[:, :t], atol=1e-6)  # earlier positions
+        assert torch.allclose(out[:, t, 0], base[:, t, 0], atol=1e-6)  # depth 0 of t: h_t only
+        if t + 1 < 9:
+            assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])
+
+
+def test_depth_causality():
+    model = small()
+    codes, labels = random_codes(model), torch.tensor([2, 3])
+    base = model(codes, labels).reshape(2, 9, 3, -1)
+    for d in range(3):
+        changed = codes.reshape(2, 9, 3).clone()
+        changed[:, 4, d] = (changed[:, 4, d] + 1) % 32
+        out = model(changed.reshape(codes.shape), labels).reshape(2, 9, 3, -1)
+        assert torch.allclose(out[:, 4, : d + 1], base[:, 4, : d + 1], atol=1e-6)
+        if d + 1 < 3:
+            assert not torch.allclose(out[:, 4, d + 1 :], base[:, 4, d + 1 :])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(labels=[0, 3, 1]),
+        dict(labels=[2, 2], cfg_scale=3.0, temperature=0.8),
+        dict(labels=[1, 0], top_k=[None, 5, 3], top_p=[0.9, None, 0.5]),
+    ],
+)
+def test_cached_sampler_equals_uncached_reference(options):
+    model = small().double()  # float64: no rounding-order differences between the two paths
+    a = model.generate(**options, generator=torch.Generator().manual_seed(7))
+    b = model.generate_uncached(**options, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    c = model.generate(**options, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, c), "deterministic given a generator"
+
+
+def test_unconditional_model_and_flat_baseline():
+    model = small(classes=0)
+    codes = model.generate(num_samples=3, generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (3, 3, 3, 3) and codes.max() < 32
+    with pytest.raises(ValueError, match="unconditional"):
+        model(random_codes(model), torch.tensor([0, 0]))
+    flat = RQTransformer(
+        RQTransformerConfig(
+            code_shape=[4, 4, 1],
+            codebook_size=32,
+            width=32,
+            heads=2,
+            spatial_layers=2,
+            depth_layers=0,
+            num_classes=0,
+        ),
+        torch.randn(32, 8),
+    ).eval()
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(flat.generate(num_samples=2, generator=g1),
+                       flat.generate_uncached(num_samples=2, generator=g2))  # fmt: skip
+
+
+def test_soft_target_loss_equals_hard_for_one_hot():
+    model = small()
+    codes = random_codes(model)
+    logits = model(codes, torch.tensor([0, 1]))
+    hard, hard_depth = RQTransformer.loss(logits, codes)
+    one_hot = torch.nn.functional.one_hot(codes, 32).float()
+    soft, soft_depth = RQTransformer.loss(logits, codes, soft_targets=one_hot)
+    assert torch.allclose(hard, soft) and torch.allclose(hard_depth, soft_depth)
+    assert torch.allclose(hard_depth.mean(), hard)
+    manual = torch.nn.functional.cross_entropy(logits.reshape(-1, 32), codes.reshape(-1))
+    assert torch.allclose(hard, manual)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 100)
+    assert torch.equal(sample_logits(logits, top_k=1), logits.argmax(1))
+    assert torch.equal(sample_logits(logits, top_p=1e-6), logits.argmax(1))
+    kept = sample_logits(logits.repeat(20, 1), top_k=3)
+    top3 = logits.topk(3, dim=1).indices.repeat(20, 1)
+    assert (kept[:, None] == top3).any(1).all()
+    with pytest.raises(ValueError, match="temperature"):
+        sample_logits(logits, temperature=0.0)
+
+
+def test_overfits_and_regenerates_code_stacks():
+    torch.manual_seed(0)
+    cfg = RQTransformerConfig(code_shape=[4, 4, 4], codebook_size=64, width=64, heads=4,
+                              spatial_layers=2, depth_layers=2, num_classes=4,
+                              label_dropout=0.0)  # fmt: skip
+    model = RQTransformer(cfg, torch.randn(64, 16))
+    stacks = torch.randint(64, (4, 4, 4, 4))
+    labels = torch.arange(4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss, _ = RQTransformer.loss(model(stacks, labels), stacks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 * math.log(64), loss.item()
+    model.eval()
+    regenerated = model.generate(labels=labels, top_k=1)
+    assert torch.equal(regenerated, stacks)
+    # label conditioning reaches the model: same generator, different labels, different codes
+    swapped = model.generate(labels=labels.flip(0), top_k=1)
+    assert torch.equal(swapped, stacks.flip(0))
+
+
+def test_label_dropout_only_in_training():
+    model = small(label_dropout=1.0)
+    codes, labels = random_codes(model), torch.tensor([0, 1])
+    uncond = model(codes, torch.tensor([4, 4]))  # the null label
+    assert torch.allclose(model.train()(codes, labels), uncond, atol=1e-6)
+    assert not torch.allclose(model.eval()(codes, labels), uncond)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = small()
+    model.save_pretrained(str(tmp_path / "ar"))
+    loaded = RQTransformer.from_pretrained(str(tmp_path / "ar"))
+    codes, labels = random_codes(model), torch.tensor([1, 2])
+    assert torch.equal(loaded(codes, labels), model(codes, labels))
+    assert torch.equal(loaded.code_embeddings, model.code_embeddings)
+
+
+def test_configuration_errors():
+    with pytest.raises(KeyError, match="unknown RQ-Transformer preset"):
+        RQTransformerConfig.preset("imagenet256-10B")
+    assert RQTransformerConfig.preset("imagenet256-1.4B").spatial_layers == 42
+    with pytest.raises(ValueError, match="do not fit"):
+        RQTransformer(RQTransformerConfig.preset("tiny"), torch.randn(100, 8))
+    model = small()
+    with pytest.raises(ValueError, match="code_shape"):
+        model(torch.zeros(1, 2, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="one per depth"):
+        model.generate(labels=[0], top_k=[1, 2])
+    with pytest.raises(ValueError, match="cfg_scale needs labels"):
+        model.generate(num_samples=1, cfg_scale=2.0)
+    with pytest.raises(ValueError, match="labels must be in"):
+        model.generate(labels=[9])
