@@ -13,7 +13,6 @@ setup: $(STAMP)
 # resolver run pulls a multi-GB CUDA build on CPU-only machines.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
@@ -31,6 +30,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/quantizer.py
+	$(BIN)/python bench/sampling.py
 
 clean:
 	rm -rf $(VENV) runs

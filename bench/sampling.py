@@ -27,8 +27,9 @@ def build(shape: list[int], spatial: int, depth: int, args: argparse.Namespace) 
     cfg = RQTransformerConfig(code_shape=shape, codebook_size=args.codebook_size, width=args.width,
                               heads=args.heads, spatial_layers=spatial, depth_layers=depth,
                               num_classes=10)  # fmt: skip
-    model = RQTransformer(cfg, torch.randn(args.codebook_size, 256))
-    return model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    with torch.device(args.device):  # built in place: a 1.4B model is slow to init on a CPU
+        model = RQTransformer(cfg, torch.randn(args.codebook_size, 256))
+    return model.to(dtype=getattr(torch, args.dtype)).eval()
 
 
 def samples_per_s(model: RQTransformer, batch: int, cached: bool, args) -> float:

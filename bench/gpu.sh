@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU checks, in one run: smoke test + throughput of training and encoding, quantizer
+# throughput, sampling speed at the paper's 1.4B shape. Usage: bash bench/gpu.sh [LOG]
+set -uo pipefail
+log=${1:-gpu.log}
+export PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  timeout 130 python3 bench/gpu_check.py
+  timeout 100 python3 bench/quantizer.py --device cuda
+  timeout 180 python3 bench/sampling.py --device cuda --dtype bfloat16 --width 1536 --heads 24 \
+      --spatial-layers 42 --depth-layers 6 --codebook-size 16384 --batches 100 200 500 \
+      --uncached-batch 8 --repeats 2
+} 2>&1 | tee "$log"
