@@ -33,13 +33,12 @@ def build(shape: list[int], spatial: int, depth: int, args: argparse.Namespace) 
 
 
 def samples_per_s(model: RQTransformer, batch: int, cached: bool, args) -> float:
-    sample = model.generate if cached else model.generate_uncached
     labels = torch.arange(batch, device=args.device) % 10
     best = float("inf")
     for _ in range(args.repeats):
         generator = torch.Generator(device=args.device).manual_seed(0)
         start = time.perf_counter()
-        sample(labels=labels, generator=generator)
+        model.generate(labels=labels, generator=generator, use_cache=cached)
         if args.device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)

@@ -200,6 +200,31 @@ def _per_depth(value: Any, depth: int, name: str) -> list[Any]:
     return [value] * depth
 
 
+@dataclass
+class _SamplingPlan:
+    """What both samplers need per token: guidance and filtering for each depth."""
+
+    batch: int  # samples asked for
+    labels: Tensor | None  # (rows,): labels, then null labels when guided
+    temperature: float
+    top_ks: list[int | None]
+    top_ps: list[float | None]
+    cfg_scale: float
+    generator: torch.Generator | None
+
+    @property
+    def rows(self) -> int:
+        return self.labels.shape[0] if self.labels is not None else self.batch
+
+    def pick(self, logits: Tensor, depth: int) -> Tensor:
+        """(rows, K) logits -> (batch,) codes, guided when cfg_scale != 1."""
+        if self.cfg_scale != 1.0:
+            cond, uncond = logits[: self.batch], logits[self.batch :]
+            logits = uncond + self.cfg_scale * (cond - uncond)
+        return sample_logits(logits, self.temperature, self.top_ks[depth], self.top_ps[depth],
+                             self.generator)  # fmt: skip
+
+
 class RQTransformer(nn.Module):
     model_type = "rqtransformer"
 
@@ -307,21 +332,31 @@ class RQTransformer(nn.Module):
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def _prepare_labels(
-        self, num_samples: int | None, labels: Tensor | list[int] | None, device: torch.device
-    ) -> tuple[int, Tensor | None]:
+    def _sampling_plan(
+        self,
+        num_samples: int | None,
+        labels: Tensor | list[int] | None,
+        temperature: float,
+        top_k: int | list[int | None] | None,
+        top_p: float | list[float | None] | None,
+        cfg_scale: float,
+        generator: torch.Generator | None,
+    ) -> _SamplingPlan:
+        device = self.pos_embedding.device
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-            return labels.shape[0], labels
-        if num_samples is None:
+            batch = labels.shape[0]
+        elif num_samples is None:
             raise ValueError("give num_samples (unconditional) or labels (class-conditional)")
-        return num_samples, None
-
-    def _guided_logits(self, logits: Tensor, batch: int, cfg_scale: float) -> Tensor:
-        if cfg_scale == 1.0:
-            return logits
-        cond, uncond = logits[:batch], logits[batch:]
-        return uncond + cfg_scale * (cond - uncond)
+        else:
+            batch = num_samples
+        if cfg_scale != 1.0:
+            if labels is None:
+                raise ValueError("cfg_scale needs labels: guidance contrasts them with no label")
+            labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
+        depth = self.config.depth
+        return _SamplingPlan(batch, labels, temperature, _per_depth(top_k, depth, "top_k"),
+                             _per_depth(top_p, depth, "top_p"), cfg_scale, generator)  # fmt: skip
 
     @torch.no_grad()
     def generate(
@@ -333,26 +368,28 @@ class RQTransformer(nn.Module):
         top_p: float | list[float | None] | None = None,
         cfg_scale: float = 1.0,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> Tensor:
-        """Sample code stacks (B, H, W, D) with KV caches in both transformers.
+        """Sample code stacks (B, H, W, D).
 
         top_k / top_p may be one value or one per depth. cfg_scale != 1 runs the conditional
-        and unconditional passes in one doubled batch (classifier-free guidance).
+        and unconditional passes in one doubled batch (classifier-free guidance). With
+        use_cache=False every token costs a full forward pass: the slow reference that the
+        cached sampler is tested against.
         """
-        device = self.pos_embedding.device
-        batch, labels = self._prepare_labels(num_samples, labels, device)
-        top_ks = _per_depth(top_k, self.config.depth, "top_k")
-        top_ps = _per_depth(top_p, self.config.depth, "top_p")
-        if cfg_scale != 1.0:
-            if labels is None:
-                raise ValueError("cfg_scale needs labels: guidance contrasts them with no label")
-            labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
-        rows = labels.shape[0] if labels is not None else batch
+        plan = self._sampling_plan(num_samples, labels, temperature, top_k, top_p, cfg_scale,
+                                   generator)  # fmt: skip
+        return self._generate_cached(plan) if use_cache else self._generate_uncached(plan)
+
+    def _generate_cached(self, plan: _SamplingPlan) -> Tensor:
+        """KV caches in both transformers: one spatial step per position, D depth steps in it."""
+        batch, rows = plan.batch, plan.rows
         h, w, d = self.config.code_shape
+        device = self.pos_embedding.device
         codes = torch.zeros(batch, h * w, d, dtype=torch.long, device=device)
 
-        x = (self._start(labels, rows, device) + self.pos_embedding[0]).unsqueeze(1)  # (R,1,E)
-        spatial_caches = self.spatial.new_caches(rows, h * w, x)
+        x = (self._start(plan.labels, rows, device) + self.pos_embedding[0]).unsqueeze(1)
+        spatial_caches = self.spatial.new_caches(rows, h * w, x)  # x: (R, 1, E)
         for t in range(h * w):
             h_t = self.spatial(x, spatial_caches)  # (R, 1, E)
             depth_caches = self.depth_transformer.new_caches(rows, d, x)
@@ -360,8 +397,7 @@ class RQTransformer(nn.Module):
             partial = None
             for depth in range(d):
                 out = self.depth_transformer(u, depth_caches)  # (R, 1, E)
-                logits = self._guided_logits(self.head(out[:, 0]), batch, cfg_scale)  # (B, K)
-                code = sample_logits(logits, temperature, top_ks[depth], top_ps[depth], generator)
+                code = plan.pick(self.head(out[:, 0]), depth)  # (B,)
                 codes[:, t, depth] = code
                 embedding = self.embed_codes(code.unsqueeze(-1))[:, 0]  # (B, C)
                 if rows != batch:
@@ -373,36 +409,15 @@ class RQTransformer(nn.Module):
                 x = (self.proj_spatial(partial) + self.pos_embedding[t + 1]).unsqueeze(1)
         return codes.reshape(batch, h, w, d)
 
-    @torch.no_grad()
-    def generate_uncached(
-        self,
-        num_samples: int | None = None,
-        labels: Tensor | list[int] | None = None,
-        temperature: float = 1.0,
-        top_k: int | list[int | None] | None = None,
-        top_p: float | list[float | None] | None = None,
-        cfg_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Reference sampler: the full forward pass for every token. Slow; for tests and bench."""
-        device = self.pos_embedding.device
-        batch, labels = self._prepare_labels(num_samples, labels, device)
-        top_ks = _per_depth(top_k, self.config.depth, "top_k")
-        top_ps = _per_depth(top_p, self.config.depth, "top_p")
-        if cfg_scale != 1.0:
-            if labels is None:
-                raise ValueError("cfg_scale needs labels: guidance contrasts them with no label")
-            labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
-        rows = labels.shape[0] if labels is not None else batch
+    def _generate_uncached(self, plan: _SamplingPlan) -> Tensor:
         h, w, d = self.config.code_shape
-        codes = torch.zeros(rows, h, w, d, dtype=torch.long, device=device)
+        codes = torch.zeros(plan.rows, h, w, d, dtype=torch.long, device=self.pos_embedding.device)
         for t in range(h * w):
             for depth in range(d):
-                logits = self(codes, labels)[:, t // w, t % w, depth]  # causal: later unused
-                logits = self._guided_logits(logits, batch, cfg_scale)
-                code = sample_logits(logits, temperature, top_ks[depth], top_ps[depth], generator)
-                codes[:, t // w, t % w, depth] = code.repeat(rows // batch)
-        return codes[:batch]
+                logits = self(codes, plan.labels)[:, t // w, t % w, depth]  # causal: rest unused
+                code = plan.pick(logits, depth)
+                codes[:, t // w, t % w, depth] = code.repeat(plan.rows // plan.batch)
+        return codes[: plan.batch]
 
     # -- artifacts ------------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ def test_depth_causality():
 def test_cached_sampler_equals_uncached_reference(options):
     model = small().double()  # float64: no rounding-order differences between the two paths
     a = model.generate(**options, generator=torch.Generator().manual_seed(7))
-    b = model.generate_uncached(**options, generator=torch.Generator().manual_seed(7))
+    b = model.generate(**options, use_cache=False, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     c = model.generate(**options, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, c), "deterministic given a generator"
@@ -82,7 +82,7 @@ def test_unconditional_model_and_flat_baseline():
     ).eval()
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(flat.generate(num_samples=2, generator=g1),
-                       flat.generate_uncached(num_samples=2, generator=g2))  # fmt: skip
+                       flat.generate(num_samples=2, generator=g2, use_cache=False))  # fmt: skip
 
 
 def test_soft_target_loss_equals_hard_for_one_hot():
