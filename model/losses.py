@@ -31,12 +31,19 @@ class VAELossConfig:
     disc_layers: int = 3
 
 
+RECON_LOSSES = ("l1", "mse")
+
+
+def _check_recon_kind(kind: str) -> None:
+    if kind not in RECON_LOSSES:
+        raise ValueError(f"recon_loss={kind!r} is not supported; use one of {RECON_LOSSES}")
+
+
 def reconstruction_loss(recon: Tensor, target: Tensor, kind: str = "l1") -> Tensor:
+    _check_recon_kind(kind)
     if kind == "l1":
         return (recon - target).abs().mean()
-    if kind == "mse":
-        return (recon - target).pow(2).mean()
-    raise ValueError(f"recon_loss={kind!r} is not supported; use 'l1' or 'mse'")
+    return (recon - target).pow(2).mean()
 
 
 class PatchDiscriminator(nn.Module):
@@ -163,7 +170,7 @@ class VAELoss(nn.Module):
     def __init__(self, config: VAELossConfig, in_channels: int = 3) -> None:
         super().__init__()
         self.config = config
-        reconstruction_loss(torch.zeros(1), torch.zeros(1), config.recon_loss)  # validate kind
+        _check_recon_kind(config.recon_loss)
         self.perceptual = (
             PerceptualLoss(config.perceptual_weights_path or "")
             if config.perceptual_weight > 0

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -27,7 +28,7 @@ def test_demo_dataset_is_deterministic_real_pngs(tmp_path):
 
 
 def test_demo_command_trains_saves_and_is_idempotent(tmp_path):
-    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
     first = rqpipe("demo", "--run-dir", str(run), "steps=3", "log_every=1", cwd=repo)
     assert first.returncode == 0, first.stderr
