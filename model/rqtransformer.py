@@ -424,12 +424,16 @@ class RQTransformer(nn.Module):
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def save_pretrained(self, uri: str) -> None:
-        save_pretrained(self, uri, self.model_type, dataclasses.asdict(self.config))
+    def save_pretrained(self, uri: str, storage_options: dict | None = None) -> None:
+        save_pretrained(
+            self, uri, self.model_type, dataclasses.asdict(self.config), storage_options
+        )
 
     @classmethod
-    def from_pretrained(cls, uri: str, map_location: str = "cpu") -> RQTransformer:
-        config, state = load_pretrained(uri, cls.model_type, map_location)
+    def from_pretrained(
+        cls, uri: str, map_location: str = "cpu", storage_options: dict | None = None
+    ) -> RQTransformer:
+        config, state = load_pretrained(uri, cls.model_type, map_location, storage_options)
         model = cls(RQTransformerConfig.from_dict(config), state["code_embeddings"])
         model.load_state_dict(state)
         return model.eval()

@@ -272,12 +272,16 @@ class RQVAE(nn.Module):
         recon = self.decode_latents(out.quantized)
         return RQVAEOutput(recon, out.codes, out.commitment_loss, out.perplexity, out.usage)
 
-    def save_pretrained(self, uri: str) -> None:
-        save_pretrained(self, uri, self.model_type, dataclasses.asdict(self.config))
+    def save_pretrained(self, uri: str, storage_options: dict | None = None) -> None:
+        save_pretrained(
+            self, uri, self.model_type, dataclasses.asdict(self.config), storage_options
+        )
 
     @classmethod
-    def from_pretrained(cls, uri: str, map_location: str = "cpu") -> RQVAE:
-        config, state = load_pretrained(uri, cls.model_type, map_location)
+    def from_pretrained(
+        cls, uri: str, map_location: str = "cpu", storage_options: dict | None = None
+    ) -> RQVAE:
+        config, state = load_pretrained(uri, cls.model_type, map_location, storage_options)
         model = cls(RQVAEConfig.from_dict(config))
         model.load_state_dict(state)
         return model.eval()

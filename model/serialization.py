@@ -3,67 +3,49 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from typing import Any
 
-import fsspec
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
+
+from model.fileio import read_bytes, write_bytes_atomic
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write a whole file so that no reader ever sees it half written.
-
-    Local files go to a temporary name in the same folder and are renamed; object stores
-    receive one complete upload, which only becomes visible once finished.
-    """
-    fs, path = fsspec.core.url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if "file" in fs.protocol or "local" in fs.protocol:
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def read_bytes(uri: str) -> bytes:
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
-
-
-def save_pretrained(module: nn.Module, uri: str, model_type: str, config: dict[str, Any]) -> None:
+def save_pretrained(
+    module: nn.Module,
+    uri: str,
+    model_type: str,
+    config: dict[str, Any],
+    storage_options: dict | None = None,
+) -> None:
     """Weights first, config last: a folder with a config.json always has its weights."""
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     write_bytes_atomic(
         f"{uri.rstrip('/')}/{WEIGHTS_NAME}",
         save_safetensors(state, metadata={"model_type": model_type}),
+        storage_options,
     )
     document = {"model_type": model_type, "format_version": FORMAT_VERSION, "config": config}
     write_bytes_atomic(
-        f"{uri.rstrip('/')}/{CONFIG_NAME}", json.dumps(document, indent=2).encode() + b"\n"
+        f"{uri.rstrip('/')}/{CONFIG_NAME}",
+        json.dumps(document, indent=2).encode() + b"\n",
+        storage_options,
     )
 
 
 def load_pretrained(
-    uri: str, model_type: str, map_location: str = "cpu"
+    uri: str, model_type: str, map_location: str = "cpu", storage_options: dict | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """-> (config dict, state dict) of a saved model, checking it is of `model_type`."""
     base = uri.rstrip("/")
     try:
-        document = json.loads(read_bytes(f"{base}/{CONFIG_NAME}"))
+        document = json.loads(read_bytes(f"{base}/{CONFIG_NAME}", storage_options))
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no {CONFIG_NAME} under {uri!r}: expected a folder written by save_pretrained"
@@ -76,5 +58,5 @@ def load_pretrained(
             f"{uri!r} was written by a newer rqpipe (format {document['format_version']}); "
             "upgrade rqpipe to load it"
         )
-    state = load_safetensors(read_bytes(f"{base}/{WEIGHTS_NAME}"))
+    state = load_safetensors(read_bytes(f"{base}/{WEIGHTS_NAME}", storage_options))
     return document["config"], {k: v.to(map_location) for k, v in state.items()}

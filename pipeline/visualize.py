@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.serialization import write_bytes_atomic
+from model.fileio import write_bytes_atomic
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,112 @@
+"""Image bytes -> a clean RGB image, or a reason why not.
+
+Decoding done right: EXIF orientation applied; CMYK, palette, LA, 16-bit and grayscale
+converted to RGB; alpha composited on white; animated images take their first frame;
+decompression bombs rejected from the header, before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+RESIZE_MODES = ("center_crop", "pad", "none")
+ENCODINGS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+class Reject(Exception):
+    """An input that cannot become a sample; str() is the reason recorded in rejects.parquet."""
+
+
+@dataclass
+class Decoded:
+    image: Image.Image  # RGB, resized
+    original_size: tuple[int, int]  # (width, height) after EXIF orientation
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray((pixels / peak * 255).clip(0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((pixels.clip(0, 1) * 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGB
+
+
+def _resize(image: Image.Image, size: int, mode: str) -> Image.Image:
+    if mode == "none":
+        return image
+    w, h = image.size
+    if mode == "center_crop":
+        scale = size / min(w, h)
+        rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left, top = (rw - size) // 2, (rh - size) // 2
+        return image.crop((left, top, left + size, top + size))
+    if mode == "pad":
+        scale = size / max(w, h)
+        rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
+        image = image.resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas.paste(image, ((size - rw) // 2, (size - rh) // 2))
+        return canvas
+    raise ValueError(f"resize_mode={mode!r}: use one of {RESIZE_MODES}")
+
+
+def decode_image(
+    data: bytes, size: int, resize_mode: str, min_size: int = 0, max_pixels: int = 100_000_000
+) -> Decoded:
+    if not data:
+        raise Reject("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            w, h = image.size  # header only: nothing decoded yet
+            if w * h > max_pixels:
+                raise Reject(f"decompression bomb: {w}x{h} exceeds max_pixels={max_pixels}")
+            image.seek(0)  # animated: the first frame
+            if image.format == "JPEG" and resize_mode != "none":
+                # libjpeg decodes at 1/2, 1/4 or 1/8 scale for free, never below the target
+                fit = min if resize_mode == "center_crop" else max
+                scale = size / fit(w, h)
+                image.draft(image.mode, (math.ceil(w * scale), math.ceil(h * scale)))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except Reject:
+        raise
+    except UnidentifiedImageError:
+        raise Reject("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise Reject(f"decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise Reject(f"corrupt or truncated image: {e}") from None
+    original = image.size
+    if min(original) < min_size:
+        raise Reject(f"too small: {original[0]}x{original[1]} < min_size={min_size}")
+    return Decoded(_resize(_to_rgb(image), size, resize_mode), original)
+
+
+def encode_image(image: Image.Image, encoding: str, quality: int) -> bytes:
+    """Deterministic bytes for the same pixels (no timestamps, fixed settings)."""
+    buffer = io.BytesIO()
+    if encoding == "png":
+        image.save(buffer, format="PNG", compress_level=6)
+    elif encoding in ENCODINGS:
+        image.save(buffer, format=ENCODINGS[encoding], quality=quality)
+    else:
+        raise ValueError(f"encoding={encoding!r}: use one of {sorted(ENCODINGS)}")
+    return buffer.getvalue()

@@ -1,0 +1,136 @@
+"""One way to reach every URI: local paths, file://, s3:// (any fsspec protocol in principle).
+
+The S3 endpoint and region come from `StorageConfig` or, when unset there, from the standard
+AWS environment (AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION); credentials always come from
+the AWS chain (environment, ~/.aws, instance roles) and are never stored, logged or saved with a
+config. The same settings build the fsspec filesystem (s3fs) and the pyarrow filesystem, which
+Ray Data and Ray Train need and which ignores AWS_ENDPOINT_URL on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+from fsspec.core import split_protocol
+
+from model.fileio import read_bytes, write_bytes_atomic
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = None  # S3-compatible endpoint, e.g. http://127.0.0.1:9000
+    region: str | None = None
+
+
+def redact(text: str) -> str:
+    """Hide credentials that may sit in URLs (scheme://user:secret@host)."""
+    return re.sub(r"(\w+://)[^/@\s]+:[^/@\s]+@", r"\1***@", text)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_local(uri: str) -> bool:
+    return split_protocol(uri)[0] in (None, "file", "local")
+
+
+class Storage:
+    def __init__(self, config: StorageConfig | None = None) -> None:
+        self.config = config or StorageConfig()
+
+    @property
+    def endpoint_url(self) -> str | None:
+        return (
+            self.config.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+
+    @property
+    def region(self) -> str | None:
+        return (
+            self.config.region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+        )
+
+    def options(self, uri: str) -> dict[str, Any]:
+        """fsspec storage options for `uri`."""
+        if split_protocol(uri)[0] not in ("s3", "s3a"):
+            return {}
+        options: dict[str, Any] = {}
+        if self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+        if self.region:
+            options["client_kwargs"] = {"region_name": self.region}
+        return options
+
+    def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        return fsspec.core.url_to_fs(uri, **self.options(uri))
+
+    def arrow_fs(self, uri: str) -> tuple[Any, str]:
+        """(pyarrow.fs.FileSystem, path) with the same endpoint and region as fs()."""
+        from pyarrow import fs as pafs
+
+        protocol, path = split_protocol(uri)
+        if protocol in ("s3", "s3a"):
+            kwargs: dict[str, Any] = {}
+            if self.endpoint_url:
+                parsed = urlparse(self.endpoint_url)
+                kwargs["endpoint_override"] = parsed.netloc
+                kwargs["scheme"] = parsed.scheme or "https"
+            if self.region:
+                kwargs["region"] = self.region
+            return pafs.S3FileSystem(**kwargs), path
+        if is_local(uri):
+            return pafs.LocalFileSystem(), os.path.abspath(path)
+        fs, fs_path = self.fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs_path
+
+    def uri_of(self, uri_like: str, path: str) -> str:
+        """A path returned by fs(uri_like) (no protocol) back to a URI of the same kind."""
+        protocol = split_protocol(uri_like)[0]
+        return path if protocol in (None, "file", "local") else f"{protocol}://{path}"
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Atomic: a temporary name and a rename locally, one complete upload on object stores."""
+        write_bytes_atomic(uri, data, self.options(uri))
+
+    def read_bytes(self, uri: str) -> bytes:
+        return read_bytes(uri, self.options(uri))
+
+    def exists(self, uri: str) -> bool:
+        fs, path = self.fs(uri)
+        return fs.exists(path)
+
+    def list_files(self, prefix: str) -> list[tuple[str, int]]:
+        """Every file under prefix, recursively: sorted [(uri, size)]; [] if there is none."""
+        fs, path = self.fs(prefix)
+        if not fs.exists(path):
+            return []
+        if fs.isfile(path):
+            return [(prefix, int(fs.size(path)))]
+        found = fs.find(path, detail=True)
+        return sorted(
+            (self.uri_of(prefix, p), int(info.get("size") or 0))
+            for p, info in found.items()
+            if info.get("type", "file") == "file"
+        )
+
+    def glob(self, pattern: str) -> list[str]:
+        """URIs matching a glob pattern (`*`, `**`, `?`, `[...]`), sorted."""
+        fs, path = self.fs(pattern)
+        return sorted(self.uri_of(pattern, p) for p in fs.glob(path))
+
+    def remove_tree(self, uri: str) -> None:
+        fs, path = self.fs(uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)

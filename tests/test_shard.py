@@ -1,0 +1,229 @@
+import importlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.manifest import StageConflict
+from pipeline.shard import ShardConfig, run_shard_stage
+from pipeline.storage import Storage, StorageConfig
+from tests.corpus import corpus, good_image, write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(**kw) -> ShardConfig:
+    return ShardConfig(**{"image_size": 32, "samples_per_shard": 4, "val_fraction": 0.3,
+                          "cpus_per_task": 0.5, **kw})  # fmt: skip
+
+
+def read_samples(urls: list[str]) -> list[dict]:
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    return list(dataset)
+
+
+def local_tars(shards: Path) -> list[str]:
+    return sorted(str(p) for p in shards.glob("*.tar"))
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_local_end_to_end_with_bad_inputs(ray_local, tmp_path):
+    entries = write_corpus(tmp_path / "in")
+    accepted = sorted(k for k, (_, reason) in entries.items() if reason is None)
+    manifest = run_shard_stage(str(tmp_path / "in"), str(tmp_path / "run"), config())
+    shards = tmp_path / "run" / "shards"
+
+    assert manifest.counts == {"seen": 14, "ok": len(accepted), "rejected": 5,
+                               "shards": len(manifest.units)}  # fmt: skip
+    rejects = pq.read_table(shards / "rejects.parquet").to_pylist()
+    by_name = {Path(r["source"]).name: r["reason"] for r in rejects}
+    for rel, (_, reason) in entries.items():
+        if reason is not None:
+            assert reason in by_name[Path(rel).name], (rel, by_name)
+    assert json.loads((shards / "labels.json").read_text()) == {"cats": 0, "dogs": 1}
+    written = json.loads((shards / "_manifest.json").read_text())
+    assert written["fingerprint"] and written["counts"] == manifest.counts
+
+    samples = read_samples(local_tars(shards))
+    assert len(samples) == len(accepted) == sum(u["rows"] for u in manifest.units)
+    assert len({s["__key__"] for s in samples}) == len(samples)
+    metas = {Path(json.loads(s["json"])["source"]).relative_to(tmp_path / "in").as_posix():
+             (json.loads(s["json"]), s) for s in samples}  # fmt: skip
+    assert sorted(metas) == accepted
+    for rel, (meta, sample) in metas.items():
+        assert meta["label"] == (0 if rel.startswith("cats/") else 1)
+        assert Image.open(io.BytesIO(sample["png"])).size == (32, 32)
+    rotated_meta, rotated = metas["dogs/rotated.jpg"]
+    assert (rotated_meta["width"], rotated_meta["height"]) == (20, 40)
+    pixels = np.asarray(Image.open(io.BytesIO(rotated["png"])).convert("RGB")).astype(int)
+    assert pixels[4, 16, 0] > 200 and pixels[28, 16, 2] > 200  # red on top, blue below
+    splits = {u["name"].split("-")[0] for u in manifest.units}
+    assert splits == {"train", "val"}
+
+    import ray
+
+    dataset = ray.data.read_webdataset(str(shards), file_extensions=["tar"])
+    assert dataset.count() == len(accepted)
+
+    # Re-running a finished stage rewrites nothing.
+    before = snapshot(shards)
+    run_shard_stage(str(tmp_path / "in"), str(tmp_path / "run"), config())
+    assert snapshot(shards) == before
+
+    # Deterministic: another run of the same input gives byte-identical shards.
+    run_shard_stage(str(tmp_path / "in"), str(tmp_path / "run2"), config())
+    again = snapshot(tmp_path / "run2" / "shards")
+    assert {k: v[1] for k, v in again.items()} == {k: v[1] for k, v in before.items()}
+
+    # Another config is refused, naming the change, unless overwrite.
+    with pytest.raises(StageConflict, match=r"image_size: 32 -> 16.*--overwrite"):
+        run_shard_stage(str(tmp_path / "in"), str(tmp_path / "run"), config(image_size=16))
+    run_shard_stage(str(tmp_path / "in"), str(tmp_path / "run"), config(image_size=16),
+                    overwrite=True)  # fmt: skip
+    first = read_samples(local_tars(shards))[0]
+    assert Image.open(io.BytesIO(first["png"])).size == (16, 16)
+
+
+def test_listings_and_resharding(ray_local, tmp_path):
+    images = tmp_path / "data" / "img"
+    images.mkdir(parents=True)
+    rows = ["path,label,caption"]
+    for i in range(6):
+        good_image(i).save(images / f"{i}.png")
+        rows.append(f"img/{i}.png,{'bird' if i % 2 else 'fish'},a picture number {i}")
+    rows.append("img/missing.png,bird,gone")
+    (tmp_path / "data" / "list.csv").write_text("\n".join(rows) + "\n")
+    manifest = run_shard_stage(str(tmp_path / "data" / "list.csv"), str(tmp_path / "run"),
+                               config(val_fraction=0.0))  # fmt: skip
+    assert manifest.counts["ok"] == 6 and manifest.counts["rejected"] == 1
+    samples = read_samples(local_tars(tmp_path / "run" / "shards"))
+    metas = [json.loads(s["json"]) for s in samples]
+    assert {m["caption"] for m in metas} == {f"a picture number {i}" for i in range(6)}
+    assert {m["label"] for m in metas} == {0, 1}  # bird -> 0, fish -> 1
+
+    import pyarrow as pa
+
+    table = pa.table({"path": [str(images / f"{i}.png") for i in range(3)], "label": [7, 8, 9]})
+    pq.write_table(table, tmp_path / "data" / "list.parquet")
+    manifest = run_shard_stage(str(tmp_path / "data" / "list.parquet"), str(tmp_path / "run-pq"),
+                               config(val_fraction=0.0))  # fmt: skip
+    labels = sorted(json.loads(s["json"])["label"]
+                    for s in read_samples(local_tars(tmp_path / "run-pq" / "shards")))  # fmt: skip
+    assert labels == [7, 8, 9]
+
+    # Re-shard existing tars (e.g. into larger shards, another size).
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for tar in local_tars(tmp_path / "run" / "shards"):
+        shutil.copy(tar, tars)
+    manifest = run_shard_stage(str(tars), str(tmp_path / "run-re"),
+                               config(val_fraction=0.0, samples_per_shard=100, image_size=8))  # fmt: skip
+    assert manifest.counts == {"seen": 6, "ok": 6, "rejected": 0, "shards": 1}
+    resharded = read_samples(local_tars(tmp_path / "run-re" / "shards"))
+    assert {json.loads(s["json"])["caption"] for s in resharded} == {m["caption"] for m in metas}
+
+
+def test_s3_end_to_end(ray_local, s3_bucket, s3_endpoint, tmp_path):
+    bucket, client = s3_bucket
+    for rel, (data, _) in corpus().items():
+        client.put_object(Bucket=bucket, Key=f"in/{rel}", Body=data)
+    cfg = config(storage=StorageConfig(endpoint_url=s3_endpoint))
+    manifest = run_shard_stage(f"s3://{bucket}/in", f"s3://{bucket}/run", cfg)
+    assert manifest.counts["seen"] == 14 and manifest.counts["rejected"] == 5
+
+    def objects():
+        listing = client.list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]
+        return {o["Key"]: (o["ETag"], o["LastModified"]) for o in listing}
+
+    keys = objects()
+    assert "run/shards/_manifest.json" in keys and "run/shards/rejects.parquet" in keys
+
+    # webdataset has no s3:// scheme: give it one backed by fsspec with the endpoint.
+    storage = Storage(cfg.storage)
+    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(
+        url, mode, **storage.options(url)).open()  # fmt: skip
+    tar_uris = sorted(f"s3://{bucket}/{k}" for k in keys if k.endswith(".tar"))
+    assert len(read_samples(tar_uris)) == manifest.counts["ok"]
+
+    import ray
+
+    filesystem, path = storage.arrow_fs(f"s3://{bucket}/run/shards")
+    dataset = ray.data.read_webdataset(path, filesystem=filesystem, file_extensions=["tar"])
+    assert dataset.count() == manifest.counts["ok"]
+
+    run_shard_stage(f"s3://{bucket}/in", f"s3://{bucket}/run", cfg)
+    assert objects() == keys, "a finished stage re-run must rewrite no object"
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    for key in keys:
+        if not key.endswith(".tar"):
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            assert secret not in body, f"credentials leaked into {key}"
+
+
+def _stats_files(shards: Path) -> list[Path]:
+    return list(shards.glob("*.stats.json")) if shards.exists() else []
+
+
+def test_killed_driver_resumes_to_the_same_shards(ray_local, tmp_path):
+    source = tmp_path / "in"
+    for i in range(120):
+        (source / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        good_image(i, (256, 256)).save(source / f"c{i % 3}" / f"{i:03d}.png")
+    overrides = ["image_size=32", "samples_per_shard=2", "max_in_flight=2", "cpus_per_task=0.5"]
+    address = ray_local.get_runtime_context().gcs_address
+    run = tmp_path / "run"
+    command = [sys.executable, str(REPO / "jobs" / "shard.py"), "--input", str(source),
+               "--run-dir", str(run), "--ray-address", address, *overrides]  # fmt: skip
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while len(_stats_files(run / "shards")) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done_at_kill = len(_stats_files(run / "shards"))
+    assert not (run / "shards" / "_manifest.json").exists(), "killed too late to test resume"
+    assert done_at_kill >= 3
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "already done" in resumed.stdout
+
+    clean = run_shard_stage(str(source), str(tmp_path / "clean"),
+                            ShardConfig(image_size=32, samples_per_shard=2))  # fmt: skip
+    got, want = snapshot(run / "shards"), snapshot(tmp_path / "clean" / "shards")
+    assert sorted(got) == sorted(want), "same files, no temporaries left behind"
+    for name in want:
+        if name != "_manifest.json":
+            assert got[name][1] == want[name][1], name
+    assert json.loads(got["_manifest.json"][1])["units"] == clean.units
+    assert clean.counts["seen"] == clean.counts["ok"] == 120
+    assert clean.counts["shards"] == len(clean.units) > done_at_kill
+
+
+def test_cli_errors_are_actionable(tmp_path):
+    missing = subprocess.run([sys.executable, str(REPO / "jobs" / "shard.py"), "--input",
+                              str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "run")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode == 1 and "no files under" in missing.stderr
+    bad_key = subprocess.run([sys.executable, str(REPO / "jobs" / "shard.py"), "--input", "x",
+                              "--run-dir", "y", "image_sise=3"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad_key.returncode == 2 and "image_sise" in bad_key.stderr
