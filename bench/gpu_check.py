@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.losses import VAELossConfig
 from model.rqtransformer import RQTransformer, RQTransformerConfig
-from pipeline.train_vae import TrainVAEConfig, build_train_state, vae_train_step
+from pipeline.vae_training import TrainVAEConfig, build_train_state, vae_train_step
 
 DEVICE = "cuda"
 
@@ -45,7 +45,7 @@ def vae_check(batch: int = 16, encode_batches: tuple[int, ...] = (64, 256)) -> N
     def step():
         nonlocal terms
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            terms = vae_train_step(state, images, 10, cfg)
+            terms = vae_train_step(state, [images], 10, cfg)
 
     seconds = timed(step, 10)
     assert all(math.isfinite(v) for v in terms.values()), terms

@@ -215,8 +215,9 @@ class VAELoss(nn.Module):
     def discriminator_loss(self, images: Tensor, recon: Tensor) -> tuple[Tensor, dict[str, float]]:
         if self.discriminator is None:
             raise RuntimeError("discriminator_loss called with gan_weight = 0")
-        logits_real = self.discriminator(images.detach())
-        logits_fake = self.discriminator(recon.detach())
+        # One forward over both halves: DDP expects one forward per backward.
+        logits = self.discriminator(torch.cat([images.detach(), recon.detach()]))
+        logits_real, logits_fake = logits.chunk(2)
         loss = hinge_discriminator_loss(logits_real, logits_fake)
         return loss, {
             "disc": loss.item(),

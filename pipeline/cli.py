@@ -42,9 +42,22 @@ def main(argv: list[str] | None = None) -> int:
                             "Parquet listing (path, label, caption), or WebDataset tars")  # fmt: skip
     _add_stage_args(shard)
 
+    train_vae = commands.add_parser(
+        "train-vae", help="train the RQ-VAE on RUN/shards with Ray Train"
+    )
+    _add_stage_args(train_vae)
+
     args = parser.parse_args(argv)
     try:
-        if args.command == "shard":
+        if args.command == "train-vae":
+            from pipeline.ray_runtime import init_ray
+            from pipeline.train_vae import run_train_vae_stage
+            from pipeline.vae_training import TrainVAEConfig
+
+            config = load_config(TrainVAEConfig, args.config, args.overrides)
+            init_ray(args.ray_address)
+            run_train_vae_stage(args.run_dir, config, overwrite=args.overwrite)
+        elif args.command == "shard":
             from pipeline.ray_runtime import init_ray
             from pipeline.shard import ShardConfig, run_shard_stage
 
@@ -53,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             run_shard_stage(args.input, args.run_dir, config, overwrite=args.overwrite)
         elif args.command == "demo":
             from pipeline.demo import run_demo
-            from pipeline.train_vae import TrainVAEConfig
+            from pipeline.vae_training import TrainVAEConfig
 
             run_demo(args.run_dir, load_config(TrainVAEConfig, args.config, args.overrides),
                      overwrite=args.overwrite)  # fmt: skip

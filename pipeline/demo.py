@@ -18,7 +18,7 @@ from model.rqvae import RQVAE
 from pipeline.config import to_dict
 from pipeline.demo_data import write_demo_dataset
 from pipeline.images import load_rgb, to_model_tensor
-from pipeline.train_vae import TrainVAEConfig, psnr, reconstruction_grid, train_vae_in_memory
+from pipeline.vae_training import TrainVAEConfig, psnr, reconstruction_grid, train_vae_in_memory
 
 
 def run_demo(run_dir: str, config: TrainVAEConfig, overwrite: bool = False) -> dict[str, str]:

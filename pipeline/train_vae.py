@@ -1,146 +1,311 @@
-"""RQ-VAE training: the config, one optimisation step, and a single-process loop.
+"""The train-vae stage: the RQ-VAE trained on RUN/shards/ with Ray Train, written to RUN/vae/.
 
-`vae_train_step` is the unit every trainer runs (one generator step, then one discriminator
-step once the GAN is active); `train_vae_in_memory` drives it over an in-memory image tensor.
+RUN/vae/ holds Ray Train's run (checkpoints: model, discriminator, optimizers, step, codebook EMA
+state, all as safetensors + JSON), `metrics.jsonl`, `reconstructions.png` (originals above,
+depth 1..D below; one per checkpoint too), `config.yaml`, and at the end `model/`
+(save_pretrained) and `_manifest.json`. The Ray Train run is named after the run dir, so a
+re-submitted run resumes from its last checkpoint; FailureConfig restarts failed workers within
+a run from the last checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import io
+import json
+import os
+import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
+import yaml
+from PIL import Image
 
-from model.losses import VAELoss, VAELossConfig
-from model.rqvae import RQVAE, RQVAEConfig
-from pipeline.training import MetricsLog, warmup_cosine
-from pipeline.visualize import image_grid, save_png
+from pipeline.checkpoint import load_state, save_state
+from pipeline.config import to_dict
+from pipeline.manifest import Manifest, read_manifest, stage_status, write_manifest
+from pipeline.shard import _iter_tar
+from pipeline.storage import Storage, is_local, join
+from pipeline.vae_training import (
+    TrainVAEConfig,
+    VAETrainState,
+    build_train_state,
+    psnr,
+    reconstruction_grid,
+    vae_train_step,
+)
 
-
-@dataclass
-class TrainVAEConfig:
-    section: ClassVar[str] = "train_vae"
-
-    model_preset: str = "tiny"  # an RQVAEConfig preset ...
-    model: dict[str, Any] = field(default_factory=dict)  # ... and field overrides on top of it
-    loss: VAELossConfig = field(default_factory=VAELossConfig)
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 4e-4
-    disc_lr: float = 4e-4
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
-    warmup_steps: int = 50
-    random_flip: bool = True
-    seed: int = 0
-    log_every: int = 50
-
-    def model_config(self) -> RQVAEConfig:
-        base = dataclasses.asdict(RQVAEConfig.preset(self.model_preset))
-        return RQVAEConfig.from_dict({**base, **self.model})
-
-    def __post_init__(self) -> None:
-        self.model_config()  # unknown presets or keys fail at load time, not mid-run
-        for name in ("steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+FORMAT_VERSION = 1
+IMAGE_EXTENSIONS = ("png", "jpg", "webp")
 
 
-@dataclass
-class VAETrainState:
-    model: RQVAE
-    loss: VAELoss
-    optimizer: torch.optim.Optimizer
-    disc_optimizer: torch.optim.Optimizer | None
+# -- data -----------------------------------------------------------------------------------------
 
 
-def build_train_state(config: TrainVAEConfig) -> VAETrainState:
-    torch.manual_seed(config.seed)
-    model = RQVAE(config.model_config())
-    loss = VAELoss(config.loss, model.config.in_channels)
-    betas = tuple(config.betas)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas)
-    disc_optimizer = (
-        torch.optim.Adam(loss.discriminator.parameters(), lr=config.disc_lr, betas=betas)
-        if loss.discriminator is not None
-        else None
+def _to_square(image: Image.Image, resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """Random crop to resolution (shards may be larger), or resize when smaller."""
+    w, h = image.size
+    if min(w, h) < resolution:
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        w = h = resolution
+    left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+
+
+def decode_batch(
+    batch: dict[str, Any], resolution: int, random_flip: bool
+) -> dict[str, np.ndarray]:
+    """Ray Data map: WebDataset rows (image bytes) -> {"image": (B, R, R, 3) uint8}."""
+    rng = np.random.default_rng()
+    column = next(c for c in IMAGE_EXTENSIONS if c in batch)
+    images = []
+    for data in batch[column]:
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = _to_square(image.convert("RGB"), resolution, rng)
+        if random_flip and rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        images.append(pixels)
+    return {"image": np.ascontiguousarray(np.stack(images))}
+
+
+def _split_tars(storage: Storage, shards_dir: str, split: str) -> list[str]:
+    return [uri for uri, _ in storage.list_files(shards_dir)
+            if uri.rsplit("/", 1)[-1].startswith(f"{split}-") and uri.endswith(".tar")]  # fmt: skip
+
+
+def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, resolution: int):
+    """Streaming Ray Dataset of decoded, augmented training images; decoding in CPU tasks."""
+    import ray
+
+    tars = _split_tars(storage, shards_dir, "train")
+    if not tars:
+        raise FileNotFoundError(f"no train-*.tar shards in {shards_dir}")
+    filesystem, _ = storage.arrow_fs(shards_dir)
+    paths = [storage.arrow_fs(uri)[1] for uri in tars]
+    dataset = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
+                                       file_extensions=["tar"])  # fmt: skip
+    return dataset.map_batches(
+        decode_batch,
+        fn_kwargs={"resolution": resolution, "random_flip": config.random_flip},
+        batch_size=64,
+        num_cpus=config.decode_cpus,
     )
-    return VAETrainState(model.train(), loss, optimizer, disc_optimizer)
 
 
-def vae_train_step(
-    state: VAETrainState, images: Tensor, step: int, config: TrainVAEConfig
-) -> dict[str, float]:
-    """One step on a batch of (B, 3, R, R) images in [-1, 1] -> scalar metrics."""
-    scale = warmup_cosine(step, config.steps, config.warmup_steps)
-    for group in state.optimizer.param_groups:
-        group["lr"] = config.lr * scale
-    out = state.model(images)
-    total, terms = state.loss.generator_loss(
-        images,
-        out.recon,
-        out.commitment_loss,
-        state.model.quantizer.commitment_weight,
-        step,
-        state.model.last_layer,
-    )
-    state.optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    state.optimizer.step()
-    if state.disc_optimizer is not None and state.loss.gan_active(step):
-        d_loss, d_terms = state.loss.discriminator_loss(images, out.recon)
-        state.disc_optimizer.zero_grad(set_to_none=True)
-        d_loss.backward()
-        state.disc_optimizer.step()
-        terms.update(d_terms)
-    terms["lr"] = config.lr * scale
-    for d, (p, u) in enumerate(zip(out.perplexity.tolist(), out.usage.tolist(), strict=True)):
-        terms[f"perplexity_d{d + 1}"], terms[f"usage_d{d + 1}"] = p, u
-    return terms
+def validation_images(storage: Storage, shards_dir: str, resolution: int, count: int) -> np.ndarray:
+    """Up to `count` held-out images (val shards; the first train shard if there are none)."""
+    tars = _split_tars(storage, shards_dir, "val") or _split_tars(storage, shards_dir, "train")[:1]
+    images, rng = [], np.random.default_rng(0)
+    for uri in tars:
+        for _, parts in _iter_tar(storage.read_bytes(uri)):
+            data = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+            if data is not None:
+                with Image.open(io.BytesIO(data)) as image:
+                    images.append(_to_square(image.convert("RGB"), resolution, rng))
+            if len(images) >= count:
+                return np.stack(images)
+    return np.stack(images)
 
 
-@torch.no_grad()
-def psnr(model: RQVAE, images: Tensor) -> float:
-    """Mean PSNR (dB) of full-depth reconstructions, images in [-1, 1] (peak-to-peak 2)."""
-    recon = model.decode_codes(model.encode(images)).clamp(-1, 1)
-    mse = (recon - images).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(4.0 / mse)).mean().item()
+def _to_model(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-@torch.no_grad()
-def reconstruction_grid(model: RQVAE, images: Tensor, uri: str) -> None:
-    """Originals on the first row, then reconstructions from depth 1 to D (coarse to fine)."""
-    was_training = model.training
-    model.eval()
-    codes = model.encode(images)
-    rows = [images] + [model.decode_codes(codes, d) for d in range(1, codes.shape[-1] + 1)]
-    save_png(image_grid(rows, scale=max(1, 96 // images.shape[-1])), uri)
-    model.train(was_training)
+# -- the per-worker loop ------------------------------------------------------------------------
 
 
-def train_vae_in_memory(
-    config: TrainVAEConfig, train: Tensor, val: Tensor, out_dir: str | Path
-) -> RQVAE:
-    """Train on (N, 3, R, R) tensors; metrics to out_dir/metrics.jsonl; returns the model."""
-    state = build_train_state(config)
-    log = MetricsLog(Path(out_dir) / "metrics.jsonl")
-    generator = torch.Generator().manual_seed(config.seed)
-    seen, window_start = 0, time.time()
-    for step in range(config.steps):
-        batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
-        if config.random_flip:
-            flip = torch.rand(len(batch), generator=generator) < 0.5
-            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-        terms = vae_train_step(state, batch, step, config)
-        seen += len(batch)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            state.model.eval()
-            terms["val_psnr"] = psnr(state.model, val)
-            state.model.train()
-            terms["images_per_s"] = seen / (time.time() - window_start)
-            seen, window_start = 0, time.time()
-            log.write(step + 1, terms)
-    return state.model.eval()
+def _save_checkpoint(
+    state: VAETrainState, discriminator: torch.nn.Module | None, step: int, directory: str
+) -> None:
+    save_state({"model": state.model.state_dict()}, directory, "model")
+    trainer: dict[str, Any] = {"step": step, "optimizer": state.optimizer.state_dict()}
+    if discriminator is not None:
+        trainer["discriminator"] = discriminator.state_dict()
+        trainer["disc_optimizer"] = state.disc_optimizer.state_dict()
+    save_state(trainer, directory, "trainer")
+
+
+def _load_checkpoint(state: VAETrainState, directory: str) -> int:
+    state.model.load_state_dict(load_state(directory, "model")["model"])
+    trainer = load_state(directory, "trainer")
+    state.optimizer.load_state_dict(trainer["optimizer"])
+    if state.disc_optimizer is not None:
+        state.loss.discriminator.load_state_dict(trainer["discriminator"])
+        state.disc_optimizer.load_state_dict(trainer["disc_optimizer"])
+    return int(trainer["step"])
+
+
+class _Metrics:
+    """metrics.jsonl in the run dir, rewritten whole (object stores cannot append)."""
+
+    def __init__(self, storage: Storage, uri: str) -> None:
+        self.storage, self.uri = storage, uri
+        self.lines = storage.read_bytes(uri).decode().splitlines() if storage.exists(uri) else []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.lines.append(json.dumps(record))
+        self.storage.write_bytes(self.uri, ("\n".join(self.lines) + "\n").encode())
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in record.items())  # fmt: skip
+        print(f"train-vae: {shown}", flush=True)
+
+
+def train_vae_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker."""
+    import ray.train
+    import ray.train.torch
+
+    config: TrainVAEConfig = loop_config["config"]
+    vae_dir: str = loop_config["vae_dir"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    storage = Storage(config.storage)
+
+    state = build_train_state(config)  # same seed on every rank: identical initial weights
+    discriminator = state.loss.discriminator  # unwrapped, for checkpoints
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = _load_checkpoint(state, directory)
+    state.model.to(device)
+    state.loss.to(device)
+    for optimizer in (state.optimizer, state.disc_optimizer):
+        if optimizer is not None:  # state loaded on CPU follows the parameters to the device
+            optimizer.load_state_dict(optimizer.state_dict())
+    if world > 1:
+        # Codebook buffers stay identical through the quantizer's own all-reduce.
+        kwargs = {"broadcast_buffers": False}
+        state.forward = ray.train.torch.prepare_model(state.model, parallel_strategy_kwargs=kwargs)
+        if state.loss.discriminator is not None:
+            state.loss.discriminator = ray.train.torch.prepare_model(
+                state.loss.discriminator, parallel_strategy_kwargs=kwargs
+            )
+
+    metrics = _Metrics(storage, join(vae_dir, "metrics.jsonl")) if rank == 0 else None
+    val = _to_model(torch.tensor(loop_config["val_images"])).to(device)  # object store: read-only
+    if metrics is not None and start > 0:
+        metrics.write({"event": "resumed", "step": start})
+
+    shard = ray.train.get_dataset_shard("train")
+    step, seen, waited, window = start, 0, 0.0, time.time()
+    micro: list[torch.Tensor] = []
+    while step < config.steps:
+        fetch = time.time()
+        for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True,
+                                              dtypes=torch.uint8, device=device):  # fmt: skip
+            waited += time.time() - fetch
+            micro.append(_to_model(batch["image"]))
+            if len(micro) < config.grad_accum_steps:
+                fetch = time.time()
+                continue
+            terms = vae_train_step(state, micro, step, config)
+            seen += sum(len(m) for m in micro)
+            micro = []
+            step += 1
+            if metrics is not None and (step % config.log_every == 0 or step == config.steps):
+                state.model.eval()
+                terms["val_psnr"] = psnr(state.model, val)
+                state.model.train()
+                elapsed = time.time() - window
+                terms["images_per_s_per_worker"] = seen / elapsed
+                terms["data_wait_fraction"] = waited / elapsed
+                metrics.write({"step": step, **terms})
+                seen, waited, window = 0, 0.0, time.time()
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                _report_checkpoint(state, discriminator, step, rank, val, vae_dir, storage)
+            if step >= config.steps:
+                break
+            fetch = time.time()
+
+    if rank == 0:
+        state.model.eval().save_pretrained(join(vae_dir, "model"), storage.options(vae_dir))
+
+
+def _report_checkpoint(
+    state: VAETrainState,
+    discriminator: torch.nn.Module | None,
+    step: int,
+    rank: int,
+    val: torch.Tensor,
+    vae_dir: str,
+    storage: Storage,
+) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report({"step": step}, checkpoint=None)  # every rank reports: a barrier
+        return
+    grid_rows = val[:16]
+    reconstruction_grid(state.model, grid_rows, join(vae_dir, "reconstructions.png"),
+                        storage.options(vae_dir))  # fmt: skip
+    with tempfile.TemporaryDirectory() as directory:
+        _save_checkpoint(state, discriminator, step, directory)
+        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+
+def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = False) -> Manifest:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.time()
+    storage = Storage(config.storage)
+    shards_dir, vae_dir = join(run_dir, "shards"), join(run_dir, "vae")
+    shards = read_manifest(storage, shards_dir)
+    if shards is None:
+        raise FileNotFoundError(f"no finished shards in {shards_dir}: run the shard stage first "
+                                f"(jobs/shard.py --input ... --run-dir {run_dir})")  # fmt: skip
+    resolution = config.model_config().resolution
+    if shards.config.get("resize_mode") != "none" and shards.config["image_size"] < resolution:
+        raise ValueError(f"the shards hold {shards.config['image_size']}px images but the model "
+                         f"trains at {resolution}px: re-shard with image_size>={resolution}")  # fmt: skip
+
+    planned = Manifest("train-vae", FORMAT_VERSION, config.output_fields(),
+                       {"shard": shards.fingerprint})  # fmt: skip
+    status = stage_status(storage, vae_dir, planned, overwrite)
+    if status == "up_to_date":
+        print(f"train-vae: up to date ({vae_dir})")
+        return read_manifest(storage, vae_dir)
+    if status == "overwrite":
+        print(f"train-vae: --overwrite: removing the previous {vae_dir}")
+        storage.remove_tree(vae_dir)
+    storage.write_bytes(join(vae_dir, "config.yaml"),
+                        yaml.safe_dump({TrainVAEConfig.section: to_dict(config)}).encode())  # fmt: skip
+
+    filesystem, root = storage.arrow_fs(run_dir)
+    trainer = TorchTrainer(
+        train_vae_worker,
+        train_loop_config={
+            "config": config,
+            "vae_dir": vae_dir,
+            "val_images": validation_images(storage, shards_dir, resolution, config.val_images),
+        },
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(
+            name="vae",  # fixed by the run dir: a re-submitted run resumes
+            storage_path=os.path.abspath(root) if is_local(run_dir) else root,
+            storage_filesystem=None if is_local(run_dir) else filesystem,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.num_to_keep),
+        ),
+        datasets={"train": train_dataset(storage, shards_dir, config, resolution)},
+    )  # fmt: skip
+    print(f"train-vae: {config.steps} steps on {config.num_workers} worker(s), "
+          f"{shards.counts.get('ok', '?')} images, writing {vae_dir}")  # fmt: skip
+    trainer.fit()
+
+    model_uri = join(vae_dir, "model")
+    weights = storage.fs(join(model_uri, "model.safetensors"))
+    planned.units = [{"name": "model/model.safetensors", "rows": config.steps,
+                      "bytes": int(weights[0].size(weights[1]))}]  # fmt: skip
+    planned.counts = {"steps": config.steps}
+    write_manifest(storage, vae_dir, planned)
+    print(f"train-vae: done in {time.time() - started:.0f} s; model {model_uri}")
+    return planned

@@ -30,7 +30,7 @@ def image_grid(rows: list[torch.Tensor], scale: int = 1, pad: int = 2) -> Image.
     return Image.fromarray(canvas)
 
 
-def save_png(image: Image.Image, uri: str) -> None:
+def save_png(image: Image.Image, uri: str, storage_options: dict | None = None) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    write_bytes_atomic(uri, buffer.getvalue())
+    write_bytes_atomic(uri, buffer.getvalue(), storage_options)

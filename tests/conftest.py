@@ -15,6 +15,8 @@ import pytest
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "rqpipe-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rqpipe-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# Ray Train V2 polls workers every 2 s by default: tests would mostly wait.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ import pytest
 
 from model.losses import VAELossConfig
 from pipeline.config import ConfigError, apply_overrides, load_config
-from pipeline.train_vae import TrainVAEConfig
+from pipeline.vae_training import TrainVAEConfig
 
 
 @dataclass

@@ -1,0 +1,157 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from model.rqvae import RQVAE
+from pipeline.demo_data import write_demo_dataset
+from pipeline.shard import ShardConfig, run_shard_stage
+from pipeline.storage import Storage, StorageConfig
+from pipeline.train_vae import run_train_vae_stage, validation_images
+from pipeline.vae_training import TrainVAEConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARDING = dict(image_size=32, samples_per_shard=32, val_fraction=0.1, cpus_per_task=0.5)
+
+
+def train_config(**kw) -> TrainVAEConfig:
+    values = dict(steps=24, batch_size=8, lr=2e-3, warmup_steps=2, num_workers=2,
+                  cpus_per_worker=0.5, log_every=4, checkpoint_every=8, val_images=16)  # fmt: skip
+    values.update(kw)
+    config = TrainVAEConfig(**values)
+    config.loss.gan_weight = 0.0
+    return config
+
+
+@pytest.fixture(scope="module")
+def demo_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "in"
+    write_demo_dataset(root, per_class=24)
+    return root
+
+
+def sharded_run(demo_images, run_dir: str, storage: StorageConfig | None = None) -> str:
+    run_shard_stage(str(demo_images), run_dir, ShardConfig(**SHARDING, storage=storage or
+                                                           StorageConfig()))  # fmt: skip
+    return run_dir
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "vae" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_train_export_and_noop(ray_local, demo_images, tmp_path):
+    run = Path(sharded_run(demo_images, str(tmp_path / "run")))
+    manifest = run_train_vae_stage(str(run), train_config())
+    records = [m for m in metrics(run) if "step" in m and "event" not in m]
+    assert [m["step"] for m in records] == [4, 8, 12, 16, 20, 24]
+    assert records[-1]["val_psnr"] > records[0]["val_psnr"] + 1.0, records
+    assert {"recon", "commitment", "perplexity_d4", "images_per_s_per_worker",
+            "data_wait_fraction"} <= set(records[0])  # fmt: skip
+    assert (run / "vae" / "reconstructions.png").exists()
+    assert (run / "vae" / "config.yaml").exists()
+    assert manifest.upstream["shard"] == json.loads(
+        (run / "shards" / "_manifest.json").read_text())["fingerprint"]  # fmt: skip
+
+    model = RQVAE.from_pretrained(str(run / "vae" / "model"))
+    val = validation_images(Storage(), str(run / "shards"), 32, 4)
+    codes = model.encode(torch.tensor(val).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert codes.shape == (4, 8, 8, 4)
+
+    weights = (run / "vae" / "model" / "model.safetensors").stat().st_mtime_ns
+    run_train_vae_stage(str(run), train_config())  # finished: a no-op
+    assert (run / "vae" / "model" / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_train_from_s3(ray_local, demo_images, s3_bucket, s3_endpoint):
+    bucket, client = s3_bucket
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    run = sharded_run(demo_images, f"s3://{bucket}/run", storage)
+    run_train_vae_stage(run, train_config(steps=6, checkpoint_every=3, log_every=3,
+                                          storage=storage))  # fmt: skip
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/vae/")["Contents"]}
+    assert {"run/vae/_manifest.json", "run/vae/metrics.jsonl", "run/vae/model/config.json",
+            "run/vae/reconstructions.png"} <= keys  # fmt: skip
+    assert any("checkpoint_" in k and k.endswith("trainer.safetensors") for k in keys)
+    uri = f"{run}/vae/model"
+    model = RQVAE.from_pretrained(uri, storage_options=Storage(storage).options(uri))
+    assert model.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 8, 8, 4)
+
+
+def _ray_train_workers(since: float) -> list[psutil.Process]:
+    """Ray Train workers of this test's run: our own Ray instance's, started after `since`."""
+    ours = psutil.Process(os.getpid()).children(recursive=True)
+    return [p for p in ours if p.create_time() >= since
+            and " ".join(p.cmdline()).startswith("ray::RayTrainWorker")]  # fmt: skip
+
+
+def _checkpoints(run: Path) -> list[str]:
+    """Checkpoints Ray Train has committed (listed in its snapshot): what a resume sees."""
+    snapshot = run / "vae" / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
+    return [r["checkpoint_dir_name"] for r in results]
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, demo_images, tmp_path):
+    run = Path(sharded_run(demo_images, str(tmp_path / "run")))
+    config = train_config(steps=40, checkpoint_every=8, max_failures=1)
+    errors: list[BaseException] = []
+    started = time.time()
+    thread = threading.Thread(target=lambda: _capture(errors, run_train_vae_stage, str(run),
+                                                      config))  # fmt: skip
+    thread.start()
+    deadline = time.time() + 180
+    while not _checkpoints(run) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _ray_train_workers(since=started)
+    assert len(workers) == 2, [w.cmdline() for w in workers]
+    workers[-1].kill()  # SIGKILL one worker of our own Ray instance, by its pid
+    thread.join(timeout=300)
+    assert not errors, errors
+    events = [m for m in metrics(run) if m.get("event") == "resumed"]
+    assert len(events) == 1 and events[0]["step"] >= 8, events
+    steps = [m["step"] for m in metrics(run) if "event" not in m]
+    assert steps[-1] == 40
+    assert (run / "vae" / "_manifest.json").exists()
+
+
+def _capture(errors, fn, *args):
+    try:
+        fn(*args)
+    except BaseException as e:  # surfaced by the test thread's assertion
+        errors.append(e)
+
+
+def test_killed_driver_resubmitted_resumes_then_noops(ray_local, demo_images, tmp_path):
+    run = Path(sharded_run(demo_images, str(tmp_path / "run")))
+    address = ray_local.get_runtime_context().gcs_address
+    command = [sys.executable, str(REPO / "jobs" / "train_vae.py"), "--run-dir", str(run),
+               "--ray-address", address, "steps=40", "batch_size=8", "num_workers=2",
+               "cpus_per_worker=0.5", "checkpoint_every=8", "log_every=4",
+               "loss.gan_weight=0", "val_images=16"]  # fmt: skip
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    deadline = time.time() + 180
+    while not _checkpoints(run) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert _checkpoints(run) and not (run / "vae" / "_manifest.json").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = [m for m in metrics(run) if m.get("event") == "resumed"]
+    assert events and events[0]["step"] >= 8
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "up to date" in again.stdout
