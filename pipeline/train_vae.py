@@ -195,8 +195,13 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     micro: list[torch.Tensor] = []
     while step < config.steps:
         fetch = time.time()
-        for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True,
-                                              dtypes=torch.uint8, device=device):  # fmt: skip
+        for batch in shard.iter_torch_batches(
+            batch_size=config.batch_size,
+            drop_last=True,
+            dtypes=torch.uint8,
+            device=device,
+            prefetch_batches=2,
+        ):
             waited += time.time() - fetch
             micro.append(_to_model(batch["image"]))
             if len(micro) < config.grad_accum_steps:
@@ -207,12 +212,12 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
             micro = []
             step += 1
             if metrics is not None and (step % config.log_every == 0 or step == config.steps):
+                elapsed = time.time() - window  # training only: validation is not counted
+                terms["images_per_s_per_worker"] = seen / elapsed
+                terms["data_wait_fraction"] = waited / elapsed
                 state.model.eval()
                 terms["val_psnr"] = psnr(state.model, val)
                 state.model.train()
-                elapsed = time.time() - window
-                terms["images_per_s_per_worker"] = seen / elapsed
-                terms["data_wait_fraction"] = waited / elapsed
                 metrics.write({"step": step, **terms})
                 seen, waited, window = 0, 0.0, time.time()
             if step % config.checkpoint_every == 0 or step == config.steps:
