@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.serialization import load_pretrained, save_pretrained
+from model.serialization import Pretrained
 
 
 @dataclass
@@ -225,8 +225,9 @@ class _SamplingPlan:
                              self.generator)  # fmt: skip
 
 
-class RQTransformer(nn.Module):
+class RQTransformer(Pretrained, nn.Module):
     model_type = "rqtransformer"
+    config_class = RQTransformerConfig
 
     def __init__(self, config: RQTransformerConfig, code_embeddings: Tensor) -> None:
         """code_embeddings: the RQ-VAE codebook, (K, C) shared or (D, K, C) one per depth."""
@@ -424,19 +425,9 @@ class RQTransformer(nn.Module):
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def save_pretrained(self, uri: str, storage_options: dict | None = None) -> None:
-        save_pretrained(
-            self, uri, self.model_type, dataclasses.asdict(self.config), storage_options
-        )
-
     @classmethod
-    def from_pretrained(
-        cls, uri: str, map_location: str = "cpu", storage_options: dict | None = None
-    ) -> RQTransformer:
-        config, state = load_pretrained(uri, cls.model_type, map_location, storage_options)
-        model = cls(RQTransformerConfig.from_dict(config), state["code_embeddings"])
-        model.load_state_dict(state)
-        return model.eval()
+    def _build(cls, config: RQTransformerConfig, state: dict[str, Tensor]) -> RQTransformer:
+        return cls(config, state["code_embeddings"])
 
 
 def flops_per_token(config: RQTransformerConfig) -> float:

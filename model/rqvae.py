@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.quantizer import ResidualQuantizer
-from model.serialization import load_pretrained, save_pretrained
+from model.serialization import Pretrained
 
 
 @dataclass
@@ -214,8 +214,9 @@ class RQVAEOutput(NamedTuple):
     usage: Tensor  # (D,)
 
 
-class RQVAE(nn.Module):
+class RQVAE(Pretrained, nn.Module):
     model_type = "rqvae"
+    config_class = RQVAEConfig
 
     def __init__(self, config: RQVAEConfig) -> None:
         super().__init__()
@@ -271,17 +272,3 @@ class RQVAE(nn.Module):
         out = self.quantizer(self.encode_latents(images))
         recon = self.decode_latents(out.quantized)
         return RQVAEOutput(recon, out.codes, out.commitment_loss, out.perplexity, out.usage)
-
-    def save_pretrained(self, uri: str, storage_options: dict | None = None) -> None:
-        save_pretrained(
-            self, uri, self.model_type, dataclasses.asdict(self.config), storage_options
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls, uri: str, map_location: str = "cpu", storage_options: dict | None = None
-    ) -> RQVAE:
-        config, state = load_pretrained(uri, cls.model_type, map_location, storage_options)
-        model = cls(RQVAEConfig.from_dict(config))
-        model.load_state_dict(state)
-        return model.eval()

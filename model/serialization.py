@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -60,3 +61,27 @@ def load_pretrained(
         )
     state = load_safetensors(read_bytes(f"{base}/{WEIGHTS_NAME}", storage_options))
     return document["config"], {k: v.to(map_location) for k, v in state.items()}
+
+
+class Pretrained:
+    """save_pretrained / from_pretrained for a module with a dataclass `config`."""
+
+    model_type: ClassVar[str]
+    config_class: ClassVar[type]
+    config: Any
+
+    def save_pretrained(self, uri: str, storage_options: dict | None = None) -> None:
+        save_pretrained(self, uri, self.model_type, dataclasses.asdict(self.config),
+                        storage_options)  # fmt: skip
+
+    @classmethod
+    def _build(cls, config: Any, state: dict[str, torch.Tensor]) -> nn.Module:
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, uri: str, map_location: str = "cpu",
+                        storage_options: dict | None = None):  # fmt: skip
+        config, state = load_pretrained(uri, cls.model_type, map_location, storage_options)
+        model = cls._build(cls.config_class.from_dict(config), state)
+        model.load_state_dict(state)
+        return model.eval()

@@ -27,6 +27,35 @@ def _add_stage_args(parser: argparse.ArgumentParser) -> None:
     _add_config_args(parser, None)
 
 
+def _analysis(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline import analysis
+    from pipeline.storage import Storage, StorageConfig
+
+    storage = Storage(StorageConfig(endpoint_url=args.endpoint_url))
+    if args.command == "stats":
+        report = analysis.code_stats(analysis.read_codes(storage, args.codes), top=args.top)
+        if args.plot:
+            analysis.plot_usage(report, args.plot, storage)
+        for depth in report["depths"]:
+            depth.pop("counts")
+        print(json.dumps(report, indent=2) if args.json else analysis.format_stats(report))
+    elif args.command == "query":
+        print(analysis.query(storage, args.sql, args.codes).to_pandas().to_string(index=False))
+    else:
+        from PIL import Image
+
+        from pipeline.visualize import save_png
+
+        pixels = analysis.decode_key(storage, args.codes, args.key, args.depth, args.vae)
+        save_png(Image.fromarray(pixels), args.out, storage.options(args.out))
+        print(
+            f"wrote {args.out} ({pixels.shape[1]}x{pixels.shape[0]}, depth {args.depth or 'all'})"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rqpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,9 +76,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_stage_args(train_vae)
 
+    encode = commands.add_parser("encode", help="encode RUN/shards into Parquet code tables")
+    _add_stage_args(encode)
+
+    stats = commands.add_parser("stats", help="code usage, perplexity, duplicates of code tables")
+    stats.add_argument("codes", help="RUN/codes (a folder or prefix of tables) or one .parquet")
+    stats.add_argument("--top", type=int, default=10, help="most frequent codes to list")
+    stats.add_argument("--plot", help="write per-depth usage histograms to this PNG")
+    stats.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    query = commands.add_parser("query", help="DuckDB SQL over code tables (a view named codes)")
+    query.add_argument("sql", help='e.g. "SELECT label, count(*) FROM codes GROUP BY label"')
+    query.add_argument("codes", help="RUN/codes or one .parquet")
+
+    decode = commands.add_parser("decode", help="an image back from a stored code stack")
+    decode.add_argument("codes", help="RUN/codes or one .parquet")
+    decode.add_argument("--key", required=True)
+    decode.add_argument("--depth", type=int, default=None, help="first d codes only (coarse)")
+    decode.add_argument("--out", required=True, help="PNG to write")
+    decode.add_argument("--vae", default=None, help="RQ-VAE folder (default RUN/vae/model)")
+
+    for sub in (stats, query, decode):
+        sub.add_argument("--endpoint-url", default=None,
+                         help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")  # fmt: skip
+
     args = parser.parse_args(argv)
     try:
-        if args.command == "train-vae":
+        if args.command in ("stats", "query", "decode"):
+            return _analysis(args)
+        if args.command == "encode":
+            from pipeline.encode import EncodeConfig, run_encode_stage
+            from pipeline.ray_runtime import init_ray
+
+            config = load_config(EncodeConfig, args.config, args.overrides)
+            init_ray(args.ray_address)
+            run_encode_stage(args.run_dir, config, overwrite=args.overwrite)
+        elif args.command == "train-vae":
             from pipeline.ray_runtime import init_ray
             from pipeline.train_vae import run_train_vae_stage
             from pipeline.vae_training import TrainVAEConfig
@@ -73,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rqpipe: configuration error: {e}", file=sys.stderr)
         return 2
-    except (StageConflict, FileNotFoundError, ValueError) as e:
+    except (StageConflict, FileNotFoundError, ValueError, KeyError) as e:
         print(f"rqpipe {args.command}: {redact(str(e))}", file=sys.stderr)
         return 1
     return 0

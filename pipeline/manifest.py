@@ -95,3 +95,18 @@ def stage_status(
         f"{'; '.join(_changes(existing, planned))}. Pass --overwrite to replace it, "
         f"or choose another --run-dir."
     )
+
+
+def begin_stage(
+    storage: Storage, stage_dir: str, planned: Manifest, overwrite: bool = False
+) -> Manifest | None:
+    """The existing manifest when the stage is up to date (do nothing), else None: resume,
+    or start afresh after removing a differently made output when `overwrite`."""
+    status = stage_status(storage, stage_dir, planned, overwrite)
+    if status == "up_to_date":
+        print(f"{planned.stage}: up to date ({stage_dir})")
+        return read_manifest(storage, stage_dir)
+    if status == "overwrite":
+        print(f"{planned.stage}: --overwrite: removing the previous {stage_dir}")
+        storage.remove_tree(stage_dir)
+    return None

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pipeline.decode import ENCODINGS, RESIZE_MODES, Reject, decode_image, encode_image
-from pipeline.manifest import Manifest, read_manifest, stage_status, write_manifest
+from pipeline.manifest import Manifest, begin_stage, write_manifest
 from pipeline.storage import Storage, StorageConfig, join
 
 FORMAT_VERSION = 1
@@ -339,13 +339,9 @@ def run_shard_stage(
         },
         upstream={},
     )
-    status = stage_status(storage, shards_dir, planned, overwrite)
-    if status == "up_to_date":
-        print(f"shard: up to date ({shards_dir}, {len(sources):,} inputs)")
-        return read_manifest(storage, shards_dir)
-    if status == "overwrite":
-        print(f"shard: --overwrite: removing the previous {shards_dir}")
-        storage.remove_tree(shards_dir)
+    finished = begin_stage(storage, shards_dir, planned, overwrite)
+    if finished is not None:
+        return finished
 
     fp = planned.fingerprint
     units = plan_units(sources, config)

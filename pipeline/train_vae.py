@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.checkpoint import load_state, save_state
 from pipeline.config import to_dict
-from pipeline.manifest import Manifest, read_manifest, stage_status, write_manifest
+from pipeline.manifest import Manifest, begin_stage, read_manifest, write_manifest
 from pipeline.shard import _iter_tar
 from pipeline.storage import Storage, is_local, join
 from pipeline.vae_training import (
@@ -244,9 +244,10 @@ def _report_checkpoint(
     if rank != 0:
         ray.train.report({"step": step}, checkpoint=None)  # every rank reports: a barrier
         return
-    grid_rows = val[:16]
-    reconstruction_grid(state.model, grid_rows, join(vae_dir, "reconstructions.png"),
-                        storage.options(vae_dir))  # fmt: skip
+    for uri in (join(vae_dir, "reconstructions.png"),  # the latest, and one per checkpoint
+                join(vae_dir, "reconstructions", f"step-{step:07d}.png")):  # fmt: skip
+        reconstruction_grid(state.model, val[:16], uri, storage.options(vae_dir))
+
     with tempfile.TemporaryDirectory() as directory:
         _save_checkpoint(state, discriminator, step, directory)
         ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -273,13 +274,9 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
 
     planned = Manifest("train-vae", FORMAT_VERSION, config.output_fields(),
                        {"shard": shards.fingerprint})  # fmt: skip
-    status = stage_status(storage, vae_dir, planned, overwrite)
-    if status == "up_to_date":
-        print(f"train-vae: up to date ({vae_dir})")
-        return read_manifest(storage, vae_dir)
-    if status == "overwrite":
-        print(f"train-vae: --overwrite: removing the previous {vae_dir}")
-        storage.remove_tree(vae_dir)
+    finished = begin_stage(storage, vae_dir, planned, overwrite)
+    if finished is not None:
+        return finished
     storage.write_bytes(join(vae_dir, "config.yaml"),
                         yaml.safe_dump({TrainVAEConfig.section: to_dict(config)}).encode())  # fmt: skip
 

@@ -66,3 +66,19 @@ def test_overrides_do_not_mutate_input():
     values = {"a": {"b": 1}}
     assert apply_overrides(values, ["a.b=2"]) == {"a": {"b": 2}}
     assert values == {"a": {"b": 1}}
+
+
+def test_gradient_accumulation_takes_one_optimizer_step():
+    import torch
+
+    from pipeline.vae_training import build_train_state, vae_train_step
+
+    config = TrainVAEConfig(steps=10, batch_size=2, grad_accum_steps=2)
+    config.loss.gan_weight = 0.0
+    state = build_train_state(config)
+    before = state.model.decoder.conv_out.weight.detach().clone()
+    micro = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(2)]
+    terms = vae_train_step(state, micro, 0, config)
+    assert state.optimizer.state_dict()["state"][0]["step"] == 1  # one step for both halves
+    assert not torch.equal(before, state.model.decoder.conv_out.weight)
+    assert terms["loss"] > 0

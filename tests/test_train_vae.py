@@ -75,11 +75,20 @@ def test_train_from_s3(ray_local, demo_images, s3_bucket, s3_endpoint):
     bucket, client = s3_bucket
     storage = StorageConfig(endpoint_url=s3_endpoint)
     run = sharded_run(demo_images, f"s3://{bucket}/run", storage)
-    run_train_vae_stage(run, train_config(steps=6, checkpoint_every=3, log_every=3,
-                                          storage=storage))  # fmt: skip
+    config = train_config(steps=6, checkpoint_every=3, log_every=3, storage=storage)
+    config.loss.gan_weight, config.loss.gan_start_step = 0.1, 2  # the DDP discriminator too
+    run_train_vae_stage(run, config)
+    logged = [json.loads(line) for line in client.get_object(
+        Bucket=bucket, Key="run/vae/metrics.jsonl")["Body"].read().decode().splitlines()]  # fmt: skip
+    assert "gan" in logged[-1] and "disc" in logged[-1]
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/vae/")["Contents"]}
-    assert {"run/vae/_manifest.json", "run/vae/metrics.jsonl", "run/vae/model/config.json",
-            "run/vae/reconstructions.png"} <= keys  # fmt: skip
+    assert {
+        "run/vae/_manifest.json",
+        "run/vae/metrics.jsonl",
+        "run/vae/model/config.json",
+        "run/vae/reconstructions.png",
+        "run/vae/reconstructions/step-0000006.png",
+    } <= keys
     assert any("checkpoint_" in k and k.endswith("trainer.safetensors") for k in keys)
     uri = f"{run}/vae/model"
     model = RQVAE.from_pretrained(uri, storage_options=Storage(storage).options(uri))

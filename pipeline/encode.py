@@ -1,0 +1,214 @@
+"""The encode stage: every image of RUN/shards/ to its code stack, RUN/codes/{shard}.parquet.
+
+Per input shard: a CPU Ray task decodes the tar (centre crop to the model's resolution), and an
+encoder actor, which loads the RQ-VAE once, encodes it in batches and writes the shard's
+Parquet file in one atomic write. Each file records the stage fingerprint in its metadata, so
+a resumed run skips exactly the shards finished under the same configuration; the manifest is
+written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from pipeline.codes_table import codes_table, table_metadata, to_parquet_bytes
+from pipeline.manifest import Manifest, begin_stage, read_manifest, write_manifest
+from pipeline.shard import Progress, _iter_tar
+from pipeline.storage import Storage, StorageConfig, join
+
+FORMAT_VERSION = 1
+IMAGE_EXTENSIONS = ("png", "jpg", "webp")
+
+
+@dataclass
+class EncodeConfig:
+    section: ClassVar[str] = "encode"
+    execution_fields: ClassVar[tuple[str, ...]] = (
+        "batch_size", "num_actors", "gpus_per_actor", "cpus_per_actor", "decode_cpus",
+        "max_retries", "storage",
+    )  # fmt: skip
+
+    vae: str | None = None  # an RQ-VAE model folder; default RUN/vae/model
+    with_psnr: bool = False  # a psnr column: each image's reconstruction PSNR
+    batch_size: int = 64
+    num_actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    decode_cpus: float = 0.5
+    max_retries: int = 3
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def output_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in self.execution_fields and k != "vae"}  # fmt: skip
+
+
+def center_square(image: Image.Image, resolution: int) -> np.ndarray:
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != resolution:
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_shard(tar_uri: str, resolution: int, storage_config: StorageConfig) -> dict[str, Any]:
+    """A shard tar -> keys, labels, captions and (N, R, R, 3) uint8 images."""
+    storage = Storage(storage_config)
+    keys, labels, captions, images = [], [], [], []
+    for key, parts in _iter_tar(storage.read_bytes(tar_uri)):
+        data = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        if data is None:
+            continue
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+        with Image.open(io.BytesIO(data)) as image:
+            images.append(center_square(image, resolution))
+        keys.append(key)
+        labels.append(meta.get("label"))
+        captions.append(meta.get("caption"))
+    empty = np.zeros((0, resolution, resolution, 3), np.uint8)
+    return {"keys": keys, "labels": labels, "captions": captions,
+            "images": np.stack(images) if images else empty}  # fmt: skip
+
+
+class ShardEncoder:
+    """Ray actor: one RQ-VAE per actor, loaded once, encoding whole shards."""
+
+    def __init__(self, vae_uri: str, storage_config: StorageConfig, use_gpu: bool) -> None:
+        import torch
+
+        from model.rqvae import RQVAE
+
+        self.storage = Storage(storage_config)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = RQVAE.from_pretrained(vae_uri, storage_options=self.storage.options(vae_uri))
+        self.model.to(self.device)
+
+    def encode(self, name: str, decoded: dict[str, Any], out_uri: str, batch_size: int,
+               with_psnr: bool, vae_fingerprint: str, stage_fingerprint: str) -> dict[str, Any]:  # fmt: skip
+        import torch
+
+        images = decoded["images"]
+        codes, psnrs = [], []
+        for start in range(0, len(images), batch_size):
+            x = torch.tensor(images[start : start + batch_size], device=self.device)
+            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, R, R) in [-1, 1]
+            batch_codes = self.model.encode(x)  # (B, h, w, D)
+            codes.append(batch_codes.cpu().numpy())
+            if with_psnr:
+                recon = self.model.decode_codes(batch_codes).clamp(-1, 1)
+                mse = (recon - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+                psnrs.append((10 * torch.log10(4.0 / mse)).cpu().numpy())
+        shape = self.model.config.code_shape
+        stacked = np.concatenate(codes) if codes else np.zeros((0, *shape), np.int64)
+        table = codes_table(decoded["keys"], decoded["labels"], decoded["captions"], stacked,
+                            self.model.config.codebook_size, vae_fingerprint,
+                            np.concatenate(psnrs) if with_psnr and psnrs else
+                            (np.zeros(0, np.float32) if with_psnr else None))  # fmt: skip
+        metadata = {**table_metadata(table.schema), "stage_fingerprint": stage_fingerprint}
+        table = table.replace_schema_metadata({b"rqpipe": json.dumps(metadata).encode()})
+        data = to_parquet_bytes(table)
+        self.storage.write_bytes(out_uri, data)
+        return {"name": name, "rows": len(table), "bytes": len(data)}
+
+
+def vae_fingerprint(storage: Storage, vae_uri: str) -> str:
+    """The train-vae manifest's fingerprint when the model came from a run, else its hash."""
+    parent = vae_uri.rstrip("/").rsplit("/", 1)[0]
+    manifest = read_manifest(storage, parent)
+    if manifest is not None and manifest.stage == "train-vae":
+        return manifest.fingerprint
+    return hashlib.sha256(storage.read_bytes(join(vae_uri, "model.safetensors"))).hexdigest()[:32]
+
+
+def _finished(storage: Storage, uri: str, fingerprint: str) -> dict[str, Any] | None:
+    import pyarrow.parquet as pq
+
+    if not storage.exists(uri):
+        return None
+    filesystem, path = storage.arrow_fs(uri)
+    metadata = pq.read_metadata(path, filesystem=filesystem)
+    schema = metadata.schema.to_arrow_schema()
+    if table_metadata(schema).get("stage_fingerprint") != fingerprint:
+        return None
+    size = filesystem.get_file_info(path).size
+    return {"name": uri.rsplit("/", 1)[-1], "rows": metadata.num_rows, "bytes": size}
+
+
+def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False) -> Manifest:
+    import ray
+
+    started = time.time()
+    storage = Storage(config.storage)
+    shards_dir, codes_dir = join(run_dir, "shards"), join(run_dir, "codes")
+    shards = read_manifest(storage, shards_dir)
+    if shards is None:
+        raise FileNotFoundError(f"no finished shards in {shards_dir}: run the shard stage first")
+    vae_uri = config.vae or join(run_dir, "vae", "model")
+    if not storage.exists(join(vae_uri, "config.json")):
+        raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: run train-vae first or pass vae=URI")
+    vae_fp = vae_fingerprint(storage, vae_uri)
+    planned = Manifest("encode", FORMAT_VERSION, config.output_fields(),
+                       {"shard": shards.fingerprint, "vae": vae_fp})  # fmt: skip
+    finished = begin_stage(storage, codes_dir, planned, overwrite)
+    if finished is not None:
+        return finished
+
+    fp = planned.fingerprint
+    resolution = json.loads(storage.read_bytes(join(vae_uri, "config.json")))["config"][
+        "resolution"
+    ]
+    names = [unit["name"].removesuffix(".tar") for unit in shards.units]
+    results = {}
+    for name in names:
+        done = _finished(storage, join(codes_dir, f"{name}.parquet"), fp)
+        if done is not None:
+            results[name] = done
+    pending = [n for n in names if n not in results]
+    print(f"encode: {len(names)} shards ({len(results)} already done, {len(pending)} to encode) "
+          f"with {config.num_actors} encoder actor(s) -> {codes_dir}")  # fmt: skip
+
+    decode = ray.remote(decode_shard).options(num_cpus=config.decode_cpus,
+                                              max_retries=config.max_retries)  # fmt: skip
+    actor_class = ray.remote(ShardEncoder).options(
+        num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
+        max_restarts=-1, max_task_retries=config.max_retries,
+    )  # fmt: skip
+    actors = [actor_class.remote(vae_uri, config.storage, config.gpus_per_actor > 0)
+              for _ in range(min(config.num_actors, max(1, len(pending))))]  # fmt: skip
+    progress = Progress("encode", len(pending))
+    queue, in_flight = list(pending), []
+    per_actor = 2  # one shard encoding, one decoded and waiting
+    while queue or in_flight:
+        while queue and len(in_flight) < per_actor * len(actors):
+            name = queue.pop(0)
+            decoded = decode.remote(join(shards_dir, f"{name}.tar"), resolution, config.storage)
+            actor = actors[len(in_flight) % len(actors)]
+            in_flight.append(actor.encode.remote(name, decoded, join(codes_dir, f"{name}.parquet"),
+                                                 config.batch_size, config.with_psnr, vae_fp,
+                                                 fp))  # fmt: skip
+        ready, in_flight = ray.wait(in_flight, num_returns=1)
+        result = ray.get(ready[0])
+        results[result["name"]] = {**result, "name": f"{result['name']}.parquet"}
+        progress.update(result["rows"])
+    for actor in actors:
+        ray.kill(actor)
+
+    planned.units = [results[n] for n in names]
+    rows = sum(u["rows"] for u in planned.units)
+    if rows != shards.counts.get("ok", rows):
+        raise RuntimeError(f"encode: {rows} rows for {shards.counts['ok']} sharded images")
+    planned.counts = {"rows": rows, "files": len(names)}
+    write_manifest(storage, codes_dir, planned)
+    print(f"encode: {rows:,} images in {len(names)} tables, {time.time() - started:.1f} s")
+    return planned
