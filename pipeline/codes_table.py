@@ -7,6 +7,8 @@
 | codes   | fixed_size_list<uint16>[H*W*D]        | raster order over (h, w), depth fastest;   |
 |         | (uint32 when K > 65536)               | codes.reshape(H, W, D) gives the stack     |
 | psnr    | float32 (optional)                    | reconstruction PSNR of the image, dB       |
+| latents | fixed_size_list<float16>[H*W*C]       | encoder output before quantization, (h, w, |
+|         | (optional)                            | c) order: soft codes without the encoder   |
 
 Rows are sorted by key; zstd compression. File metadata (key b"rqpipe"): JSON with code_shape
 [H, W, D], codebook_size, vae_fingerprint, format_version.
@@ -38,6 +40,7 @@ def codes_table(
     codebook_size: int,
     vae_fingerprint: str,
     psnr: np.ndarray | None = None,
+    latents: np.ndarray | None = None,
 ) -> pa.Table:
     """codes (N, H, W, D) integer array -> the table, sorted by key, with its metadata."""
     n, h, w, d = codes.shape
@@ -52,6 +55,11 @@ def codes_table(
     }
     if psnr is not None:
         columns["psnr"] = pa.array(psnr[order].astype(np.float32), pa.float32())
+    if latents is not None:  # (N, H, W, C)
+        flat_latents = latents.reshape(n, -1)[order].astype(np.float16)
+        columns["latents"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(flat_latents.reshape(-1), pa.float16()), flat_latents.shape[1]
+        )
     metadata = {"code_shape": [h, w, d], "codebook_size": codebook_size,
                 "vae_fingerprint": vae_fingerprint, "format_version": FORMAT_VERSION}  # fmt: skip
     table = pa.table(columns)

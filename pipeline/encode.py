@@ -39,6 +39,7 @@ class EncodeConfig:
 
     vae: str | None = None  # an RQ-VAE model folder; default RUN/vae/model
     with_psnr: bool = False  # a psnr column: each image's reconstruction PSNR
+    with_latents: bool = False  # a float16 latents column, for soft targets in train-ar
     batch_size: int = 64
     num_actors: int = 1
     gpus_per_actor: float = 0.0
@@ -94,17 +95,21 @@ class ShardEncoder:
         self.model = RQVAE.from_pretrained(vae_uri, storage_options=self.storage.options(vae_uri))
         self.model.to(self.device)
 
-    def encode(self, name: str, decoded: dict[str, Any], out_uri: str, batch_size: int,
-               with_psnr: bool, vae_fingerprint: str, stage_fingerprint: str) -> dict[str, Any]:  # fmt: skip
+    def encode(self, name: str, decoded: dict[str, Any], out_uri: str, config: EncodeConfig,
+               vae_fingerprint: str, stage_fingerprint: str) -> dict[str, Any]:  # fmt: skip
         import torch
 
-        images = decoded["images"]
-        codes, psnrs = [], []
-        for start in range(0, len(images), batch_size):
-            x = torch.tensor(images[start : start + batch_size], device=self.device)
+        images, with_psnr = decoded["images"], config.with_psnr
+        codes, psnrs, latents = [], [], []
+        for start in range(0, len(images), config.batch_size):
+            x = torch.tensor(images[start : start + config.batch_size], device=self.device)
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, R, R) in [-1, 1]
-            batch_codes = self.model.encode(x)  # (B, h, w, D)
+            with torch.no_grad():
+                z = self.model.encode_latents(x)  # (B, h, w, C)
+            batch_codes = self.model.quantizer.encode(z)  # (B, h, w, D)
             codes.append(batch_codes.cpu().numpy())
+            if config.with_latents:
+                latents.append(z.half().cpu().numpy())
             if with_psnr:
                 recon = self.model.decode_codes(batch_codes).clamp(-1, 1)
                 mse = (recon - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
@@ -114,7 +119,8 @@ class ShardEncoder:
         table = codes_table(decoded["keys"], decoded["labels"], decoded["captions"], stacked,
                             self.model.config.codebook_size, vae_fingerprint,
                             np.concatenate(psnrs) if with_psnr and psnrs else
-                            (np.zeros(0, np.float32) if with_psnr else None))  # fmt: skip
+                            (np.zeros(0, np.float32) if with_psnr else None),
+                            np.concatenate(latents) if latents else None)  # fmt: skip
         metadata = {**table_metadata(table.schema), "stage_fingerprint": stage_fingerprint}
         table = table.replace_schema_metadata({b"rqpipe": json.dumps(metadata).encode()})
         data = to_parquet_bytes(table)
@@ -194,9 +200,8 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
             name = queue.pop(0)
             decoded = decode.remote(join(shards_dir, f"{name}.tar"), resolution, config.storage)
             actor = actors[len(in_flight) % len(actors)]
-            in_flight.append(actor.encode.remote(name, decoded, join(codes_dir, f"{name}.parquet"),
-                                                 config.batch_size, config.with_psnr, vae_fp,
-                                                 fp))  # fmt: skip
+            out_uri = join(codes_dir, f"{name}.parquet")
+            in_flight.append(actor.encode.remote(name, decoded, out_uri, config, vae_fp, fp))
         ready, in_flight = ray.wait(in_flight, num_returns=1)
         result = ray.get(ready[0])
         results[result["name"]] = {**result, "name": f"{result['name']}.parquet"}

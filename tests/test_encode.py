@@ -56,8 +56,9 @@ def expected_codes(model: RQVAE, run: str, storage: StorageConfig) -> dict[str, 
 def test_encode_local_tables(ray_local, demo_images, tmp_path):
     run = str(tmp_path / "run")
     model = prepared_run(demo_images, run, StorageConfig())
-    manifest = run_encode_stage(run, EncodeConfig(num_actors=2, with_psnr=True, batch_size=5,
-                                                  cpus_per_actor=0.5))  # fmt: skip
+    config = EncodeConfig(num_actors=2, with_psnr=True, with_latents=True, batch_size=5,
+                          cpus_per_actor=0.5)  # fmt: skip
+    manifest = run_encode_stage(run, config)
     codes_dir = tmp_path / "run" / "codes"
     shards = json.loads((tmp_path / "run" / "shards" / "_manifest.json").read_text())
     assert sorted(p.name for p in codes_dir.glob("*.parquet")) == sorted(
@@ -77,6 +78,14 @@ def test_encode_local_tables(ray_local, demo_images, tmp_path):
     assert one.schema.field("caption").type == pa.string()
     assert one.schema.field("codes").type == pa.list_(pa.uint16(), 8 * 8 * 4)
     assert one.schema.field("psnr").type == pa.float32()
+    assert one.schema.field("latents").type == pa.list_(pa.float16(), 8 * 8 * 32)
+    first = one.slice(0, 1)
+    decoded = decode_shard(str(next(codes_dir.glob("train-*.parquet"))).replace(
+        "/codes/", "/shards/").replace(".parquet", ".tar"), 32, StorageConfig())  # fmt: skip
+    index = decoded["keys"].index(first.column("key")[0].as_py())
+    x = torch.tensor(decoded["images"][index : index + 1]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    stored = np.asarray(first.column("latents")[0].as_py(), np.float32)
+    assert np.allclose(stored, model.encode_latents(x).detach().numpy().ravel(), atol=2e-3)
     keys = one.column("key").to_pylist()
     assert keys == sorted(keys)
     meta = table_metadata(one.schema)
@@ -87,7 +96,7 @@ def test_encode_local_tables(ray_local, demo_images, tmp_path):
     assert len(frame) == len(one) and frame["psnr"].between(5, 60).all()
 
     before = {p.name: p.stat().st_mtime_ns for p in codes_dir.iterdir()}
-    run_encode_stage(run, EncodeConfig(num_actors=2, with_psnr=True))  # a no-op
+    run_encode_stage(run, config)  # a no-op
     assert {p.name: p.stat().st_mtime_ns for p in codes_dir.iterdir()} == before
 
 
