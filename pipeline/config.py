@@ -113,3 +113,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def output_fields(config: Any) -> dict[str, Any]:
+    """The fields that change a stage's output: all but the class's `execution_fields`."""
+    skip = getattr(type(config), "execution_fields", ())
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}

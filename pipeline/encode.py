@@ -9,7 +9,6 @@ written last.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -21,7 +20,14 @@ import numpy as np
 from PIL import Image
 
 from pipeline.codes_table import codes_table, table_metadata, to_parquet_bytes
-from pipeline.manifest import Manifest, begin_stage, read_manifest, write_manifest
+from pipeline.config import output_fields
+from pipeline.manifest import (
+    Manifest,
+    begin_stage,
+    read_manifest,
+    require_manifest,
+    write_manifest,
+)
 from pipeline.shard import Progress, _iter_tar
 from pipeline.storage import Storage, StorageConfig, join
 
@@ -33,6 +39,7 @@ IMAGE_EXTENSIONS = ("png", "jpg", "webp")
 class EncodeConfig:
     section: ClassVar[str] = "encode"
     execution_fields: ClassVar[tuple[str, ...]] = (
+        "vae",  # which model is in the upstream fingerprint; its path changes nothing
         "batch_size", "num_actors", "gpus_per_actor", "cpus_per_actor", "decode_cpus",
         "max_retries", "storage",
     )  # fmt: skip
@@ -47,10 +54,6 @@ class EncodeConfig:
     decode_cpus: float = 0.5
     max_retries: int = 3
     storage: StorageConfig = field(default_factory=StorageConfig)
-
-    def output_fields(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in self.execution_fields and k != "vae"}  # fmt: skip
 
 
 def center_square(image: Image.Image, resolution: int) -> np.ndarray:
@@ -157,14 +160,12 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
     started = time.time()
     storage = Storage(config.storage)
     shards_dir, codes_dir = join(run_dir, "shards"), join(run_dir, "codes")
-    shards = read_manifest(storage, shards_dir)
-    if shards is None:
-        raise FileNotFoundError(f"no finished shards in {shards_dir}: run the shard stage first")
+    shards = require_manifest(storage, shards_dir, "shard")
     vae_uri = config.vae or join(run_dir, "vae", "model")
     if not storage.exists(join(vae_uri, "config.json")):
         raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: run train-vae first or pass vae=URI")
     vae_fp = vae_fingerprint(storage, vae_uri)
-    planned = Manifest("encode", FORMAT_VERSION, config.output_fields(),
+    planned = Manifest("encode", FORMAT_VERSION, output_fields(config),
                        {"shard": shards.fingerprint, "vae": vae_fp})  # fmt: skip
     finished = begin_stage(storage, codes_dir, planned, overwrite)
     if finished is not None:

@@ -110,3 +110,12 @@ def begin_stage(
         print(f"{planned.stage}: --overwrite: removing the previous {stage_dir}")
         storage.remove_tree(stage_dir)
     return None
+
+
+def require_manifest(storage: Storage, stage_dir: str, stage: str) -> Manifest:
+    """The finished upstream stage's manifest, or an error saying which stage to run."""
+    manifest = read_manifest(storage, stage_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"no finished {stage} output in {stage_dir}: run the {stage} "
+                                f"stage first (jobs/{stage.replace('-', '_')}.py)")  # fmt: skip
+    return manifest

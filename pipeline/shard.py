@@ -15,7 +15,6 @@ shards, byte for byte: tar members carry fixed owners and mtimes.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -25,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pipeline.config import output_fields
 from pipeline.decode import ENCODINGS, RESIZE_MODES, Reject, decode_image, encode_image
 from pipeline.manifest import Manifest, begin_stage, write_manifest
 from pipeline.storage import Storage, StorageConfig, join
@@ -63,10 +63,6 @@ class ShardConfig:
         for name in ("image_size", "samples_per_shard", "max_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    def output_fields(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in self.execution_fields}  # fmt: skip
 
 
 @dataclass
@@ -333,7 +329,7 @@ def run_shard_stage(
         stage="shard",
         format_version=FORMAT_VERSION,
         config={
-            **config.output_fields(),
+            **output_fields(config),
             "input": input_uri,
             "input_digest": listing_digest(sources),
         },

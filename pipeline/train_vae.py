@@ -23,8 +23,8 @@ import yaml
 from PIL import Image
 
 from pipeline.checkpoint import load_state, save_state
-from pipeline.config import to_dict
-from pipeline.manifest import Manifest, begin_stage, read_manifest, write_manifest
+from pipeline.config import output_fields, to_dict
+from pipeline.manifest import Manifest, begin_stage, require_manifest, write_manifest
 from pipeline.shard import _iter_tar
 from pipeline.storage import Storage, is_local, join
 from pipeline.vae_training import (
@@ -263,16 +263,13 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
     started = time.time()
     storage = Storage(config.storage)
     shards_dir, vae_dir = join(run_dir, "shards"), join(run_dir, "vae")
-    shards = read_manifest(storage, shards_dir)
-    if shards is None:
-        raise FileNotFoundError(f"no finished shards in {shards_dir}: run the shard stage first "
-                                f"(jobs/shard.py --input ... --run-dir {run_dir})")  # fmt: skip
+    shards = require_manifest(storage, shards_dir, "shard")
     resolution = config.model_config().resolution
     if shards.config.get("resize_mode") != "none" and shards.config["image_size"] < resolution:
         raise ValueError(f"the shards hold {shards.config['image_size']}px images but the model "
                          f"trains at {resolution}px: re-shard with image_size>={resolution}")  # fmt: skip
 
-    planned = Manifest("train-vae", FORMAT_VERSION, config.output_fields(),
+    planned = Manifest("train-vae", FORMAT_VERSION, output_fields(config),
                        {"shard": shards.fingerprint})  # fmt: skip
     finished = begin_stage(storage, vae_dir, planned, overwrite)
     if finished is not None:

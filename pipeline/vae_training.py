@@ -56,10 +56,6 @@ class TrainVAEConfig:
     val_images: int = 64
     storage: StorageConfig = field(default_factory=StorageConfig)
 
-    def output_fields(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in self.execution_fields}  # fmt: skip
-
     def model_config(self) -> RQVAEConfig:
         base = dataclasses.asdict(RQVAEConfig.preset(self.model_preset))
         return RQVAEConfig.from_dict({**base, **self.model})
