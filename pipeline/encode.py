@@ -28,7 +28,7 @@ from pipeline.manifest import (
     require_manifest,
     write_manifest,
 )
-from pipeline.shard import Progress, _iter_tar
+from pipeline.shard import Progress, iter_tar
 from pipeline.storage import Storage, StorageConfig, join
 
 FORMAT_VERSION = 1
@@ -70,7 +70,7 @@ def decode_shard(tar_uri: str, resolution: int, storage_config: StorageConfig) -
     """A shard tar -> keys, labels, captions and (N, R, R, 3) uint8 images."""
     storage = Storage(storage_config)
     keys, labels, captions, images = [], [], [], []
-    for key, parts in _iter_tar(storage.read_bytes(tar_uri)):
+    for key, parts in iter_tar(storage.read_bytes(tar_uri)):
         data = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
         if data is None:
             continue

@@ -137,7 +137,7 @@ def _from_listing(storage: Storage, uri: str) -> tuple[list[Source], dict[str, i
     return sources, labels
 
 
-def _iter_tar(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample of a WebDataset tar, in archive order."""
     groups: dict[str, dict[str, bytes]] = {}
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
@@ -155,7 +155,7 @@ def _from_tars(storage: Storage, root: str, tars: list[tuple[str, int]]) -> list
     sources = []
     for uri, _ in tars:
         rel_tar = _relative(root, uri)
-        for key, parts in _iter_tar(storage.read_bytes(uri)):
+        for key, parts in iter_tar(storage.read_bytes(uri)):
             meta = json.loads(parts["json"]) if "json" in parts else {}
             rel = f"{rel_tar}#{key}"
             size = sum(len(v) for v in parts.values())
@@ -222,7 +222,7 @@ def _read_source(storage: Storage, source: Source, tar_cache: dict[str, dict]) -
         tar_uri, key = source.uri.split("#", 1)
         if tar_uri not in tar_cache:
             tar_cache.clear()  # sources are sorted: one input tar at a time
-            tar_cache[tar_uri] = dict(_iter_tar(storage.read_bytes(tar_uri)))
+            tar_cache[tar_uri] = dict(iter_tar(storage.read_bytes(tar_uri)))
         parts = tar_cache[tar_uri][key]
         for ext in ("png", "jpg", "jpeg", "webp"):
             if ext in parts:

@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline.checkpoint import load_state, save_state
 from pipeline.config import output_fields, to_dict
 from pipeline.manifest import Manifest, begin_stage, require_manifest, write_manifest
-from pipeline.shard import _iter_tar
+from pipeline.shard import iter_tar
 from pipeline.storage import Storage, is_local, join
 from pipeline.vae_training import (
     TrainVAEConfig,
@@ -98,7 +98,7 @@ def validation_images(storage: Storage, shards_dir: str, resolution: int, count:
     tars = _split_tars(storage, shards_dir, "val") or _split_tars(storage, shards_dir, "train")[:1]
     images, rng = [], np.random.default_rng(0)
     for uri in tars:
-        for _, parts in _iter_tar(storage.read_bytes(uri)):
+        for _, parts in iter_tar(storage.read_bytes(uri)):
             data = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
             if data is not None:
                 with Image.open(io.BytesIO(data)) as image:
