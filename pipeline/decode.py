@@ -100,6 +100,17 @@ def decode_image(
     return Decoded(_resize(_to_rgb(image), size, resize_mode), original)
 
 
+def center_square(image: Image.Image, size: int) -> np.ndarray:
+    """The centred square of `image`, resized to size x size: (size, size, 3) uint8 RGB."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != size:
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image.convert("RGB"))
+
+
 def encode_image(image: Image.Image, encoding: str, quality: int) -> bytes:
     """Deterministic bytes for the same pixels (no timestamps, fixed settings)."""
     buffer = io.BytesIO()

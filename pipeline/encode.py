@@ -21,6 +21,7 @@ from PIL import Image
 
 from pipeline.codes_table import codes_table, table_metadata, to_parquet_bytes
 from pipeline.config import output_fields
+from pipeline.decode import center_square
 from pipeline.manifest import (
     Manifest,
     begin_stage,
@@ -54,16 +55,6 @@ class EncodeConfig:
     decode_cpus: float = 0.5
     max_retries: int = 3
     storage: StorageConfig = field(default_factory=StorageConfig)
-
-
-def center_square(image: Image.Image, resolution: int) -> np.ndarray:
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if side != resolution:
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    return np.asarray(image.convert("RGB"))
 
 
 def decode_shard(tar_uri: str, resolution: int, storage_config: StorageConfig) -> dict[str, Any]:
@@ -102,6 +93,8 @@ class ShardEncoder:
                vae_fingerprint: str, stage_fingerprint: str) -> dict[str, Any]:  # fmt: skip
         import torch
 
+        from pipeline.images import psnr_per_image
+
         images, with_psnr = decoded["images"], config.with_psnr
         codes, psnrs, latents = [], [], []
         for start in range(0, len(images), config.batch_size):
@@ -114,9 +107,8 @@ class ShardEncoder:
             if config.with_latents:
                 latents.append(z.half().cpu().numpy())
             if with_psnr:
-                recon = self.model.decode_codes(batch_codes).clamp(-1, 1)
-                mse = (recon - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-                psnrs.append((10 * torch.log10(4.0 / mse)).cpu().numpy())
+                recon = self.model.decode_codes(batch_codes)
+                psnrs.append(psnr_per_image(recon, x).cpu().numpy())
         shape = self.model.config.code_shape
         stacked = np.concatenate(codes) if codes else np.zeros((0, *shape), np.int64)
         table = codes_table(decoded["keys"], decoded["labels"], decoded["captions"], stacked,

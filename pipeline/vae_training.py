@@ -18,6 +18,7 @@ from torch import Tensor
 
 from model.losses import VAELoss, VAELossConfig
 from model.rqvae import RQVAE, RQVAEConfig
+from pipeline.images import psnr_per_image
 from pipeline.storage import StorageConfig
 from pipeline.training import MetricsLog, warmup_cosine
 from pipeline.visualize import image_grid, save_png
@@ -141,9 +142,7 @@ def _autocast(images: Tensor, config: TrainVAEConfig) -> torch.autocast:
 @torch.no_grad()
 def psnr(model: RQVAE, images: Tensor) -> float:
     """Mean PSNR (dB) of full-depth reconstructions, images in [-1, 1] (peak-to-peak 2)."""
-    recon = model.decode_codes(model.encode(images)).clamp(-1, 1)
-    mse = (recon - images).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(4.0 / mse)).mean().item()
+    return psnr_per_image(model.decode_codes(model.encode(images)), images).mean().item()
 
 
 @torch.no_grad()
