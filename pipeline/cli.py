@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from pipeline.config import ConfigError, load_config
 from pipeline.manifest import StageConflict
@@ -56,6 +59,39 @@ def _analysis(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage(command: str) -> tuple[type, Callable[..., Any]]:
+    """A stage command's config class and run function (imported late: torch is slow)."""
+    if command == "shard":
+        from pipeline.shard import ShardConfig, run_shard_stage
+
+        return ShardConfig, run_shard_stage
+    if command == "train-vae":
+        from pipeline.train_vae import run_train_vae_stage
+        from pipeline.vae_training import TrainVAEConfig
+
+        return TrainVAEConfig, run_train_vae_stage
+    if command == "encode":
+        from pipeline.encode import EncodeConfig, run_encode_stage
+
+        return EncodeConfig, run_encode_stage
+    if command == "train-ar":
+        from pipeline.train_ar import TrainARConfig, run_train_ar_stage
+
+        return TrainARConfig, run_train_ar_stage
+    from pipeline.sample import SampleConfig, run_sample_stage
+
+    return SampleConfig, run_sample_stage
+
+
+SAMPLE_FLAGS = ("num_samples", "labels", "temperature", "top_k", "top_p", "cfg_scale", "seed")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The sample command's flags as config overrides (flags win over --config and key=value)."""
+    values = {name: getattr(args, name, None) for name in SAMPLE_FLAGS}
+    return [f"{name}={json.dumps(value)}" for name, value in values.items() if value is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rqpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +114,21 @@ def main(argv: list[str] | None = None) -> int:
 
     encode = commands.add_parser("encode", help="encode RUN/shards into Parquet code tables")
     _add_stage_args(encode)
+
+    train_ar = commands.add_parser(
+        "train-ar", help="train the RQ-Transformer on RUN/codes with Ray Train"
+    )
+    _add_stage_args(train_ar)
+
+    sample = commands.add_parser("sample", help="generate images with RUN/ar/model + RUN/vae/model")
+    sample.add_argument("--num-samples", type=int, help="images to generate")
+    sample.add_argument("--labels", nargs="+", help="class indices or names (default: all)")
+    sample.add_argument("--temperature", type=float)
+    sample.add_argument("--top-k", type=int)
+    sample.add_argument("--top-p", type=float)
+    sample.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
+    sample.add_argument("--seed", type=int, help="same seed, same images")
+    _add_stage_args(sample)
 
     stats = commands.add_parser("stats", help="code usage, perplexity, duplicates of code tables")
     stats.add_argument("codes", help="RUN/codes (a folder or prefix of tables) or one .parquet")
@@ -104,34 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("stats", "query", "decode"):
             return _analysis(args)
-        if args.command == "encode":
-            from pipeline.encode import EncodeConfig, run_encode_stage
-            from pipeline.ray_runtime import init_ray
-
-            config = load_config(EncodeConfig, args.config, args.overrides)
-            init_ray(args.ray_address)
-            run_encode_stage(args.run_dir, config, overwrite=args.overwrite)
-        elif args.command == "train-vae":
-            from pipeline.ray_runtime import init_ray
-            from pipeline.train_vae import run_train_vae_stage
-            from pipeline.vae_training import TrainVAEConfig
-
-            config = load_config(TrainVAEConfig, args.config, args.overrides)
-            init_ray(args.ray_address)
-            run_train_vae_stage(args.run_dir, config, overwrite=args.overwrite)
-        elif args.command == "shard":
-            from pipeline.ray_runtime import init_ray
-            from pipeline.shard import ShardConfig, run_shard_stage
-
-            config = load_config(ShardConfig, args.config, args.overrides)
-            init_ray(args.ray_address)
-            run_shard_stage(args.input, args.run_dir, config, overwrite=args.overwrite)
-        elif args.command == "demo":
+        if args.command == "demo":
             from pipeline.demo import run_demo
             from pipeline.vae_training import TrainVAEConfig
 
             run_demo(args.run_dir, load_config(TrainVAEConfig, args.config, args.overrides),
                      overwrite=args.overwrite)  # fmt: skip
+            return 0
+        config_class, run_stage = _stage(args.command)
+        overrides = [*args.overrides, *_flag_overrides(args)]
+        config = load_config(config_class, args.config, overrides)
+        from pipeline.ray_runtime import init_ray
+
+        init_ray(args.ray_address)
+        if args.command == "shard":
+            run_stage(args.input, args.run_dir, config, overwrite=args.overwrite)
+        else:
+            run_stage(args.run_dir, config, overwrite=args.overwrite)
     except ConfigError as e:
         print(f"rqpipe: configuration error: {e}", file=sys.stderr)
         return 2

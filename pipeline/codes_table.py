@@ -11,7 +11,8 @@
 |         | (optional)                            | c) order: soft codes without the encoder   |
 
 Rows are sorted by key; zstd compression. File metadata (key b"rqpipe"): JSON with code_shape
-[H, W, D], codebook_size, vae_fingerprint, format_version.
+[H, W, D], codebook_size, vae_fingerprint, format_version, and stage_fingerprint (the encode or
+sample run that wrote the file).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def codes_table(
     vae_fingerprint: str,
     psnr: np.ndarray | None = None,
     latents: np.ndarray | None = None,
+    stage_fingerprint: str | None = None,
 ) -> pa.Table:
     """codes (N, H, W, D) integer array -> the table, sorted by key, with its metadata."""
     n, h, w, d = codes.shape
@@ -62,6 +64,8 @@ def codes_table(
         )
     metadata = {"code_shape": [h, w, d], "codebook_size": codebook_size,
                 "vae_fingerprint": vae_fingerprint, "format_version": FORMAT_VERSION}  # fmt: skip
+    if stage_fingerprint is not None:  # the run that wrote it: resumes skip finished tables
+        metadata["stage_fingerprint"] = stage_fingerprint
     table = pa.table(columns)
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
 
@@ -84,3 +88,17 @@ def codes_array(table: pa.Table) -> np.ndarray:
     h, w, d = table_metadata(table.schema)["code_shape"]
     flat = table.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return flat.astype(np.int64).reshape(len(table), h, w, d)
+
+
+def finished_table(storage: Any, uri: str, stage_fingerprint: str) -> dict[str, Any] | None:
+    """The unit record {"name", "rows", "bytes"} of a table written by a stage run with this
+    fingerprint; None when it is missing or was made differently (then it is redone)."""
+    if not storage.exists(uri):
+        return None
+    filesystem, path = storage.arrow_fs(uri)
+    metadata = pq.read_metadata(path, filesystem=filesystem)
+    schema = metadata.schema.to_arrow_schema()
+    if table_metadata(schema).get("stage_fingerprint") != stage_fingerprint:
+        return None
+    size = filesystem.get_file_info(path).size
+    return {"name": uri.rsplit("/", 1)[-1], "rows": metadata.num_rows, "bytes": size}

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from pipeline.codes_table import codes_table, table_metadata, to_parquet_bytes
+from pipeline.codes_table import codes_table, finished_table, to_parquet_bytes
 from pipeline.config import output_fields
 from pipeline.decode import center_square
 from pipeline.manifest import (
@@ -115,9 +115,8 @@ class ShardEncoder:
                             self.model.config.codebook_size, vae_fingerprint,
                             np.concatenate(psnrs) if with_psnr and psnrs else
                             (np.zeros(0, np.float32) if with_psnr else None),
-                            np.concatenate(latents) if latents else None)  # fmt: skip
-        metadata = {**table_metadata(table.schema), "stage_fingerprint": stage_fingerprint}
-        table = table.replace_schema_metadata({b"rqpipe": json.dumps(metadata).encode()})
+                            np.concatenate(latents) if latents else None,
+                            stage_fingerprint)  # fmt: skip
         data = to_parquet_bytes(table)
         self.storage.write_bytes(out_uri, data)
         return {"name": name, "rows": len(table), "bytes": len(data)}
@@ -130,20 +129,6 @@ def vae_fingerprint(storage: Storage, vae_uri: str) -> str:
     if manifest is not None and manifest.stage == "train-vae":
         return manifest.fingerprint
     return hashlib.sha256(storage.read_bytes(join(vae_uri, "model.safetensors"))).hexdigest()[:32]
-
-
-def _finished(storage: Storage, uri: str, fingerprint: str) -> dict[str, Any] | None:
-    import pyarrow.parquet as pq
-
-    if not storage.exists(uri):
-        return None
-    filesystem, path = storage.arrow_fs(uri)
-    metadata = pq.read_metadata(path, filesystem=filesystem)
-    schema = metadata.schema.to_arrow_schema()
-    if table_metadata(schema).get("stage_fingerprint") != fingerprint:
-        return None
-    size = filesystem.get_file_info(path).size
-    return {"name": uri.rsplit("/", 1)[-1], "rows": metadata.num_rows, "bytes": size}
 
 
 def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False) -> Manifest:
@@ -170,7 +155,7 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
     names = [unit["name"].removesuffix(".tar") for unit in shards.units]
     results = {}
     for name in names:
-        done = _finished(storage, join(codes_dir, f"{name}.parquet"), fp)
+        done = finished_table(storage, join(codes_dir, f"{name}.parquet"), fp)
         if done is not None:
             results[name] = done
     pending = [n for n in names if n not in results]

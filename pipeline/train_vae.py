@@ -11,9 +11,6 @@ a run from the last checkpoint.
 from __future__ import annotations
 
 import io
-import json
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -26,7 +23,8 @@ from pipeline.checkpoint import load_state, save_state
 from pipeline.config import output_fields, to_dict
 from pipeline.manifest import Manifest, begin_stage, require_manifest, write_manifest
 from pipeline.shard import iter_tar
-from pipeline.storage import Storage, is_local, join
+from pipeline.storage import Storage, join
+from pipeline.training import RunMetrics, report_checkpoint, train_run_config
 from pipeline.vae_training import (
     TrainVAEConfig,
     VAETrainState,
@@ -137,21 +135,6 @@ def _load_checkpoint(state: VAETrainState, directory: str) -> int:
     return int(trainer["step"])
 
 
-class _Metrics:
-    """metrics.jsonl in the run dir, rewritten whole (object stores cannot append)."""
-
-    def __init__(self, storage: Storage, uri: str) -> None:
-        self.storage, self.uri = storage, uri
-        self.lines = storage.read_bytes(uri).decode().splitlines() if storage.exists(uri) else []
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.lines.append(json.dumps(record))
-        self.storage.write_bytes(self.uri, ("\n".join(self.lines) + "\n").encode())
-        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in record.items())  # fmt: skip
-        print(f"train-vae: {shown}", flush=True)
-
-
 def train_vae_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker."""
     import ray.train
@@ -185,7 +168,9 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
                 state.loss.discriminator, parallel_strategy_kwargs=kwargs
             )
 
-    metrics = _Metrics(storage, join(vae_dir, "metrics.jsonl")) if rank == 0 else None
+    metrics = (
+        RunMetrics(storage, join(vae_dir, "metrics.jsonl"), "train-vae") if rank == 0 else None
+    )
     val = _to_model(torch.tensor(loop_config["val_images"])).to(device)  # object store: read-only
     if metrics is not None and start > 0:
         metrics.write({"event": "resumed", "step": start})
@@ -239,25 +224,19 @@ def _report_checkpoint(
     vae_dir: str,
     storage: Storage,
 ) -> None:
-    import ray.train
-
-    if rank != 0:
-        ray.train.report({"step": step}, checkpoint=None)  # every rank reports: a barrier
-        return
-    for uri in (join(vae_dir, "reconstructions.png"),  # the latest, and one per checkpoint
-                join(vae_dir, "reconstructions", f"step-{step:07d}.png")):  # fmt: skip
-        reconstruction_grid(state.model, val[:16], uri, storage.options(vae_dir))
-
-    with tempfile.TemporaryDirectory() as directory:
-        _save_checkpoint(state, discriminator, step, directory)
-        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    if rank == 0:
+        for uri in (join(vae_dir, "reconstructions.png"),  # the latest, and one per checkpoint
+                    join(vae_dir, "reconstructions", f"step-{step:07d}.png")):  # fmt: skip
+            reconstruction_grid(state.model, val[:16], uri, storage.options(vae_dir))
+    report_checkpoint(step, rank,
+                      lambda directory: _save_checkpoint(state, discriminator, step, directory))  # fmt: skip
 
 
 # -- the stage ------------------------------------------------------------------------------------
 
 
 def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = False) -> Manifest:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     started = time.time()
@@ -277,7 +256,6 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
     storage.write_bytes(join(vae_dir, "config.yaml"),
                         yaml.safe_dump({TrainVAEConfig.section: to_dict(config)}).encode())  # fmt: skip
 
-    filesystem, root = storage.arrow_fs(run_dir)
     trainer = TorchTrainer(
         train_vae_worker,
         train_loop_config={
@@ -287,13 +265,8 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
         },
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=RunConfig(
-            name="vae",  # fixed by the run dir: a re-submitted run resumes
-            storage_path=os.path.abspath(root) if is_local(run_dir) else root,
-            storage_filesystem=None if is_local(run_dir) else filesystem,
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.num_to_keep),
-        ),
+        run_config=train_run_config(run_dir, "vae", config.max_failures, config.num_to_keep,
+                                    storage),
         datasets={"train": train_dataset(storage, shards_dir, config, resolution)},
     )  # fmt: skip
     print(f"train-vae: {config.steps} steps on {config.num_workers} worker(s), "

@@ -1,10 +1,12 @@
-"""Pieces every training loop shares: the learning-rate schedule and the metrics log."""
+"""Pieces every training loop shares: the learning-rate schedule, metrics logs, and the Ray
+Train plumbing (run config, checkpoint reporting) of the train-vae and train-ar stages."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +39,53 @@ class MetricsLog:
                 if not isinstance(v, list | dict)
             )
             print(shown, flush=True)
+
+
+class RunMetrics:
+    """metrics.jsonl in a stage's run dir (local or S3), rewritten whole: objects cannot be
+    appended to. Picks up the lines of an earlier, resumed attempt."""
+
+    def __init__(self, storage: Any, uri: str, prefix: str) -> None:
+        self.storage, self.uri, self.prefix = storage, uri, prefix
+        self.lines = storage.read_bytes(uri).decode().splitlines() if storage.exists(uri) else []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.lines.append(json.dumps(record))
+        self.storage.write_bytes(self.uri, ("\n".join(self.lines) + "\n").encode())
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in record.items())  # fmt: skip
+        print(f"{self.prefix}: {shown}", flush=True)
+
+
+def report_checkpoint(step: int, rank: int, write: Callable[[str], None]) -> None:
+    """Inside a Ray Train loop: every rank reports (a barrier); rank 0 writes the checkpoint
+    files with `write(directory)` and hands them to Ray Train."""
+    import tempfile
+
+    import ray.train
+
+    if rank != 0:
+        ray.train.report({"step": step}, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        write(directory)
+        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: int, storage: Any):
+    """Ray Train's RunConfig for a stage whose run lives at RUN/{name}: named after the run dir
+    so that a re-submitted job resumes from the last committed checkpoint."""
+    import os
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    from pipeline.storage import is_local
+
+    filesystem, root = storage.arrow_fs(run_dir)
+    return RunConfig(
+        name=name,
+        storage_path=os.path.abspath(root) if is_local(run_dir) else root,
+        storage_filesystem=None if is_local(run_dir) else filesystem,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+    )

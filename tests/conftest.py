@@ -66,3 +66,25 @@ def s3_bucket(s3_endpoint):
     name = f"rqpipe-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)
     return name, client
+
+
+@pytest.fixture(scope="session")
+def encoded_run(ray_local, tmp_path_factory):
+    """A finished run up to encode, for the train-ar and sample tests to copy: demo shards
+    (4 classes), a seeded untrained tiny RQ-VAE in RUN/vae/model, tables with latents."""
+    import torch
+
+    from model.rqvae import RQVAE, RQVAEConfig
+    from pipeline.demo_data import write_demo_dataset
+    from pipeline.encode import EncodeConfig, run_encode_stage
+    from pipeline.shard import ShardConfig, run_shard_stage
+
+    root = tmp_path_factory.mktemp("encoded")
+    write_demo_dataset(root / "in", per_class=24)
+    run = root / "run"
+    run_shard_stage(str(root / "in"), str(run), ShardConfig(image_size=32, samples_per_shard=32,
+                                                            val_fraction=0.1))  # fmt: skip
+    torch.manual_seed(0)
+    RQVAE(RQVAEConfig.preset("tiny")).eval().save_pretrained(str(run / "vae" / "model"))
+    run_encode_stage(str(run), EncodeConfig(with_latents=True, cpus_per_actor=0.5))
+    return run

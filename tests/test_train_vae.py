@@ -17,6 +17,8 @@ from pipeline.shard import ShardConfig, run_shard_stage
 from pipeline.storage import Storage, StorageConfig
 from pipeline.train_vae import run_train_vae_stage, validation_images
 from pipeline.vae_training import TrainVAEConfig
+from tests.train_helpers import capture, committed_checkpoints
+from tests.train_helpers import metrics as stage_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDING = dict(image_size=32, samples_per_shard=32, val_fraction=0.1, cpus_per_task=0.5)
@@ -45,7 +47,11 @@ def sharded_run(demo_images, run_dir: str, storage: StorageConfig | None = None)
 
 
 def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "vae" / "metrics.jsonl").read_text().splitlines()]
+    return stage_metrics(run / "vae")
+
+
+def _checkpoints(run: Path) -> list[str]:
+    return committed_checkpoints(run / "vae")
 
 
 def test_two_workers_train_export_and_noop(ray_local, demo_images, tmp_path):
@@ -102,22 +108,12 @@ def _ray_train_workers(since: float) -> list[psutil.Process]:
             and " ".join(p.cmdline()).startswith("ray::RayTrainWorker")]  # fmt: skip
 
 
-def _checkpoints(run: Path) -> list[str]:
-    """Checkpoints Ray Train has committed (listed in its snapshot): what a resume sees."""
-    snapshot = run / "vae" / "checkpoint_manager_snapshot.json"
-    try:
-        results = json.loads(snapshot.read_text())["checkpoint_results"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return []
-    return [r["checkpoint_dir_name"] for r in results]
-
-
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, demo_images, tmp_path):
     run = Path(sharded_run(demo_images, str(tmp_path / "run")))
     config = train_config(steps=40, checkpoint_every=8, max_failures=1)
     errors: list[BaseException] = []
     started = time.time()
-    thread = threading.Thread(target=lambda: _capture(errors, run_train_vae_stage, str(run),
+    thread = threading.Thread(target=lambda: capture(errors, run_train_vae_stage, str(run),
                                                       config))  # fmt: skip
     thread.start()
     deadline = time.time() + 180
@@ -133,13 +129,6 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, demo_images, t
     steps = [m["step"] for m in metrics(run) if "event" not in m]
     assert steps[-1] == 40
     assert (run / "vae" / "_manifest.json").exists()
-
-
-def _capture(errors, fn, *args):
-    try:
-        fn(*args)
-    except BaseException as e:  # surfaced by the test thread's assertion
-        errors.append(e)
 
 
 def test_killed_driver_resubmitted_resumes_then_noops(ray_local, demo_images, tmp_path):

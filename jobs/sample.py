@@ -1,0 +1,11 @@
+"""sample stage entry point: `ray job submit -- python jobs/sample.py --run-dir RUN --num-samples 64`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a job working dir
+
+from pipeline.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["sample", *sys.argv[1:]]))

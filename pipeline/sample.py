@@ -1,0 +1,282 @@
+"""The sample stage: images from the trained RQ-Transformer, decoded by the RQ-VAE, in RUN/samples/.
+
+The request (num_samples, labels, sampling settings, seed) is cut into chunks of `chunk_size`
+samples. Sample i gets label labels[i % len(labels)] (default: every class in turn), and chunk
+c is generated with a generator seeded from (seed, c), so the same request gives the same
+images however many actors share the work. Ray actors (GPU when asked) load both models once
+and handle chunks: the cached sampler writes codes, the VAE decodes them, and the chunk's PNGs
+and then its code table are written. A table records the stage fingerprint, so a resumed run
+redoes only unfinished chunks.
+
+RUN/samples/ (or `out`):
+  images/sample-000000.png ...   one PNG per sample
+  codes/chunk-00000.parquet ...  the sampled codes, same schema as the encode tables (key
+                                 sample-NNNNNN, label, codes), readable by `rqpipe stats/query`
+  grid-{label}.png               the first `grid_size` samples of each label (grid.png when
+                                 unconditional)
+  sampling.json                  samples, seconds, samples/s, actors, device
+  config.yaml, _manifest.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from pipeline.codes_table import codes_table, finished_table, to_parquet_bytes
+from pipeline.config import output_fields, to_dict
+from pipeline.encode import vae_fingerprint
+from pipeline.manifest import Manifest, begin_stage, read_manifest, write_manifest
+from pipeline.shard import Progress
+from pipeline.storage import Storage, StorageConfig, join
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SampleConfig:
+    section: ClassVar[str] = "sample"
+    execution_fields: ClassVar[tuple[str, ...]] = (
+        "ar", "vae", "out", "num_actors", "gpus_per_actor", "cpus_per_actor", "max_retries",
+        "storage",
+    )  # fmt: skip
+
+    num_samples: int = 64
+    labels: list[int | str] | None = None  # class indices or names; default: every class
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg_scale: float = 1.0  # classifier-free guidance; 1: none
+    seed: int = 0
+    chunk_size: int = 64  # samples per work unit and per seeded generator
+    grid_size: int = 16  # samples per label in the grid PNGs
+    ar: str | None = None  # RQ-Transformer folder; default RUN/ar/model
+    vae: str | None = None  # RQ-VAE folder; default RUN/vae/model
+    out: str | None = None  # output folder; default RUN/samples
+    num_actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    max_retries: int = 3
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "chunk_size", "num_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.labels is not None and not self.labels:
+            raise ValueError("labels is empty: give class indices or names, or leave it unset")
+
+
+def sample_key(index: int) -> str:
+    return f"sample-{index:06d}"
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """Independent, reproducible seeds per chunk (not seed + chunk: runs with neighbouring
+    seeds would share chunks)."""
+    digest = hashlib.sha256(f"{seed}/{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class ChunkSampler:
+    """Ray actor: an RQ-Transformer and its RQ-VAE, loaded once, turning chunks into images."""
+
+    def __init__(self, ar_uri: str, vae_uri: str, storage_config: StorageConfig,
+                 use_gpu: bool) -> None:  # fmt: skip
+        import torch
+
+        from model.rqtransformer import RQTransformer
+        from model.rqvae import RQVAE
+
+        self.storage = Storage(storage_config)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.ar = RQTransformer.from_pretrained(ar_uri, self.device,
+                                                storage_options=self.storage.options(ar_uri))  # fmt: skip
+        self.vae = RQVAE.from_pretrained(vae_uri, self.device,
+                                         storage_options=self.storage.options(vae_uri))  # fmt: skip
+        books = self.vae.quantizer.codebooks
+        embeddings = self.ar.code_embeddings
+        if embeddings.shape != books.shape or not torch.equal(embeddings, books.float()):
+            raise ValueError(f"the RQ-Transformer at {ar_uri} was trained on another codebook "
+                             f"than the RQ-VAE at {vae_uri} has: pass the VAE it was trained "
+                             f"with (vae=URI)")  # fmt: skip
+        self.ar.eval()
+        self.vae.eval()
+
+    def sample(self, chunk: int, first: int, labels: list[int] | None, count: int,
+               config: SampleConfig, out_dir: str, vae_fp: str, stage_fp: str) -> dict[str, Any]:  # fmt: skip
+        import torch
+
+        from pipeline.visualize import to_uint8
+
+        started = time.time()
+        generator = torch.Generator(self.device).manual_seed(chunk_seed(config.seed, chunk))
+        with torch.no_grad():
+            codes = self.ar.generate(
+                num_samples=None if labels else count, labels=labels,
+                temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                cfg_scale=config.cfg_scale, generator=generator,
+            )  # (B, H, W, D)  # fmt: skip
+            images = to_uint8(self.vae.decode_codes(codes))  # (B, R, R, 3)
+        seconds = time.time() - started
+        keys = [sample_key(first + i) for i in range(count)]
+        for key, pixels in zip(keys, images, strict=True):
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            self.storage.write_bytes(join(out_dir, "images", f"{key}.png"), buffer.getvalue())
+        table = codes_table(keys, labels or [None] * count, [None] * count, codes.cpu().numpy(),
+                            self.ar.config.codebook_size, vae_fp, stage_fingerprint=stage_fp)  # fmt: skip
+        data = to_parquet_bytes(table)  # last: a finished chunk is one whose table exists
+        name = f"chunk-{chunk:05d}.parquet"
+        self.storage.write_bytes(join(out_dir, "codes", name), data)
+        return {"name": name, "rows": count, "bytes": len(data), "seconds": seconds,
+                "device": self.device}  # fmt: skip
+
+
+def resolve_labels(config: SampleConfig, num_classes: int, names: dict[str, int]) -> list[int]:
+    """The label cycle: class indices from config.labels (indices or names), else all classes."""
+    if num_classes == 0:
+        if config.labels is not None:
+            raise ValueError("this RQ-Transformer is unconditional (its tables had no labels): "
+                             "leave labels unset")  # fmt: skip
+        return []
+    if config.labels is None:
+        return list(range(num_classes))
+    resolved = []
+    for label in config.labels:
+        index = names.get(label) if isinstance(label, str) and not label.isdigit() else int(label)
+        if index is None or not 0 <= index < num_classes:
+            known = ", ".join(f"{i}={n}" for n, i in sorted(names.items(), key=lambda kv: kv[1]))
+            raise ValueError(f"label {label!r} is not a class of this model: use an index in "
+                             f"[0, {num_classes}) or a name ({known or 'no names recorded'})")  # fmt: skip
+        resolved.append(index)
+    return resolved
+
+
+def _model_fingerprint(storage: Storage, model_uri: str, stage: str) -> str:
+    """The training stage's fingerprint when the model came from a run, else its weights' hash."""
+    manifest = read_manifest(storage, model_uri.rstrip("/").rsplit("/", 1)[0])
+    if manifest is not None and manifest.stage == stage:
+        return manifest.fingerprint
+    return hashlib.sha256(storage.read_bytes(join(model_uri, "model.safetensors"))).hexdigest()[:32]
+
+
+def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_names: dict[int, str],
+                grid_size: int) -> list[str]:  # fmt: skip
+    """grid-{label}.png per label (grid.png when unconditional): its first grid_size samples."""
+    import torch
+
+    from pipeline.visualize import image_grid, save_png
+
+    written = []
+    for label in sorted(set(labels), key=lambda v: -1 if v is None else v):
+        indices = [i for i, v in enumerate(labels) if v == label][:grid_size]
+        pixels = []
+        for i in indices:
+            data = storage.read_bytes(join(out_dir, "images", f"{sample_key(i)}.png"))
+            with Image.open(io.BytesIO(data)) as image:
+                pixels.append(np.asarray(image.convert("RGB")))
+        tiles = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        per_row = math.ceil(math.sqrt(len(tiles)))
+        rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]
+        name = "grid.png" if label is None else f"grid-{label}-{label_names.get(label, label)}.png"
+        uri = join(out_dir, name)
+        save_png(image_grid(rows, scale=max(1, 96 // tiles.shape[-1])), uri, storage.options(uri))
+        written.append(uri)
+    return written
+
+
+def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False) -> Manifest:
+    import ray
+
+    started = time.time()
+    storage = Storage(config.storage)
+    ar_uri = config.ar or join(run_dir, "ar", "model")
+    vae_uri = config.vae or join(run_dir, "vae", "model")
+    out_dir = config.out or join(run_dir, "samples")
+    for what, uri, stage in (
+        ("RQ-Transformer", ar_uri, "train-ar"),
+        ("RQ-VAE", vae_uri, "train-vae"),
+    ):
+        if not storage.exists(join(uri, "config.json")):
+            raise FileNotFoundError(f"no {what} at {uri}: run the {stage} stage first "
+                                    f"(jobs/{stage.replace('-', '_')}.py) or pass its folder")  # fmt: skip
+    ar_config = json.loads(storage.read_bytes(join(ar_uri, "config.json")))["config"]
+    names_uri = join(run_dir, "shards", "labels.json")
+    names = json.loads(storage.read_bytes(names_uri)) if storage.exists(names_uri) else {}
+    cycle = resolve_labels(config, ar_config["num_classes"], names)
+    if config.cfg_scale != 1.0 and not cycle:
+        raise ValueError("cfg_scale needs a class-conditional model; leave it at 1")
+
+    vae_fp = vae_fingerprint(storage, vae_uri)
+    planned = Manifest("sample", FORMAT_VERSION, output_fields(config),
+                       {"train-ar": _model_fingerprint(storage, ar_uri, "train-ar"),
+                        "vae": vae_fp})  # fmt: skip
+    finished = begin_stage(storage, out_dir, planned, overwrite)
+    if finished is not None:
+        return finished
+    storage.write_bytes(join(out_dir, "config.yaml"),
+                        yaml.safe_dump({SampleConfig.section: to_dict(config)}).encode())  # fmt: skip
+
+    n, size = config.num_samples, config.chunk_size
+    labels: list[int | None] = [cycle[i % len(cycle)] for i in range(n)] if cycle else [None] * n
+    chunks = [(c, c * size, min(n, (c + 1) * size)) for c in range(math.ceil(n / size))]
+    results = {}
+    for c, _, _ in chunks:
+        done = finished_table(storage, join(out_dir, "codes", f"chunk-{c:05d}.parquet"),
+                              planned.fingerprint)  # fmt: skip
+        if done is not None:
+            results[c] = done
+    pending = [chunk for chunk in chunks if chunk[0] not in results]
+    print(f"sample: {n} samples in {len(chunks)} chunks ({len(results)} already done) with "
+          f"{min(config.num_actors, max(1, len(pending)))} actor(s) -> {out_dir}")  # fmt: skip
+
+    actor_class = ray.remote(ChunkSampler).options(
+        num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
+        max_restarts=-1, max_task_retries=config.max_retries,
+    )  # fmt: skip
+    actors = [actor_class.remote(ar_uri, vae_uri, config.storage, config.gpus_per_actor > 0)
+              for _ in range(min(config.num_actors, max(1, len(pending))))]  # fmt: skip
+    progress = Progress("sample", sum(end - first for _, first, end in pending))
+    sampling_started, queue, in_flight = time.time(), list(pending), []
+    while queue or in_flight:
+        while queue and len(in_flight) < 2 * len(actors):
+            c, first, end = queue.pop(0)
+            chunk_labels = labels[first:end] if cycle else None
+            actor = actors[c % len(actors)]
+            in_flight.append(actor.sample.remote(c, first, chunk_labels, end - first, config,
+                                                 out_dir, vae_fp, planned.fingerprint))  # fmt: skip
+        ready, in_flight = ray.wait(in_flight, num_returns=1)
+        result = ray.get(ready[0])
+        results[int(result["name"][6:11])] = result
+        progress.update(result["rows"])
+    seconds = time.time() - sampling_started
+    for actor in actors:
+        ray.kill(actor)
+
+    label_names = {index: name for name, index in names.items()}
+    grids = write_grids(storage, out_dir, labels, label_names, config.grid_size)
+    sampled = sum(results[c].get("rows", 0) for c in results if "seconds" in results[c])
+    report = {"samples": n, "sampled_now": sampled, "seconds": round(seconds, 3),
+              "samples_per_s": round(sampled / seconds, 3) if sampled else None,
+              "actors": len(actors), "grids": grids}  # fmt: skip
+    storage.write_bytes(join(out_dir, "sampling.json"), json.dumps(report, indent=2).encode())
+    planned.units = [{k: results[c][k] for k in ("name", "rows", "bytes")} for c, _, _ in chunks]
+    planned.counts = {"samples": n, "chunks": len(chunks)}
+    write_manifest(storage, out_dir, planned)
+    rate = f", {report['samples_per_s']} samples/s" if sampled else ""
+    print(f"sample: {n} images in {time.time() - started:.1f} s{rate}; grids: {', '.join(grids)}")
+    return planned

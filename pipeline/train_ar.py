@@ -1,0 +1,457 @@
+"""The train-ar stage: the RQ-Transformer trained on RUN/codes/ with Ray Train, written to RUN/ar/.
+
+Data: Ray Data streams the code tables (`train-*.parquet`; `val-*` rows score the validation
+loss) to the workers through `get_dataset_shard`. The frozen code embeddings are the codebook
+of the RQ-VAE that made the tables: the tables record its fingerprint, and a different VAE is
+refused. Labels make the model class-conditional (with label dropout, for classifier-free
+guidance); tables without labels train an unconditional model.
+
+Targets: `hard` trains on the stored codes. `soft` follows the paper's stochastic codes: from
+each image's stored latents (encode with_latents=true) the codes are re-sampled every step
+from q_d = softmax(-||r_{d-1} - e_k||^2 / soft_temperature), and q_d is the target.
+
+RUN/ar/ holds Ray Train's run (checkpoints), `metrics.jsonl` (loss overall and per depth,
+validation loss, tokens/s per worker), `samples.png` (a row of samples per class at each
+checkpoint, decoded with the VAE), `config.yaml`, and at the end `model/` (safetensors +
+config.json) and `_manifest.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+from model.quantizer import ResidualQuantizer
+from model.rqtransformer import RQTransformer, RQTransformerConfig
+from pipeline.checkpoint import load_state, save_state
+from pipeline.codes_table import codes_array, table_metadata
+from pipeline.config import output_fields, to_dict
+from pipeline.encode import vae_fingerprint
+from pipeline.manifest import Manifest, begin_stage, require_manifest, write_manifest
+from pipeline.storage import Storage, StorageConfig, join
+from pipeline.training import RunMetrics, report_checkpoint, train_run_config, warmup_cosine
+
+FORMAT_VERSION = 1
+TARGETS = ("hard", "soft")
+DATA_FIELDS = ("code_shape", "codebook_size", "num_classes")  # set by the tables, not the user
+
+
+@dataclass
+class TrainARConfig:
+    section: ClassVar[str] = "train_ar"
+    execution_fields: ClassVar[tuple[str, ...]] = (
+        "vae", "use_gpu", "cpus_per_worker", "log_every", "checkpoint_every", "num_to_keep",
+        "max_failures", "val_rows", "preview_per_class", "storage",
+    )  # fmt: skip
+
+    model_preset: str = "tiny"  # an RQTransformerConfig preset ...
+    model: dict[str, Any] = field(default_factory=dict)  # ... and field overrides on top of it
+    targets: str = "hard"  # or "soft": stochastic codes from the tables' latents column
+    soft_temperature: float = 0.5  # the paper's value
+    steps: int = 2000
+    batch_size: int = 64  # per worker
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 1e-4  # matrices only (the official value); not embeddings, norms, biases
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    grad_accum_steps: int = 1
+    num_workers: int = 1
+    bf16: bool = True  # autocast on GPU
+    vae: str | None = None  # the RQ-VAE whose codebook the tables use; default RUN/vae/model
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    num_to_keep: int = 2
+    max_failures: int = 0
+    val_rows: int = 256
+    preview_per_class: int = 8  # samples per class in samples.png at each checkpoint; 0: none
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets={self.targets!r}: use one of {list(TARGETS)}")
+        if self.soft_temperature <= 0:
+            raise ValueError(f"soft_temperature must be > 0, got {self.soft_temperature}")
+        fixed = sorted(set(self.model) & set(DATA_FIELDS))
+        if fixed:
+            raise ValueError(f"model.{fixed[0]} comes from the code tables and cannot be set")
+        self.model_config([1, 1, 1], 2, 0)  # unknown presets or keys fail at load time
+        for name in ("steps", "batch_size", "log_every", "grad_accum_steps", "num_workers",
+                     "checkpoint_every"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def model_config(
+        self, code_shape: list[int], codebook_size: int, num_classes: int
+    ) -> RQTransformerConfig:
+        data = dict(code_shape=code_shape, codebook_size=codebook_size, num_classes=num_classes)
+        return RQTransformerConfig.preset(self.model_preset, **{**self.model, **data})
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def table_to_arrays(batch: pa.Table, code_shape: list[int], null_label: int) -> dict[str, Any]:
+    """Ray Data map (pyarrow batches): code-table rows -> {"codes": (B, H, W, D) int32,
+    "label": (B,) int64 with missing labels as the null label, ["latents": (B, H, W, C)]}."""
+    h, w, d = code_shape
+    flat = batch.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    labels = batch.column("label").to_numpy(zero_copy_only=False)  # float with NaN for nulls
+    arrays = {
+        "codes": flat.astype(np.int32).reshape(len(batch), h, w, d),
+        "label": np.where(np.isnan(labels), null_label, labels).astype(np.int64),
+    }
+    if "latents" in batch.column_names:
+        latents = batch.column("latents").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        arrays["latents"] = latents.reshape(len(batch), h, w, -1)
+    return arrays
+
+
+@dataclass
+class CodeTables:
+    """What the driver learns from the tables before training."""
+
+    train: list[str]
+    val: list[str]
+    code_shape: list[int]
+    codebook_size: int
+    vae_fingerprint: str
+    num_classes: int
+    has_latents: bool
+    rows: int
+
+
+def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]) -> CodeTables:
+    uris = [join(codes_dir, unit["name"]) for unit in units]
+    train = [u for u in uris if u.rsplit("/", 1)[-1].startswith("train-")]
+    val = [u for u in uris if u.rsplit("/", 1)[-1].startswith("val-")]
+    if not train:  # tables not made from a split shard set: train on all of them
+        train, val = uris, []
+    metas, max_label, has_latents = [], -1, True
+    for uri in uris:
+        filesystem, path = storage.arrow_fs(uri)
+        schema = pq.read_schema(path, filesystem=filesystem)
+        metas.append(table_metadata(schema))
+        has_latents = has_latents and "latents" in schema.names
+        labels = pq.read_table(path, filesystem=filesystem, columns=["label"]).column("label")
+        if labels.null_count < len(labels):
+            max_label = max(max_label, pc.max(labels).as_py())
+    shapes = {(tuple(m["code_shape"]), m["codebook_size"], m["vae_fingerprint"]) for m in metas}
+    if len(shapes) != 1:
+        raise ValueError(f"the tables in {codes_dir} come from different RQ-VAEs or code shapes "
+                         f"({sorted(shapes)}): re-run encode with --overwrite")  # fmt: skip
+    (shape, k, fp) = shapes.pop()
+    return CodeTables(train, val, list(shape), k, fp, max_label + 1, has_latents,
+                      sum(int(u["rows"]) for u in units))  # fmt: skip
+
+
+def validation_rows(storage: Storage, tables: CodeTables, count: int) -> dict[str, np.ndarray]:
+    """Up to `count` held-out rows (the val tables; the first train table if there are none)."""
+    null_label = tables.num_classes
+    arrays: list[dict[str, np.ndarray]] = []
+    for uri in tables.val or tables.train[:1]:
+        filesystem, path = storage.arrow_fs(uri)
+        table = pq.read_table(path, filesystem=filesystem, columns=["codes", "label"])
+        arrays.append({"codes": codes_array(table),
+                       "label": table_to_arrays(table, tables.code_shape, null_label)["label"]})  # fmt: skip
+        if sum(len(a["label"]) for a in arrays) >= count:
+            break
+    return {k: np.concatenate([a[k] for a in arrays])[:count] for k in ("codes", "label")}
+
+
+# -- model and one step ---------------------------------------------------------------------------
+
+
+def build_optimizer(model: RQTransformer, config: TrainARConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": other, "weight_decay": 0.0}]  # fmt: skip
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+
+
+def soft_quantizer(code_embeddings: torch.Tensor, depth: int) -> ResidualQuantizer:
+    """A quantizer holding the frozen codebook (D or 1, K, C): soft codes from latents."""
+    books, k, c = code_embeddings.shape
+    quantizer = ResidualQuantizer(c, k, depth, shared_codebook=books == 1)
+    quantizer.codebooks.copy_(code_embeddings)
+    return quantizer.eval()
+
+
+def ar_train_step(
+    forward: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    step: int,
+    config: TrainARConfig,
+    conditional: bool,
+    quantizer: ResidualQuantizer | None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One optimisation step over micro-batches of {"codes" (B, H, W, D), "label" (B,),
+    ["latents" (B, H, W, C)]} -> scalar metrics."""
+    scale = warmup_cosine(step, config.steps, config.warmup_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * scale
+    optimizer.zero_grad(set_to_none=True)
+    n, total, per_depth = len(micro_batches), 0.0, None
+    for batch in micro_batches:
+        codes, targets = batch["codes"].long(), None
+        if quantizer is not None:
+            codes, targets = quantizer.soft_codes(batch["latents"].float(),
+                                                  config.soft_temperature, generator=generator)  # fmt: skip
+        labels = batch["label"].long() if conditional else None
+        on_gpu = codes.device.type == "cuda"
+        with torch.autocast(codes.device.type, torch.bfloat16, enabled=on_gpu and config.bf16):
+            logits = forward(codes, labels)  # (B, H, W, D, K)
+        loss, depth_loss = RQTransformer.loss(logits, codes, targets)
+        (loss / n).backward()
+        total += loss.item() / n
+        depth_loss = depth_loss.detach() / n
+        per_depth = depth_loss if per_depth is None else per_depth + depth_loss
+    grad_norm = torch.nn.utils.clip_grad_norm_(forward.parameters(), config.grad_clip)
+    optimizer.step()
+    terms = {"loss": total, "lr": config.lr * scale, "grad_norm": float(grad_norm)}
+    for d, value in enumerate(per_depth.tolist()):
+        terms[f"loss_d{d + 1}"] = value
+    return terms
+
+
+@torch.no_grad()
+def validation_loss(model: RQTransformer, val: dict[str, torch.Tensor], conditional: bool) -> float:
+    was_training = model.training
+    model.eval()
+    losses = []
+    for start in range(0, len(val["codes"]), 64):
+        codes = val["codes"][start : start + 64]
+        labels = val["label"][start : start + 64] if conditional else None
+        losses.append(RQTransformer.loss(model(codes, labels), codes)[0].item() * len(codes))
+    model.train(was_training)
+    return sum(losses) / len(val["codes"])
+
+
+# -- the per-worker loop --------------------------------------------------------------------------
+
+
+class SamplePreview:
+    """A grid of samples, one row per class (or rows of unconditional samples), decoded with
+    the RQ-VAE: what training has learned, at each checkpoint."""
+
+    def __init__(self, vae_uri: str, storage: Storage, num_classes: int, per_row: int) -> None:
+        from model.rqvae import RQVAE
+
+        self.vae = RQVAE.from_pretrained(vae_uri, storage_options=storage.options(vae_uri)).eval()
+        self.rows = min(max(num_classes, 1), 10)
+        self.num_classes, self.per_row = num_classes, per_row
+
+    @torch.no_grad()
+    def write(self, model: RQTransformer, uris: list[str], storage_options: dict) -> None:
+        from pipeline.visualize import image_grid, save_png
+
+        was_training = model.training
+        model.eval()
+        device = model.pos_embedding.device
+        generator = torch.Generator(device).manual_seed(0)
+        rows = []
+        for row in range(self.rows):
+            labels = [row] * self.per_row if self.num_classes else None
+            codes = model.generate(self.per_row, labels, generator=generator, top_k=64)
+            rows.append(self.vae.to(device).decode_codes(codes).clamp(-1, 1))
+        model.train(was_training)
+        grid = image_grid(rows, scale=max(1, 96 // rows[0].shape[-1]))
+        for uri in uris:
+            save_png(grid, uri, storage_options)
+
+
+def _save_checkpoint(model: RQTransformer, optimizer, step: int, directory: str) -> None:
+    save_state({"model": model.state_dict()}, directory, "model")
+    save_state({"step": step, "optimizer": optimizer.state_dict()}, directory, "trainer")
+
+
+def _load_checkpoint(model: RQTransformer, optimizer, directory: str) -> int:
+    model.load_state_dict(load_state(directory, "model")["model"])
+    trainer = load_state(directory, "trainer")
+    optimizer.load_state_dict(trainer["optimizer"])
+    return int(trainer["step"])
+
+
+def train_ar_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker."""
+    import ray.train
+    import ray.train.torch
+
+    config: TrainARConfig = loop_config["config"]
+    model_config: RQTransformerConfig = loop_config["model_config"]
+    ar_dir: str = loop_config["ar_dir"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    storage = Storage(config.storage)
+    conditional = model_config.num_classes > 0
+
+    torch.manual_seed(config.seed)  # same seed on every rank: identical initial weights
+    code_embeddings = torch.tensor(loop_config["code_embeddings"])  # (books, K, C)
+    model = RQTransformer(model_config, code_embeddings)
+    optimizer = build_optimizer(model, config)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = _load_checkpoint(model, optimizer, directory)
+    model.to(device)
+    optimizer.load_state_dict(optimizer.state_dict())  # loaded state follows the parameters
+    forward = ray.train.torch.prepare_model(model) if world > 1 else model
+    quantizer = (
+        soft_quantizer(code_embeddings, model_config.depth).to(device)
+        if config.targets == "soft"
+        else None
+    )
+    generator = torch.Generator(device).manual_seed(config.seed * 1000 + rank + start)
+
+    metrics = preview = None
+    if rank == 0:
+        metrics = RunMetrics(storage, join(ar_dir, "metrics.jsonl"), "train-ar")
+        if config.preview_per_class > 0:
+            preview = SamplePreview(loop_config["vae_uri"], storage, model_config.num_classes,
+                                    config.preview_per_class)  # fmt: skip
+        if start > 0:
+            metrics.write({"event": "resumed", "step": start})
+    val = {k: torch.tensor(v, device=device) for k, v in loop_config["val"].items()}
+
+    shard = ray.train.get_dataset_shard("train")
+    tokens_per_row = int(np.prod(model_config.code_shape))
+    step, seen, waited, window = start, 0, 0.0, time.time()
+    micro: list[dict[str, torch.Tensor]] = []
+    while step < config.steps:  # one pass over the shard per epoch
+        fetch = time.time()
+        for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True,
+                                              device=device, prefetch_batches=2,
+                                              local_shuffle_buffer_size=4 * config.batch_size):  # fmt: skip
+            waited += time.time() - fetch
+            micro.append(batch)
+            if len(micro) < config.grad_accum_steps:
+                fetch = time.time()
+                continue
+            terms = ar_train_step(forward, optimizer, micro, step, config, conditional,
+                                  quantizer, generator)  # fmt: skip
+            seen += sum(len(m["codes"]) for m in micro)
+            micro = []
+            step += 1
+            if metrics is not None and (step % config.log_every == 0 or step == config.steps):
+                elapsed = time.time() - window  # training only: validation is not counted
+                terms["tokens_per_s_per_worker"] = seen * tokens_per_row / elapsed
+                terms["data_wait_fraction"] = waited / elapsed
+                terms["val_loss"] = validation_loss(model, val, conditional)
+                metrics.write({"step": step, **terms})
+                seen, waited, window = 0, 0.0, time.time()
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                if preview is not None:
+                    uris = [join(ar_dir, "samples.png"),
+                            join(ar_dir, "samples", f"step-{step:07d}.png")]  # fmt: skip
+                    preview.write(model, uris, storage.options(ar_dir))
+                report_checkpoint(step, rank, partial(_save_checkpoint, model, optimizer, step))
+            if step >= config.steps:
+                break
+            fetch = time.time()
+
+    if rank == 0:
+        model.eval().save_pretrained(join(ar_dir, "model"), storage.options(ar_dir))
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+
+def load_code_embeddings(storage: Storage, vae_uri: str, tables: CodeTables) -> np.ndarray:
+    """The VAE's codebook (books, K, C), after checking that it made the tables."""
+    from model.rqvae import RQVAE
+
+    if not storage.exists(join(vae_uri, "config.json")):
+        raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: the codebook comes from the VAE that "
+                                f"encoded the tables; pass vae=URI")  # fmt: skip
+    found = vae_fingerprint(storage, vae_uri)
+    if found != tables.vae_fingerprint:
+        raise ValueError(f"the code tables were encoded with RQ-VAE {tables.vae_fingerprint}, "
+                         f"but {vae_uri} is {found}: pass vae=URI of the VAE that encoded them, "
+                         f"or re-run encode with this one")  # fmt: skip
+    vae = RQVAE.from_pretrained(vae_uri, storage_options=storage.options(vae_uri))
+    return vae.quantizer.codebooks.numpy().copy()
+
+
+def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = False) -> Manifest:
+    import ray.data
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.time()
+    storage = Storage(config.storage)
+    codes_dir, ar_dir = join(run_dir, "codes"), join(run_dir, "ar")
+    encoded = require_manifest(storage, codes_dir, "encode")
+    planned = Manifest("train-ar", FORMAT_VERSION, output_fields(config),
+                       {"encode": encoded.fingerprint})  # fmt: skip
+    finished = begin_stage(storage, ar_dir, planned, overwrite)
+    if finished is not None:
+        return finished
+
+    tables = inspect_tables(storage, codes_dir, encoded.units)
+    if config.targets == "soft" and not tables.has_latents:
+        raise ValueError(f"targets=soft needs the latents column in {codes_dir}: re-run encode "
+                         f"with with_latents=true (and --overwrite), or use targets=hard")  # fmt: skip
+    vae_uri = config.vae or join(run_dir, "vae", "model")
+    code_embeddings = load_code_embeddings(storage, vae_uri, tables)
+    model_config = config.model_config(tables.code_shape, tables.codebook_size, tables.num_classes)
+    storage.write_bytes(join(ar_dir, "config.yaml"), yaml.safe_dump(
+        {TrainARConfig.section: to_dict(config), "model": dataclasses.asdict(model_config)}
+    ).encode())  # fmt: skip
+
+    columns = ["codes", "label"] + (["latents"] if config.targets == "soft" else [])
+    filesystem, _ = storage.arrow_fs(codes_dir)
+    dataset = ray.data.read_parquet([storage.arrow_fs(u)[1] for u in tables.train],
+                                    filesystem=filesystem)  # fmt: skip
+    dataset = dataset.select_columns(columns).randomize_block_order().map_batches(
+        table_to_arrays, batch_format="pyarrow", batch_size=1024,
+        fn_kwargs={"code_shape": tables.code_shape, "null_label": tables.num_classes},
+    )  # fmt: skip
+    trainer = TorchTrainer(
+        train_ar_worker,
+        train_loop_config={
+            "config": config,
+            "model_config": model_config,
+            "ar_dir": ar_dir,
+            "vae_uri": vae_uri,
+            "code_embeddings": code_embeddings,
+            "val": validation_rows(storage, tables, config.val_rows),
+        },
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=train_run_config(run_dir, "ar", config.max_failures, config.num_to_keep,
+                                    storage),
+        datasets={"train": dataset},
+    )  # fmt: skip
+    kind = f"{tables.num_classes} classes" if tables.num_classes else "unconditional"
+    print(f"train-ar: {config.steps} steps on {config.num_workers} worker(s), {tables.rows:,} "
+          f"code stacks {tables.code_shape} (K={tables.codebook_size}, {kind}, "
+          f"{config.targets} targets), writing {ar_dir}")  # fmt: skip
+    trainer.fit()
+
+    weights = join(ar_dir, "model", "model.safetensors")
+    fs, path = storage.fs(weights)
+    planned.units = [{"name": "model/model.safetensors", "rows": config.steps,
+                      "bytes": int(fs.size(path))}]  # fmt: skip
+    planned.counts = {"steps": config.steps, "num_classes": tables.num_classes,
+                      "train_rows": tables.rows}  # fmt: skip
+    write_manifest(storage, ar_dir, planned)
+    print(f"train-ar: done in {time.time() - started:.0f} s; model {join(ar_dir, 'model')}")
+    return planned

@@ -1,0 +1,139 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from model.rqtransformer import RQTransformer
+from model.rqvae import RQVAE, RQVAEConfig
+from pipeline.config import ConfigError, load_config
+from pipeline.storage import Storage, StorageConfig
+from pipeline.train_ar import TrainARConfig, run_train_ar_stage
+from tests.train_helpers import committed_checkpoints, metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ar_config(**kw) -> TrainARConfig:
+    values = dict(steps=24, batch_size=8, lr=2e-3, warmup_steps=2, num_workers=2,
+                  cpus_per_worker=0.5, log_every=4, checkpoint_every=12, preview_per_class=2)  # fmt: skip
+    values.update(kw)
+    return TrainARConfig(**values)
+
+
+def copy_run(encoded_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    return run
+
+
+def losses(ar_dir: Path) -> list[float]:
+    return [m["loss"] for m in metrics(ar_dir) if "event" not in m]
+
+
+def test_two_workers_train_from_local_tables_then_noop(encoded_run, tmp_path):
+    run = copy_run(encoded_run, tmp_path)
+    manifest = run_train_ar_stage(str(run), ar_config())
+    records = [m for m in metrics(run / "ar") if "event" not in m]
+    assert [m["step"] for m in records] == [4, 8, 12, 16, 20, 24]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5, [m["loss"] for m in records]
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+    assert {"loss_d1", "loss_d4", "tokens_per_s_per_worker", "grad_norm", "lr"} <= set(records[0])
+    assert manifest.upstream["encode"] == json.loads(
+        (run / "codes" / "_manifest.json").read_text())["fingerprint"]  # fmt: skip
+    assert manifest.counts["num_classes"] == 4
+    assert (run / "ar" / "samples.png").exists() and (run / "ar" / "config.yaml").exists()
+
+    model = RQTransformer.from_pretrained(str(run / "ar" / "model"))
+    assert model.config.code_shape == [8, 8, 4] and model.config.num_classes == 4
+    vae = RQVAE.from_pretrained(str(run / "vae" / "model"))
+    assert torch.equal(model.code_embeddings, vae.quantizer.codebooks)  # frozen, from the VAE
+    assert model.generate(labels=[0, 3]).shape == (2, 8, 8, 4)
+
+    weights = (run / "ar" / "model" / "model.safetensors").stat().st_mtime_ns
+    run_train_ar_stage(str(run), ar_config())  # finished: a no-op
+    assert (run / "ar" / "model" / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_soft_targets_from_latents(encoded_run, tmp_path):
+    run = copy_run(encoded_run, tmp_path)
+    config = ar_config(targets="soft", num_workers=1, cpus_per_worker=1.0, steps=12,
+                       preview_per_class=0)  # fmt: skip
+    run_train_ar_stage(str(run), config)
+    loss = losses(run / "ar")
+    assert all(torch.isfinite(torch.tensor(loss))) and loss[-1] < loss[0], loss
+
+
+def test_soft_targets_without_latents_is_a_clear_error(encoded_run, tmp_path):
+    run = copy_run(encoded_run, tmp_path)
+    for table in (run / "codes").glob("*.parquet"):
+        pq.write_table(pq.read_table(table).drop_columns(["latents"]), table)
+    with pytest.raises(ValueError, match="with_latents=true"):
+        run_train_ar_stage(str(run), ar_config(targets="soft"))
+
+
+def test_codebook_from_another_vae_is_refused(encoded_run, tmp_path):
+    run = copy_run(encoded_run, tmp_path)
+    torch.manual_seed(1)
+    RQVAE(RQVAEConfig.preset("tiny")).save_pretrained(str(tmp_path / "other-vae"))
+    with pytest.raises(ValueError, match=r"were encoded with RQ-VAE .* but .*other-vae"):
+        run_train_ar_stage(str(run), ar_config(vae=str(tmp_path / "other-vae")))
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="targets"):
+        load_config(TrainARConfig, None, ["targets=fuzzy"])
+    with pytest.raises(ConfigError, match="codebook_size comes from the code tables"):
+        load_config(TrainARConfig, None, ["model.codebook_size=512"])
+    with pytest.raises(ConfigError, match="unknown RQ-Transformer config keys"):
+        load_config(TrainARConfig, None, ["model.widht=64"])
+
+
+def test_train_from_s3(encoded_run, s3_bucket, s3_endpoint, tmp_path):
+    bucket, client = s3_bucket
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    fs, _ = Storage(storage).fs(f"s3://{bucket}/run")
+    fs.put(str(encoded_run) + "/", f"{bucket}/run", recursive=True)
+    run = f"s3://{bucket}/run"
+    run_train_ar_stage(run, ar_config(steps=6, checkpoint_every=3, log_every=3, storage=storage))
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/ar/")["Contents"]}
+    assert {"run/ar/_manifest.json", "run/ar/metrics.jsonl", "run/ar/model/config.json",
+            "run/ar/model/model.safetensors", "run/ar/samples.png"} <= keys  # fmt: skip
+    assert any("checkpoint_" in k and k.endswith("trainer.safetensors") for k in keys)
+    uri = f"{run}/ar/model"
+    model = RQTransformer.from_pretrained(uri, storage_options=Storage(storage).options(uri))
+    assert model.config.num_classes == 4
+
+
+def test_killed_driver_resumes_the_step_count_then_noops(encoded_run, ray_local, tmp_path):
+    run = copy_run(encoded_run, tmp_path)
+    address = ray_local.get_runtime_context().gcs_address
+    command = [sys.executable, str(REPO / "jobs" / "train_ar.py"), "--run-dir", str(run),
+               "--ray-address", address, "steps=40", "batch_size=8", "num_workers=2",
+               "cpus_per_worker=0.5", "checkpoint_every=8", "log_every=4",
+               "preview_per_class=0"]  # fmt: skip
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    deadline = time.time() + 180
+    while not committed_checkpoints(run / "ar") and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert committed_checkpoints(run / "ar") and not (run / "ar" / "_manifest.json").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = metrics(run / "ar")
+    events = [m for m in records if m.get("event") == "resumed"]
+    assert len(events) == 1 and events[0]["step"] >= 8, events
+    after = [m["step"] for m in records[records.index(events[0]) + 1 :]]
+    assert after[0] > events[0]["step"] and after[-1] == 40, after  # continued, not restarted
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "up to date" in again.stdout

@@ -1,0 +1,26 @@
+"""Helpers for tests of the Ray Train stages (train-vae, train-ar)."""
+
+import json
+from pathlib import Path
+
+
+def committed_checkpoints(stage_dir: Path) -> list[str]:
+    """Checkpoints Ray Train has committed (listed in its snapshot): what a resume sees."""
+    snapshot = stage_dir / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
+    return [r["checkpoint_dir_name"] for r in results]
+
+
+def metrics(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def capture(errors: list, fn, *args) -> None:
+    """Run fn(*args) (in a thread), keeping any exception for the test to assert on."""
+    try:
+        fn(*args)
+    except BaseException as e:  # surfaced by the test thread's assertion
+        errors.append(e)
