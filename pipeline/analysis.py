@@ -124,7 +124,7 @@ def decode_key(storage: Storage, codes_uri: str, key: str, depth: int | None,
     import torch
 
     from model.rqvae import RQVAE
-    from pipeline.encode import vae_fingerprint
+    from pipeline.manifest import vae_fingerprint
 
     table = read_codes(storage, codes_uri)
     row = table.filter(pc.equal(table.column("key"), key))

@@ -5,29 +5,33 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
-from typing import Any
 
 from pipeline.config import ConfigError, load_config
 from pipeline.manifest import StageConflict
-from pipeline.storage import redact
+from pipeline.storage import Storage, StorageConfig, redact, unreachable_endpoint
 
 DEFAULT_DEMO_CONFIG = "configs/demo.yaml"
 
 
-def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+STAGE_OVERRIDES_HELP = "config overrides, e.g. steps=200 loss.gan_weight=0"
+RUN_OVERRIDES_HELP = ("config overrides prefixed by their stage's section, e.g. "
+                      "train_vae.steps=200 sample.num_samples=16 storage.endpoint_url=URL")  # fmt: skip
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None,
+                     overrides_help: str = STAGE_OVERRIDES_HELP) -> None:  # fmt: skip
     parser.add_argument("--config", default=default_config, help="YAML preset (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. steps=200 loss.gan_weight=0")  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
 
 
-def _add_stage_args(parser: argparse.ArgumentParser) -> None:
+def _add_stage_args(parser: argparse.ArgumentParser,
+                    overrides_help: str = STAGE_OVERRIDES_HELP) -> None:  # fmt: skip
     parser.add_argument("--run-dir", required=True, help="run root: a local path or s3://...")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace this stage's output if it was made with another config")  # fmt: skip
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")  # fmt: skip
-    _add_config_args(parser, None)
+    _add_config_args(parser, None, overrides_help)
 
 
 def _analysis(args: argparse.Namespace) -> int:
@@ -59,30 +63,6 @@ def _analysis(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage(command: str) -> tuple[type, Callable[..., Any]]:
-    """A stage command's config class and run function (imported late: torch is slow)."""
-    if command == "shard":
-        from pipeline.shard import ShardConfig, run_shard_stage
-
-        return ShardConfig, run_shard_stage
-    if command == "train-vae":
-        from pipeline.train_vae import run_train_vae_stage
-        from pipeline.vae_training import TrainVAEConfig
-
-        return TrainVAEConfig, run_train_vae_stage
-    if command == "encode":
-        from pipeline.encode import EncodeConfig, run_encode_stage
-
-        return EncodeConfig, run_encode_stage
-    if command == "train-ar":
-        from pipeline.train_ar import TrainARConfig, run_train_ar_stage
-
-        return TrainARConfig, run_train_ar_stage
-    from pipeline.sample import SampleConfig, run_sample_stage
-
-    return SampleConfig, run_sample_stage
-
-
 SAMPLE_FLAGS = ("num_samples", "labels", "temperature", "top_k", "top_p", "cfg_scale", "seed")
 
 
@@ -92,14 +72,39 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{name}={json.dumps(value)}" for name, value in values.items() if value is not None]
 
 
+def _configured_storage(args: argparse.Namespace) -> Storage:
+    """The storage settings given on the command line (for naming the endpoint in errors)."""
+    for item in getattr(args, "overrides", []):
+        key, _, value = item.partition("=")
+        if key == "storage.endpoint_url" or key.endswith(".storage.endpoint_url"):
+            return Storage(StorageConfig(endpoint_url=value))
+    return Storage()
+
+
+def _print_unreachable(command: str, endpoint: str, error: BaseException) -> None:
+    """One clear message instead of a Ray task traceback ending in a socket error."""
+    detail = redact(str(error)).strip().splitlines()
+    print(f"rqpipe {command}: cannot reach the object store at {endpoint} "
+          f"({type(error).__name__}; last line: {detail[-1] if detail else ''}).\n"
+          f"Check that the endpoint is up and that AWS_ENDPOINT_URL / storage.endpoint_url "
+          f"point at it, then run the same command again: finished work is kept and the "
+          f"stage resumes.", file=sys.stderr)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rqpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="run the embedded default on the bundled demo data")
+    demo = commands.add_parser("demo", help="the whole pipeline on the bundled demo dataset")
     demo.add_argument("--run-dir", default="runs/demo")
-    demo.add_argument("--overwrite", action="store_true", help="retrain even if up to date")
-    _add_config_args(demo, DEFAULT_DEMO_CONFIG)
+    demo.add_argument("--overwrite", action="store_true",
+                      help="redo stages whose output was made with another config")  # fmt: skip
+    demo.add_argument("--ray-address", default=None, help="Ray cluster (default: local)")
+    _add_config_args(demo, DEFAULT_DEMO_CONFIG, RUN_OVERRIDES_HELP)
+
+    run = commands.add_parser("run", help="shard -> train-vae -> encode -> train-ar -> sample")
+    run.add_argument("--input", required=True, help="as for `rqpipe shard --input`")
+    _add_stage_args(run, RUN_OVERRIDES_HELP)
 
     shard = commands.add_parser("shard", help="image files / listing / tars -> WebDataset shards")
     shard.add_argument("--input", required=True,
@@ -157,12 +162,19 @@ def main(argv: list[str] | None = None) -> int:
             return _analysis(args)
         if args.command == "demo":
             from pipeline.demo import run_demo
-            from pipeline.vae_training import TrainVAEConfig
 
-            run_demo(args.run_dir, load_config(TrainVAEConfig, args.config, args.overrides),
-                     overwrite=args.overwrite)  # fmt: skip
+            run_demo(args.run_dir, args.config, args.overrides, args.overwrite, args.ray_address)
             return 0
-        config_class, run_stage = _stage(args.command)
+        if args.command == "run":
+            from pipeline.ray_runtime import init_ray
+            from pipeline.run import run_pipeline
+
+            init_ray(args.ray_address)
+            run_pipeline(args.input, args.run_dir, args.config, args.overrides, args.overwrite)
+            return 0
+        from pipeline.run import stage
+
+        config_class, run_stage = stage(args.command).load()
         overrides = [*args.overrides, *_flag_overrides(args)]
         config = load_config(config_class, args.config, overrides)
         from pipeline.ray_runtime import init_ray
@@ -176,8 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rqpipe: configuration error: {e}", file=sys.stderr)
         return 2
     except (StageConflict, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"rqpipe {args.command}: {redact(str(e))}", file=sys.stderr)
-        return 1
+        if (endpoint := unreachable_endpoint(e, _configured_storage(args))) is None:
+            print(f"rqpipe {args.command}: {redact(str(e))}", file=sys.stderr)
+            return 1
+        _print_unreachable(args.command, endpoint, e)
+        return 3
+    except Exception as e:
+        if (endpoint := unreachable_endpoint(e, _configured_storage(args))) is None:
+            raise
+        _print_unreachable(args.command, endpoint, e)
+        return 3
     return 0
 
 

@@ -1,67 +1,81 @@
-"""The README's first command: the embedded default on the bundled demo dataset.
+"""The README's first command: the whole pipeline on the bundled demo dataset.
 
-Until the distributed stages land (shard -> train-vae -> encode -> train-ar -> sample), the
-demo trains the RQ-VAE in this process on the generated images and writes its artifacts in
-the layout the stages use: RUN/vae/model/ (safetensors + config.json), RUN/vae/config.yaml
-(the resolved config), RUN/vae/metrics.jsonl and RUN/vae/reconstructions.png.
+Generates the labelled demo images (real PNGs in class folders) under RUN/demo-data/, starts
+a local Ray instance (or joins --ray-address) and runs shard -> train-vae -> encode -> train-ar
+-> sample with configs/demo.yaml. Then it reports on what came out: the code tables' stats
+(RUN/codes-stats.txt, RUN/codes-usage.png) and whether the class-conditional samples look like
+their class (pipeline/demo_check.py), in RUN/demo-report.json. A second run finds every stage
+up to date and the report current, and rewrites nothing.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import yaml
-
-from model.rqvae import RQVAE
-from pipeline.config import to_dict
-from pipeline.demo_data import write_demo_dataset
-from pipeline.images import load_rgb, to_model_tensor
-from pipeline.vae_training import TrainVAEConfig, psnr, reconstruction_grid, train_vae_in_memory
+from pipeline.demo_data import DEMO_CLASSES, write_demo_dataset
+from pipeline.manifest import read_manifest
+from pipeline.run import run_pipeline
+from pipeline.storage import Storage
 
 
-def run_demo(run_dir: str, config: TrainVAEConfig, overwrite: bool = False) -> dict[str, str]:
+def _report(run: Path) -> dict[str, Any]:
+    """Stats and the class check, recomputed only when the codes or samples changed."""
+    from pipeline import analysis
+    from pipeline.demo_check import score_samples
+
+    storage = Storage()
+    upstream = {"codes": read_manifest(storage, str(run / "codes")).fingerprint,
+                "samples": read_manifest(storage, str(run / "samples")).fingerprint}  # fmt: skip
+    path = run / "demo-report.json"
+    if path.exists():
+        report = json.loads(path.read_text())
+        if report.get("upstream") == upstream:
+            return report
+    stats = analysis.code_stats(analysis.read_codes(storage, str(run / "codes")))
+    (run / "codes-stats.txt").write_text(analysis.format_stats(stats) + "\n")
+    analysis.plot_usage(stats, str(run / "codes-usage.png"), storage)
+    report = {
+        "upstream": upstream,
+        "code_perplexity_per_depth": [round(d["perplexity"], 1) for d in stats["depths"]],
+        "class_check": score_samples(
+            storage, str(run / "samples"), json.loads((run / "shards" / "labels.json").read_text())
+        ),
+    }
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
+             overwrite: bool = False, ray_address: str | None = None) -> dict[str, Any]:  # fmt: skip
+    from pipeline.ray_runtime import init_ray
+
     run = Path(run_dir)
     started = time.time()
     paths = write_demo_dataset(run / "demo-data")
-    print(f"demo data: {len(paths)} images in {len(set(p.parent for p in paths))} classes "
-          f"under {run / 'demo-data'}")  # fmt: skip
+    print(f"demo data: {len(paths)} images in {len(DEMO_CLASSES)} classes under "
+          f"{run / 'demo-data'}")  # fmt: skip
+    init_ray(ray_address)
+    records = run_pipeline(str(run / "demo-data"), run_dir, config_path, overrides, overwrite)
+    report = _report(run)
+    check = report["class_check"]
+    vae_metrics = [json.loads(line) for line in (run / "vae" / "metrics.jsonl").open()]
+    psnr = next((m["val_psnr"] for m in reversed(vae_metrics) if "val_psnr" in m), None)
 
-    resolution = config.model_config().resolution
-    images = to_model_tensor(np.stack([load_rgb(p, resolution) for p in paths]))
-    val_mask = np.arange(len(paths)) % 16 == 0  # every 16th image held out, all classes
-    train, val = images[~val_mask], images[val_mask]
-
-    vae_dir = run / "vae"
-    model_dir, config_path = vae_dir / "model", vae_dir / "config.yaml"
-    resolved = yaml.safe_dump({TrainVAEConfig.section: to_dict(config)}, sort_keys=True)
-    up_to_date = (
-        (model_dir / "config.json").exists()
-        and config_path.exists()
-        and (config_path.read_text() == resolved)
-    )
-    if up_to_date and not overwrite:
-        model = RQVAE.from_pretrained(str(model_dir))
-        print(f"train-vae: up to date ({model_dir})")
-    else:
-        if (model_dir / "config.json").exists() and not overwrite:
-            raise SystemExit(
-                f"{model_dir} was trained with another config; pass --overwrite to retrain "
-                f"(the old model is replaced) or use another --run-dir"
-            )
-        print(f"train-vae: {config.steps} steps, batch {config.batch_size}, "
-              f"{len(train)} train / {len(val)} val images at {resolution}px")  # fmt: skip
-        (vae_dir / "metrics.jsonl").unlink(missing_ok=True)
-        model = train_vae_in_memory(config, train, val, vae_dir)
-        model.save_pretrained(str(model_dir))
-        config_path.write_text(resolved)  # last: marks the model as complete for this config
-
-    grid = vae_dir / "reconstructions.png"
-    reconstruction_grid(model, val[:: max(1, len(val) // 16)][:16], str(grid))
-    print(f"validation PSNR {psnr(model, val):.2f} dB; demo finished in "
-          f"{time.time() - started:.0f} s")  # fmt: skip
-    print(f"  model:           {model_dir}")
-    print(f"  metrics:         {vae_dir / 'metrics.jsonl'}")
-    print(f"  reconstructions: {grid}  (top: originals; rows below: depth 1..D)")
-    return {"model": str(model_dir), "reconstructions": str(grid)}
+    print(f"\ndemo finished in {time.time() - started:.0f} s")
+    print(f"  RQ-VAE validation PSNR: {psnr:.2f} dB" if psnr is not None else "", end="")
+    print(f"; code perplexity per depth: {report['code_perplexity_per_depth']}")
+    print(f"  class check: {check['accuracy']:.0%} of {check['samples']} samples classified as "
+          f"the class they were sampled for (chance {check['chance']:.0%}; the classifier "
+          f"scores {check['classifier_accuracy_on_real_images']:.0%} on real images)")  # fmt: skip
+    print("where to look:")
+    print(f"  reconstructions: {run / 'vae' / 'reconstructions.png'}  (originals, then depth 1..4)")
+    for grid in sorted((run / "samples").glob("grid-*.png")):
+        print(f"  samples:         {grid}")
+    print(f"  code stats:      {run / 'codes-stats.txt'}, {run / 'codes-usage.png'}")
+    print(f"  code tables:     {run / 'codes'}  (rqpipe query \"SELECT label, count(*) FROM "
+          f"codes GROUP BY label\" {run / 'codes'})")  # fmt: skip
+    print(f"  report:          {run / 'demo-report.json'}")
+    return {"stages": records, "report": report}

@@ -9,7 +9,6 @@ written last.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -25,8 +24,8 @@ from pipeline.decode import center_square
 from pipeline.manifest import (
     Manifest,
     begin_stage,
-    read_manifest,
     require_manifest,
+    vae_fingerprint,
     write_manifest,
 )
 from pipeline.shard import Progress, iter_tar
@@ -120,15 +119,6 @@ class ShardEncoder:
         data = to_parquet_bytes(table)
         self.storage.write_bytes(out_uri, data)
         return {"name": name, "rows": len(table), "bytes": len(data)}
-
-
-def vae_fingerprint(storage: Storage, vae_uri: str) -> str:
-    """The train-vae manifest's fingerprint when the model came from a run, else its hash."""
-    parent = vae_uri.rstrip("/").rsplit("/", 1)[0]
-    manifest = read_manifest(storage, parent)
-    if manifest is not None and manifest.stage == "train-vae":
-        return manifest.fingerprint
-    return hashlib.sha256(storage.read_bytes(join(vae_uri, "model.safetensors"))).hexdigest()[:32]
 
 
 def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False) -> Manifest:

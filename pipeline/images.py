@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
-from PIL import Image
-
-from pipeline.decode import center_square
-
-
-def load_rgb(path: str | os.PathLike, size: int) -> np.ndarray:
-    """An image file -> (size, size, 3) uint8, centre-cropped to a square and resized."""
-    with Image.open(path) as image:
-        return center_square(image.convert("RGB"), size)
 
 
 def to_model_tensor(pixels: np.ndarray) -> torch.Tensor:

@@ -119,3 +119,20 @@ def require_manifest(storage: Storage, stage_dir: str, stage: str) -> Manifest:
         raise FileNotFoundError(f"no finished {stage} output in {stage_dir}: run the {stage} "
                                 f"stage first (jobs/{stage.replace('-', '_')}.py)")  # fmt: skip
     return manifest
+
+
+def model_fingerprint(storage: Storage, model_uri: str, stage: str) -> str:
+    """What identifies a model folder: the fingerprint of the `stage` run that exported it
+    (RUN/vae/model -> RUN/vae/_manifest.json), else the hash of its weights."""
+    import hashlib
+
+    manifest = read_manifest(storage, model_uri.rstrip("/").rsplit("/", 1)[0])
+    if manifest is not None and manifest.stage == stage:
+        return manifest.fingerprint
+    weights = storage.read_bytes(join(model_uri, "model.safetensors"))
+    return hashlib.sha256(weights).hexdigest()[:32]
+
+
+def vae_fingerprint(storage: Storage, vae_uri: str) -> str:
+    """The RQ-VAE's identity, as recorded in the code tables' metadata."""
+    return model_fingerprint(storage, vae_uri, "train-vae")

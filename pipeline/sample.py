@@ -34,8 +34,13 @@ from PIL import Image
 
 from pipeline.codes_table import codes_table, finished_table, to_parquet_bytes
 from pipeline.config import output_fields, to_dict
-from pipeline.encode import vae_fingerprint
-from pipeline.manifest import Manifest, begin_stage, read_manifest, write_manifest
+from pipeline.manifest import (
+    Manifest,
+    begin_stage,
+    model_fingerprint,
+    vae_fingerprint,
+    write_manifest,
+)
 from pipeline.shard import Progress
 from pipeline.storage import Storage, StorageConfig, join
 
@@ -166,14 +171,6 @@ def resolve_labels(config: SampleConfig, num_classes: int, names: dict[str, int]
     return resolved
 
 
-def _model_fingerprint(storage: Storage, model_uri: str, stage: str) -> str:
-    """The training stage's fingerprint when the model came from a run, else its weights' hash."""
-    manifest = read_manifest(storage, model_uri.rstrip("/").rsplit("/", 1)[0])
-    if manifest is not None and manifest.stage == stage:
-        return manifest.fingerprint
-    return hashlib.sha256(storage.read_bytes(join(model_uri, "model.safetensors"))).hexdigest()[:32]
-
-
 def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_names: dict[int, str],
                 grid_size: int) -> list[str]:  # fmt: skip
     """grid-{label}.png per label (grid.png when unconditional): its first grid_size samples."""
@@ -223,7 +220,7 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
 
     vae_fp = vae_fingerprint(storage, vae_uri)
     planned = Manifest("sample", FORMAT_VERSION, output_fields(config),
-                       {"train-ar": _model_fingerprint(storage, ar_uri, "train-ar"),
+                       {"train-ar": model_fingerprint(storage, ar_uri, "train-ar"),
                         "vae": vae_fp})  # fmt: skip
     finished = begin_stage(storage, out_dir, planned, overwrite)
     if finished is not None:

@@ -134,3 +134,29 @@ class Storage:
         fs, path = self.fs(uri)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+
+# What an unreachable endpoint looks like from botocore/s3fs and from pyarrow's S3 client (the
+# AWS SDK over curl). Not a bare "connection refused": Ray's own connections say that too.
+_UNREACHABLE = re.compile(r"Could not connect to the endpoint URL|Couldn't connect to server|"
+                          r"NETWORK_CONNECTION|EndpointConnectionError|"
+                          r"Connect timeout on endpoint URL")  # fmt: skip
+_ENDPOINT_URL = re.compile(r"(?:Could not connect to|Connect timeout on) the endpoint URL: "
+                           r"\"?(?P<url>[^\"\s]+)")  # fmt: skip
+
+
+def unreachable_endpoint(error: BaseException, storage: Storage | None = None) -> str | None:
+    """When `error` (or its cause, or a Ray task error's remote traceback) says the object
+    store could not be reached: the endpoint it names, else the configured one; else None."""
+    texts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        texts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    text = "\n".join(texts)
+    if not _UNREACHABLE.search(text):
+        return None
+    if url := _ENDPOINT_URL.search(text):
+        parsed = urlparse(url.group("url"))
+        return f"{parsed.scheme}://{parsed.netloc}"
+    return (storage or Storage()).endpoint_url or "the AWS S3 endpoint"

@@ -36,10 +36,21 @@ from model.rqtransformer import RQTransformer, RQTransformerConfig
 from pipeline.checkpoint import load_state, save_state
 from pipeline.codes_table import codes_array, table_metadata
 from pipeline.config import output_fields, to_dict
-from pipeline.encode import vae_fingerprint
-from pipeline.manifest import Manifest, begin_stage, require_manifest, write_manifest
+from pipeline.manifest import (
+    Manifest,
+    begin_stage,
+    require_manifest,
+    vae_fingerprint,
+    write_manifest,
+)
 from pipeline.storage import Storage, StorageConfig, join
-from pipeline.training import RunMetrics, report_checkpoint, train_run_config, warmup_cosine
+from pipeline.training import (
+    RunMetrics,
+    report_checkpoint,
+    set_worker_threads,
+    train_run_config,
+    warmup_cosine,
+)
 
 FORMAT_VERSION = 1
 TARGETS = ("hard", "soft")
@@ -50,8 +61,9 @@ DATA_FIELDS = ("code_shape", "codebook_size", "num_classes")  # set by the table
 class TrainARConfig:
     section: ClassVar[str] = "train_ar"
     execution_fields: ClassVar[tuple[str, ...]] = (
-        "vae", "use_gpu", "cpus_per_worker", "log_every", "checkpoint_every", "num_to_keep",
-        "max_failures", "val_rows", "preview_per_class", "storage",
+        "vae", "use_gpu", "cpus_per_worker", "threads_per_worker", "log_every",
+        "checkpoint_every", "num_to_keep", "max_failures", "val_rows", "preview_per_class",
+        "storage",
     )  # fmt: skip
 
     model_preset: str = "tiny"  # an RQTransformerConfig preset ...
@@ -72,6 +84,7 @@ class TrainARConfig:
     vae: str | None = None  # the RQ-VAE whose codebook the tables use; default RUN/vae/model
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    threads_per_worker: int | None = None  # torch threads; default: Ray's (whole CPUs)
     log_every: int = 50
     checkpoint_every: int = 500
     num_to_keep: int = 2
@@ -301,6 +314,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     storage = Storage(config.storage)
     conditional = model_config.num_classes > 0
+    set_worker_threads(config.threads_per_worker)
 
     torch.manual_seed(config.seed)  # same seed on every rank: identical initial weights
     code_embeddings = torch.tensor(loop_config["code_embeddings"])  # (books, K, C)

@@ -24,7 +24,12 @@ from pipeline.config import output_fields, to_dict
 from pipeline.manifest import Manifest, begin_stage, require_manifest, write_manifest
 from pipeline.shard import iter_tar
 from pipeline.storage import Storage, join
-from pipeline.training import RunMetrics, report_checkpoint, train_run_config
+from pipeline.training import (
+    RunMetrics,
+    report_checkpoint,
+    set_worker_threads,
+    train_run_config,
+)
 from pipeline.vae_training import (
     TrainVAEConfig,
     VAETrainState,
@@ -146,6 +151,7 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     storage = Storage(config.storage)
+    set_worker_threads(config.threads_per_worker)
 
     state = build_train_state(config)  # same seed on every rank: identical initial weights
     discriminator = state.loss.discriminator  # unwrapped, for checkpoints

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 
@@ -17,28 +15,6 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-class MetricsLog:
-    """Appends one JSON object per line and echoes a short line to the console."""
-
-    def __init__(self, path: str | Path, echo: bool = True) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.echo = echo
-        self.start = time.time()
-
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, "elapsed_s": round(time.time() - self.start, 2), **metrics}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.echo:
-            shown = " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in record.items()
-                if not isinstance(v, list | dict)
-            )
-            print(shown, flush=True)
 
 
 class RunMetrics:
@@ -89,3 +65,12 @@ def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: in
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
     )
+
+
+def set_worker_threads(threads: int | None) -> None:
+    """Ray gives a Train worker as many torch threads as it has whole CPUs (at least 1).
+    On a small machine whose data pipeline is light, more threads than reserved CPUs pay."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)

@@ -1,16 +1,14 @@
-"""RQ-VAE training: the config, one optimisation step, and a single-process loop.
+"""RQ-VAE training: the config and one optimisation step.
 
 `vae_train_step` is the unit every trainer runs (one generator step, then one discriminator
 step once the GAN is active, over `grad_accum_steps` micro-batches); the Ray Train stage
-(pipeline/train_vae.py) runs it on each worker, `train_vae_in_memory` in one process.
+(pipeline/train_vae.py) runs it on each worker.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +18,7 @@ from model.losses import VAELoss, VAELossConfig
 from model.rqvae import RQVAE, RQVAEConfig
 from pipeline.images import psnr_per_image
 from pipeline.storage import StorageConfig
-from pipeline.training import MetricsLog, warmup_cosine
+from pipeline.training import warmup_cosine
 from pipeline.visualize import image_grid, save_png
 
 
@@ -29,8 +27,8 @@ class TrainVAEConfig:
     section: ClassVar[str] = "train_vae"
     # Execution knobs: where and how fast, not what is learned (not fingerprinted).
     execution_fields: ClassVar[tuple[str, ...]] = (
-        "use_gpu", "cpus_per_worker", "decode_cpus", "log_every", "checkpoint_every",
-        "num_to_keep", "max_failures", "val_images", "storage",
+        "use_gpu", "cpus_per_worker", "threads_per_worker", "decode_cpus", "log_every",
+        "checkpoint_every", "num_to_keep", "max_failures", "val_images", "storage",
     )  # fmt: skip
 
     model_preset: str = "tiny"  # an RQVAEConfig preset ...
@@ -49,6 +47,7 @@ class TrainVAEConfig:
     bf16: bool = True  # autocast on GPU
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    threads_per_worker: int | None = None  # torch threads; default: Ray's (whole CPUs)
     decode_cpus: float = 0.5  # per Ray Data decode task
     log_every: int = 50
     checkpoint_every: int = 200
@@ -156,28 +155,3 @@ def reconstruction_grid(
     rows = [images] + [model.decode_codes(codes, d) for d in range(1, codes.shape[-1] + 1)]
     save_png(image_grid(rows, scale=max(1, 96 // images.shape[-1])), uri, storage_options)
     model.train(was_training)
-
-
-def train_vae_in_memory(
-    config: TrainVAEConfig, train: Tensor, val: Tensor, out_dir: str | Path
-) -> RQVAE:
-    """Train on (N, 3, R, R) tensors; metrics to out_dir/metrics.jsonl; returns the model."""
-    state = build_train_state(config)
-    log = MetricsLog(Path(out_dir) / "metrics.jsonl")
-    generator = torch.Generator().manual_seed(config.seed)
-    seen, window_start = 0, time.time()
-    for step in range(config.steps):
-        batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
-        if config.random_flip:
-            flip = torch.rand(len(batch), generator=generator) < 0.5
-            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-        terms = vae_train_step(state, [batch], step, config)
-        seen += len(batch)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            state.model.eval()
-            terms["val_psnr"] = psnr(state.model, val)
-            state.model.train()
-            terms["images_per_s"] = seen / (time.time() - window_start)
-            seen, window_start = 0, time.time()
-            log.write(step + 1, terms)
-    return state.model.eval()

@@ -14,7 +14,7 @@ from PIL import Image
 from model.rqvae import RQVAE, RQVAEConfig
 from pipeline.analysis import code_stats, query, read_codes
 from pipeline.codes_table import codes_table, to_parquet_bytes
-from pipeline.encode import vae_fingerprint
+from pipeline.manifest import vae_fingerprint
 from pipeline.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]

@@ -110,7 +110,7 @@ from ray.cluster_utils import Cluster
 from pipeline.encode import EncodeConfig, run_encode_stage
 
 run = sys.argv[1]
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
 nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
 ray.init(address=cluster.address, log_to_driver=False)
 outcome = {}

@@ -50,3 +50,24 @@ def test_manifest_protocol(root):
 def test_redact_hides_credentials_in_urls():
     assert redact("http://AKIAXXXX:s3cr3t@minio:9000/x failed") == "http://***@minio:9000/x failed"
     assert redact("s3://bucket/key") == "s3://bucket/key"
+
+
+def test_unreachable_endpoint_is_recognised_and_named():
+    from pipeline.storage import unreachable_endpoint
+
+    remote = RuntimeError(
+        "ray.exceptions.RayTaskError(EndpointConnectionError): ... botocore.exceptions."
+        'EndpointConnectionError: Could not connect to the endpoint URL: "http://10.0.0.5:9000/b/k"'
+    )
+    assert unreachable_endpoint(remote) == "http://10.0.0.5:9000"
+    arrow = OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7")
+    configured = Storage(StorageConfig(endpoint_url="http://minio:9000"))
+    assert unreachable_endpoint(arrow, configured) == "http://minio:9000"
+    try:
+        try:
+            raise arrow
+        except OSError as cause:
+            raise RuntimeError("stage failed") from cause
+    except RuntimeError as wrapped:
+        assert unreachable_endpoint(wrapped, configured) == "http://minio:9000"
+    assert unreachable_endpoint(ConnectionRefusedError("Ray GCS: Connection refused")) is None

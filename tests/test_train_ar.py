@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -137,3 +138,21 @@ def test_killed_driver_resumes_the_step_count_then_noops(encoded_run, ray_local,
     assert after[0] > events[0]["step"] and after[-1] == 40, after  # continued, not restarted
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_tables_without_labels_train_an_unconditional_model(encoded_run, tmp_path):
+    run = copy_run(encoded_run, tmp_path)
+    for path in (run / "codes").glob("*.parquet"):
+        table = pq.read_table(path)
+        nulls = pa.nulls(len(table), pa.int32())
+        table = table.set_column(table.schema.get_field_index("label"), "label", nulls)
+        pq.write_table(table, path)
+    config = ar_config(num_workers=1, cpus_per_worker=1.0, steps=4, preview_per_class=2)
+    manifest = run_train_ar_stage(str(run), config)
+    assert manifest.counts["num_classes"] == 0
+    model = RQTransformer.from_pretrained(str(run / "ar" / "model"))
+    assert model.config.num_classes == 0
+    with pytest.raises(ValueError, match="unconditional"):
+        model.generate(labels=[0])
+    assert model.generate(num_samples=2).shape == (2, 8, 8, 4)
+    assert (run / "ar" / "samples.png").exists()  # rows of unconditional samples

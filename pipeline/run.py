@@ -1,0 +1,144 @@
+"""`rqpipe run`: shard -> train-vae -> encode -> train-ar -> sample, in order, on one run dir.
+
+Each stage follows the idempotency protocol itself (pipeline/manifest.py), so the orchestrator
+only runs them in order and reports what each one did: `up to date` (its manifest already had
+this fingerprint), `resumed` (unfinished output was there and was kept), or `ran`. A failed
+stage stops the run; re-running the same command picks up where it stopped.
+
+Overrides address one stage with its config section (`train_vae.steps=100`); a `storage.`
+override (e.g. `storage.endpoint_url=...`) applies to every stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import ConfigError, load_config
+from pipeline.manifest import Manifest, read_manifest
+from pipeline.storage import Storage, join
+
+
+@dataclass
+class Stage:
+    name: str
+    directory: str  # under the run dir
+    load: Callable[[], tuple[type, Callable[..., Manifest]]]  # late imports: torch is slow
+
+
+def _shard() -> tuple[type, Callable[..., Manifest]]:
+    from pipeline.shard import ShardConfig, run_shard_stage
+
+    return ShardConfig, run_shard_stage
+
+
+def _train_vae() -> tuple[type, Callable[..., Manifest]]:
+    from pipeline.train_vae import run_train_vae_stage
+    from pipeline.vae_training import TrainVAEConfig
+
+    return TrainVAEConfig, run_train_vae_stage
+
+
+def _encode() -> tuple[type, Callable[..., Manifest]]:
+    from pipeline.encode import EncodeConfig, run_encode_stage
+
+    return EncodeConfig, run_encode_stage
+
+
+def _train_ar() -> tuple[type, Callable[..., Manifest]]:
+    from pipeline.train_ar import TrainARConfig, run_train_ar_stage
+
+    return TrainARConfig, run_train_ar_stage
+
+
+def _sample() -> tuple[type, Callable[..., Manifest]]:
+    from pipeline.sample import SampleConfig, run_sample_stage
+
+    return SampleConfig, run_sample_stage
+
+
+STAGES = (
+    Stage("shard", "shards", _shard),
+    Stage("train-vae", "vae", _train_vae),
+    Stage("encode", "codes", _encode),
+    Stage("train-ar", "ar", _train_ar),
+    Stage("sample", "samples", _sample),
+)
+
+
+def stage(name: str) -> Stage:
+    for candidate in STAGES:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"unknown stage {name!r}; stages: {[s.name for s in STAGES]}")
+
+
+def stage_overrides(section: str, overrides: list[str]) -> list[str]:
+    """The overrides for one stage's config: its `section.` ones and the shared `storage.`
+    ones, with the section prefix removed."""
+    sections = {"storage"} | {s.load()[0].section for s in STAGES}
+    picked = []
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        head = key.split(".", 1)[0]
+        if "=" not in item or "." not in key or head not in sections:
+            raise ConfigError(f"override {item!r}: in `rqpipe run`, prefix the key with its "
+                              f"stage section ({', '.join(sorted(sections))}), e.g. "
+                              f"train_vae.steps=100")  # fmt: skip
+        if head == section:
+            picked.append(item.split(".", 1)[1])
+        elif head == "storage":
+            picked.append(item)
+    return picked
+
+
+def _summary(manifest: Manifest) -> str:
+    counts = manifest.counts
+    shown = [f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items()]
+    return ", ".join(shown)
+
+
+def _has_output(storage: Storage, directory: str) -> bool:
+    return bool(storage.list_files(directory))
+
+
+def run_pipeline(
+    input_uri: str,
+    run_dir: str,
+    config_path: str | None = None,
+    overrides: list[str] = (),
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Run every stage in order; returns one record per stage:
+    {"stage", "status" (ran / resumed / up to date), "seconds", "counts"}."""
+    configs = []
+    for s in STAGES:  # every config is checked before any work starts
+        config_class, run_stage = s.load()
+        configs.append((s, load_config(config_class, config_path,
+                                       stage_overrides(config_class.section, overrides)),
+                        run_stage))  # fmt: skip
+
+    records = []
+    for index, (s, config, run_stage) in enumerate(configs, start=1):
+        storage = Storage(config.storage)
+        directory = join(run_dir, s.directory)
+        before = read_manifest(storage, directory)
+        partial = before is None and _has_output(storage, directory)
+        print(f"[{index}/{len(STAGES)}] {s.name}", flush=True)
+        started = time.time()
+        if s.name == "shard":
+            manifest = run_stage(input_uri, run_dir, config, overwrite=overwrite)
+        else:
+            manifest = run_stage(run_dir, config, overwrite=overwrite)
+        seconds = time.time() - started
+        if before is not None and before.fingerprint == manifest.fingerprint:
+            status = "up to date"
+        else:
+            status = "resumed" if partial else "ran"
+        records.append({"stage": s.name, "status": status, "seconds": round(seconds, 1),
+                        "counts": manifest.counts})  # fmt: skip
+        print(f"rqpipe run: {s.name:<9} {status:<10} {_summary(manifest):<48} {seconds:7.1f} s",
+              flush=True)  # fmt: skip
+    return records

@@ -1,0 +1,191 @@
+"""The whole pipeline under failure, on the S3 endpoint: a driver SIGKILLed during encode, the
+endpoint going away mid-stage, a re-run after success, and two Ray nodes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.demo_data import write_demo_dataset
+from pipeline.storage import Storage, StorageConfig
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+PER_CLASS = 12  # 48 images
+
+# configs/demo.yaml cut down to seconds per stage; small shards make encode many units long.
+FAST = [
+    "shard.samples_per_shard=2", "shard.val_fraction=0.1",
+    "train_vae.steps=4", "train_vae.batch_size=8", "train_vae.log_every=2",
+    "train_vae.checkpoint_every=4", "train_vae.val_images=8", "train_vae.cpus_per_worker=0.5",
+    "encode.cpus_per_actor=0.5", "encode.batch_size=1",
+    "train_ar.steps=4", "train_ar.batch_size=8", "train_ar.log_every=2",
+    "train_ar.checkpoint_every=4", "train_ar.preview_per_class=1",
+    "train_ar.cpus_per_worker=0.5",
+    "sample.num_samples=4", "sample.chunk_size=2", "sample.grid_size=2",
+    "sample.cpus_per_actor=0.5",
+]  # fmt: skip
+
+
+@pytest.fixture
+def s3_input(s3_bucket, tmp_path):
+    """The demo images as class folders under s3://bucket/in/."""
+    bucket, client = s3_bucket
+    for path in write_demo_dataset(tmp_path / "in", per_class=PER_CLASS):
+        key = f"in/{path.parent.name}/{path.name}"
+        client.upload_file(str(path), bucket, key)
+    return bucket, client
+
+
+class Proxy:
+    """tests/tcp_proxy.py in its own process group, in front of the S3 endpoint."""
+
+    def __init__(self, target: str) -> None:
+        self.port, self.target_port = free_port(), int(target.rsplit(":", 1)[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.tcp_proxy", str(self.port), str(self.target_port)],
+            cwd=REPO, stdout=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        assert self.process.stdout.readline().strip() == b"listening"
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def object_count(client, bucket: str, prefix: str, suffix: str = "") -> int:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sum(o["Key"].endswith(suffix) for page in pages for o in page.get("Contents", []))
+
+
+def snapshot(client, bucket: str, prefix: str) -> dict[str, tuple]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for page in pages
+            for o in page.get("Contents", [])}  # fmt: skip
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_killed_driver_lost_endpoint_resume_and_noop(ray_local, s3_input, s3_endpoint):
+    bucket, client = s3_input
+    proxy = Proxy(s3_endpoint)
+    proxy.start()
+    address = ray_local.get_runtime_context().gcs_address
+    command = [sys.executable, str(REPO / "jobs" / "run.py"), "--input", f"s3://{bucket}/in",
+               "--run-dir", f"s3://{bucket}/run", "--config", str(REPO / "configs" / "demo.yaml"),
+               "--ray-address", address, *FAST, f"storage.endpoint_url={proxy.url}"]  # fmt: skip
+    tables = lambda: object_count(client, bucket, "run/codes/", ".parquet")  # noqa: E731
+    try:
+        # 1. SIGKILL the driver once encode has written its first table.
+        driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)  # fmt: skip
+        wait_for(lambda: tables() >= 1, 240, "the first code table")
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        shards = json.loads(client.get_object(Bucket=bucket,
+                                              Key="run/shards/_manifest.json")["Body"].read())  # fmt: skip
+        after_kill = tables()
+        assert 1 <= after_kill < len(shards["units"]), (after_kill, len(shards["units"]))
+        assert object_count(client, bucket, "run/codes/_manifest.json") == 0
+
+        # 2. Re-run; take the endpoint away once encode has made progress again.
+        driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, start_new_session=True)  # fmt: skip
+        wait_for(lambda: tables() > after_kill, 120, "encode to resume")
+        proxy.stop()
+        out, err = driver.communicate(timeout=180)
+        assert driver.returncode == 3, (out[-2000:], err[-3000:])
+        assert f"cannot reach the object store at {proxy.url}" in err, err[-3000:]
+        assert "run the same command again" in err
+        # The driver prints no traceback of its own (workers' logs, prefixed, may show theirs).
+        assert not [x for x in err.splitlines() if x.startswith("Traceback")], err[-3000:]
+
+        # 3. Endpoint back: the same command completes, resuming encode.
+        proxy.start()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        status = {line.split()[2]: line.split()[3] for line in done.stdout.splitlines()
+                  if line.startswith("rqpipe run: ")}  # fmt: skip
+        assert status["shard"] == "up" and status["train-vae"] == "up", done.stdout
+        assert status["encode"] == "resumed" and status["sample"] == "ran", done.stdout
+
+        storage = Storage(StorageConfig(endpoint_url=s3_endpoint))
+        filesystem, path = storage.arrow_fs(f"s3://{bucket}/run/codes")
+        table = pq.read_table(path, filesystem=filesystem, columns=["key"])
+        keys = table.column("key").to_pylist()
+        assert len(keys) == len(set(keys)) == shards["counts"]["ok"] == 4 * PER_CLASS
+
+        # 4. A finished pipeline re-run rewrites no object.
+        before = snapshot(client, bucket, "run/")
+        again = subprocess.run(command, capture_output=True, text=True, timeout=200)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert again.stdout.count("up to date") >= 5
+        assert snapshot(client, bucket, "run/") == before
+    finally:
+        if proxy.process.poll() is None:
+            proxy.stop()
+
+
+TWO_NODES = r"""
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from pipeline.run import run_pipeline
+
+input_uri, run_dir, endpoint, config = sys.argv[1:5]
+overrides = json.loads(sys.argv[5])
+# No dashboard: Ray Train's placement-group cleaner asks the state API on localhost:8265,
+# which must not be another instance's (docs/architecture.md).
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+cluster.add_node(num_cpus=3)
+ray.init(address=cluster.address, log_to_driver=False)
+cluster.wait_for_nodes()
+try:
+    first = run_pipeline(input_uri, run_dir, config, overrides)
+    nodes = sorted({n["NodeID"] for n in ray.nodes() if n["Alive"]})
+    second = run_pipeline(input_uri, run_dir, config, overrides)
+    print("RESULT " + json.dumps({"first": first, "second": second, "nodes": len(nodes)}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_whole_pipeline_on_s3_across_two_nodes(s3_input, s3_endpoint, tmp_path):
+    bucket, client = s3_input
+    # One Train worker per node (2 of each node's 3 CPUs): DDP across the two nodes.
+    overrides = [*FAST, "train_vae.num_workers=2", "train_vae.cpus_per_worker=2",
+                 "train_ar.num_workers=2", "train_ar.cpus_per_worker=2",
+                 "encode.num_actors=2", "sample.num_actors=2",
+                 f"storage.endpoint_url={s3_endpoint}"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_NODES, f"s3://{bucket}/in", f"s3://{bucket}/run",
+         s3_endpoint, str(REPO / "configs" / "demo.yaml"), json.dumps(overrides)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    report = json.loads(line.removeprefix("RESULT "))
+    assert report["nodes"] == 2
+    assert [r["status"] for r in report["first"]] == ["ran"] * 5
+    assert [r["status"] for r in report["second"]] == ["up to date"] * 5
+    assert report["first"][2]["counts"]["rows"] == 4 * PER_CLASS
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]}
+    assert {"run/ar/model/model.safetensors", "run/samples/_manifest.json",
+            "run/vae/reconstructions.png", "run/samples/grid-0-circle.png"} <= keys  # fmt: skip
