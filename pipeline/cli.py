@@ -167,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             from pipeline.ray_runtime import init_ray
-            from pipeline.run import run_pipeline
+            from pipeline.run import plan_pipeline, run_pipeline
 
+            plan = plan_pipeline(args.config, args.overrides)
             init_ray(args.ray_address)
-            run_pipeline(args.input, args.run_dir, args.config, args.overrides, args.overwrite)
+            run_pipeline(args.input, args.run_dir, plan, args.overwrite)
             return 0
         from pipeline.run import stage
 

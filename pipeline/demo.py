@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.demo_data import DEMO_CLASSES, write_demo_dataset
 from pipeline.manifest import read_manifest
-from pipeline.run import run_pipeline
+from pipeline.run import plan_pipeline, run_pipeline
 from pipeline.storage import Storage
 
 
@@ -54,11 +54,12 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
 
     run = Path(run_dir)
     started = time.time()
+    plan = plan_pipeline(config_path, overrides)
     paths = write_demo_dataset(run / "demo-data")
     print(f"demo data: {len(paths)} images in {len(DEMO_CLASSES)} classes under "
           f"{run / 'demo-data'}")  # fmt: skip
     init_ray(ray_address)
-    records = run_pipeline(str(run / "demo-data"), run_dir, config_path, overrides, overwrite)
+    records = run_pipeline(str(run / "demo-data"), run_dir, plan, overwrite)
     report = _report(run)
     check = report["class_check"]
     vae_metrics = [json.loads(line) for line in (run / "vae" / "metrics.jsonl").open()]

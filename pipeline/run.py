@@ -104,34 +104,42 @@ def _has_output(storage: Storage, directory: str) -> bool:
     return bool(storage.list_files(directory))
 
 
-def run_pipeline(
-    input_uri: str,
-    run_dir: str,
-    config_path: str | None = None,
-    overrides: list[str] = (),
-    overwrite: bool = False,
-) -> list[dict[str, Any]]:
-    """Run every stage in order; returns one record per stage:
-    {"stage", "status" (ran / resumed / up to date), "seconds", "counts"}."""
-    configs = []
-    for s in STAGES:  # every config is checked before any work starts
-        config_class, run_stage = s.load()
-        configs.append((s, load_config(config_class, config_path,
-                                       stage_overrides(config_class.section, overrides)),
-                        run_stage))  # fmt: skip
+@dataclass
+class PlannedStage:
+    stage: Stage
+    config: Any
+    run: Callable[..., Manifest]
 
+
+def plan_pipeline(config_path: str | None = None, overrides: list[str] = ()) -> list[PlannedStage]:
+    """Every stage's config, loaded and checked before anything starts (Ray included)."""
+    planned = []
+    for s in STAGES:
+        config_class, run_stage = s.load()
+        section_overrides = stage_overrides(config_class.section, overrides)
+        planned.append(PlannedStage(s, load_config(config_class, config_path, section_overrides),
+                                    run_stage))  # fmt: skip
+    return planned
+
+
+def run_pipeline(
+    input_uri: str, run_dir: str, plan: list[PlannedStage], overwrite: bool = False
+) -> list[dict[str, Any]]:
+    """Run the planned stages in order; returns one record per stage:
+    {"stage", "status" (ran / resumed / up to date), "seconds", "counts"}."""
     records = []
-    for index, (s, config, run_stage) in enumerate(configs, start=1):
+    for index, planned in enumerate(plan, start=1):
+        s, config = planned.stage, planned.config
         storage = Storage(config.storage)
         directory = join(run_dir, s.directory)
         before = read_manifest(storage, directory)
         partial = before is None and _has_output(storage, directory)
-        print(f"[{index}/{len(STAGES)}] {s.name}", flush=True)
+        print(f"[{index}/{len(plan)}] {s.name}", flush=True)
         started = time.time()
         if s.name == "shard":
-            manifest = run_stage(input_uri, run_dir, config, overwrite=overwrite)
+            manifest = planned.run(input_uri, run_dir, config, overwrite=overwrite)
         else:
-            manifest = run_stage(run_dir, config, overwrite=overwrite)
+            manifest = planned.run(run_dir, config, overwrite=overwrite)
         seconds = time.time() - started
         if before is not None and before.fingerprint == manifest.fingerprint:
             status = "up to date"

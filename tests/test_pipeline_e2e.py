@@ -146,7 +146,7 @@ TWO_NODES = r"""
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
-from pipeline.run import run_pipeline
+from pipeline.run import plan_pipeline, run_pipeline
 
 input_uri, run_dir, endpoint, config = sys.argv[1:5]
 overrides = json.loads(sys.argv[5])
@@ -157,9 +157,10 @@ cluster.add_node(num_cpus=3)
 ray.init(address=cluster.address, log_to_driver=False)
 cluster.wait_for_nodes()
 try:
-    first = run_pipeline(input_uri, run_dir, config, overrides)
+    plan = plan_pipeline(config, overrides)
+    first = run_pipeline(input_uri, run_dir, plan)
     nodes = sorted({n["NodeID"] for n in ray.nodes() if n["Alive"]})
-    second = run_pipeline(input_uri, run_dir, config, overrides)
+    second = run_pipeline(input_uri, run_dir, plan)
     print("RESULT " + json.dumps({"first": first, "second": second, "nodes": len(nodes)}))
 finally:
     ray.shutdown()
