@@ -147,8 +147,8 @@ class ChunkSampler:
         data = to_parquet_bytes(table)  # last: a finished chunk is one whose table exists
         name = f"chunk-{chunk:05d}.parquet"
         self.storage.write_bytes(join(out_dir, "codes", name), data)
-        return {"name": name, "rows": count, "bytes": len(data), "seconds": seconds,
-                "device": self.device}  # fmt: skip
+        return {"chunk": chunk, "name": name, "rows": count, "bytes": len(data),
+                "seconds": seconds, "device": self.device}  # fmt: skip
 
 
 def resolve_labels(config: SampleConfig, num_classes: int, names: dict[str, int]) -> list[int]:
@@ -258,7 +258,7 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
                                                  out_dir, vae_fp, planned.fingerprint))  # fmt: skip
         ready, in_flight = ray.wait(in_flight, num_returns=1)
         result = ray.get(ready[0])
-        results[int(result["name"][6:11])] = result
+        results[result["chunk"]] = result
         progress.update(result["rows"])
     seconds = time.time() - sampling_started
     for actor in actors:
