@@ -47,8 +47,8 @@ from pipeline.storage import Storage, StorageConfig, join
 from pipeline.training import (
     RunMetrics,
     report_checkpoint,
-    set_worker_threads,
     train_run_config,
+    train_worker_setup,
     warmup_cosine,
 )
 
@@ -309,12 +309,9 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     config: TrainARConfig = loop_config["config"]
     model_config: RQTransformerConfig = loop_config["model_config"]
     ar_dir: str = loop_config["ar_dir"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = train_worker_setup(config.threads_per_worker)
     storage = Storage(config.storage)
     conditional = model_config.num_classes > 0
-    set_worker_threads(config.threads_per_worker)
 
     torch.manual_seed(config.seed)  # same seed on every rank: identical initial weights
     code_embeddings = torch.tensor(loop_config["code_embeddings"])  # (books, K, C)

@@ -27,8 +27,8 @@ from pipeline.storage import Storage, join
 from pipeline.training import (
     RunMetrics,
     report_checkpoint,
-    set_worker_threads,
     train_run_config,
+    train_worker_setup,
 )
 from pipeline.vae_training import (
     TrainVAEConfig,
@@ -147,11 +147,8 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
 
     config: TrainVAEConfig = loop_config["config"]
     vae_dir: str = loop_config["vae_dir"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = train_worker_setup(config.threads_per_worker)
     storage = Storage(config.storage)
-    set_worker_threads(config.threads_per_worker)
 
     state = build_train_state(config)  # same seed on every rank: identical initial weights
     discriminator = state.loss.discriminator  # unwrapped, for checkpoints

@@ -67,10 +67,16 @@ def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: in
     )
 
 
-def set_worker_threads(threads: int | None) -> None:
-    """Ray gives a Train worker as many torch threads as it has whole CPUs (at least 1).
-    On a small machine whose data pipeline is light, more threads than reserved CPUs pay."""
+def train_worker_setup(threads: int | None) -> tuple[int, int, Any]:
+    """Inside a Ray Train loop: (rank, world size, torch device), after setting the torch
+    threads. Ray gives a worker as many threads as it has whole CPUs (at least 1); on a small
+    machine whose data pipeline is light, more threads than reserved CPUs pay."""
+    import ray.train
+    import ray.train.torch
+
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
