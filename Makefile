@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
+# DEMO_ARGS: config overrides for a shorter run (the tests use it); the paths stay as typed.
 demo: setup
-	$(BIN)/python -m pipeline.cli demo
+	$(BIN)/python -m pipeline.cli demo $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/ruff check .

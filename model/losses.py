@@ -96,14 +96,18 @@ _VGG16_CONVS = {
     14: (256, 256), 17: (256, 512), 19: (512, 512), 21: (512, 512), 24: (512, 512),
     26: (512, 512), 28: (512, 512),
 }  # fmt: skip
-_VGG16_TAPS = (3, 8, 15, 22, 29)  # index of the layer after each tapped ReLU
+# LPIPS compares the outputs of those ReLUs (layers 3, 8, 15, 22, 29): each slice of
+# `features` ends one past its ReLU, as lpips.pretrained_networks.vgg16 slices it.
+_VGG16_TAPS = (4, 9, 16, 23, 30)
 _VGG16_POOLS = (4, 9, 16, 23)
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # channels at each tap, one linear head each
 
 
 class PerceptualLoss(nn.Module):
     """LPIPS (Zhang et al. 2018) with a VGG16 trunk, weights from a local safetensors file.
 
-    Nothing is downloaded: convert the weights once and pass the file's path. Expected keys:
+    Nothing is downloaded: build the file once with `rqpipe convert-lpips` (pipeline/
+    lpips_weights.py) and pass its path. Expected keys:
     `features.{i}.weight` / `features.{i}.bias` for torchvision VGG16 conv indices i in
     {0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28}, and `lin{j}.weight` of shape (1, C_j, 1, 1)
     for the five LPIPS linear heads j = 0..4. Inputs are images in [-1, 1].
@@ -113,13 +117,13 @@ class PerceptualLoss(nn.Module):
         super().__init__()
         if not weights_path or not os.path.isfile(weights_path):
             raise FileNotFoundError(
-                f"perceptual loss weights not found at {weights_path!r}: set "
-                "perceptual_weights_path to a local LPIPS-VGG16 .safetensors file (see "
-                "model/losses.py PerceptualLoss for the expected keys), or set "
-                "perceptual_weight: 0 to train without the perceptual loss"
+                f"perceptual loss weights not found at {weights_path!r}: build the file with "
+                "`rqpipe convert-lpips --vgg16 vgg16-397923af.pth --out lpips_vgg16.safetensors` "
+                "and set perceptual_weights_path to it, or set perceptual_weight: 0 to train "
+                "without the perceptual loss"
             )
         layers: list[nn.Module] = []
-        for i in range(30):
+        for i in range(_VGG16_TAPS[-1]):
             if i in _VGG16_CONVS:
                 layers.append(nn.Conv2d(*_VGG16_CONVS[i], 3, padding=1))
             elif i in _VGG16_POOLS:
@@ -127,8 +131,7 @@ class PerceptualLoss(nn.Module):
             else:
                 layers.append(nn.ReLU())
         self.features = nn.Sequential(*layers)
-        widths = (64, 128, 256, 512, 512)
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in widths)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in LPIPS_CHANNELS)
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
 

@@ -391,6 +391,7 @@ class RQTransformer(Pretrained, nn.Module):
 
         x = (self._start(plan.labels, rows, device) + self.pos_embedding[0]).unsqueeze(1)
         spatial_caches = self.spatial.new_caches(rows, h * w, x)  # x: (R, 1, E)
+        per_depth_books = self.code_embeddings.shape[0] > 1  # else one book shared by all depths
         for t in range(h * w):
             h_t = self.spatial(x, spatial_caches)  # (R, 1, E)
             depth_caches = self.depth_transformer.new_caches(rows, d, x)
@@ -400,7 +401,7 @@ class RQTransformer(Pretrained, nn.Module):
                 out = self.depth_transformer(u, depth_caches)  # (R, 1, E)
                 code = plan.pick(self.head(out[:, 0]), depth)  # (B,)
                 codes[:, t, depth] = code
-                embedding = self.embed_codes(code.unsqueeze(-1))[:, 0]  # (B, C)
+                embedding = self.code_embeddings[depth if per_depth_books else 0][code]  # (B, C)
                 if rows != batch:
                     embedding = embedding.repeat(rows // batch, 1)  # same code for both halves
                 partial = embedding if partial is None else partial + embedding  # (R, C)

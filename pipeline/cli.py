@@ -152,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--out", required=True, help="PNG to write")
     decode.add_argument("--vae", default=None, help="RQ-VAE folder (default RUN/vae/model)")
 
+    lpips = commands.add_parser(
+        "convert-lpips", help="build the perceptual loss's weights file (LPIPS-VGG16)"
+    )
+    lpips.add_argument("--vgg16", required=True,
+                       help="torchvision's VGG16 ImageNet weights (vgg16-397923af.pth)")  # fmt: skip
+    lpips.add_argument("--heads", default=None,
+                       help="the lpips package's weights/v0.1/vgg.pth (default: from the "
+                            "installed lpips package)")  # fmt: skip
+    lpips.add_argument("--out", required=True, help="the .safetensors file to write")
+
     for sub in (stats, query, decode):
         sub.add_argument("--endpoint-url", default=None,
                          help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")  # fmt: skip
@@ -160,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("stats", "query", "decode"):
             return _analysis(args)
+        if args.command == "convert-lpips":
+            from pipeline.lpips_weights import convert_lpips
+
+            counts = convert_lpips(args.vgg16, args.out, args.heads)
+            print(f"wrote {args.out}: {counts['tensors']} tensors (VGG16 features + 5 LPIPS "
+                  f"heads; dropped {counts['dropped']} classifier tensors); use it as "
+                  f"train_vae.loss.perceptual_weights_path={args.out}")  # fmt: skip
+            return 0
         if args.command == "demo":
             from pipeline.demo import run_demo
 

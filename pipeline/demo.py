@@ -18,7 +18,7 @@ from typing import Any
 from pipeline.demo_data import DEMO_CLASSES, write_demo_dataset
 from pipeline.manifest import read_manifest
 from pipeline.run import plan_pipeline, run_pipeline
-from pipeline.storage import Storage
+from pipeline.storage import Storage, absolute
 
 
 def _report(run: Path) -> dict[str, Any]:
@@ -52,6 +52,7 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
              overwrite: bool = False, ray_address: str | None = None) -> dict[str, Any]:  # fmt: skip
     from pipeline.ray_runtime import init_ray
 
+    run_dir = absolute(run_dir)  # the stages resolve it too; the report paths need it here
     run = Path(run_dir)
     started = time.time()
     plan = plan_pipeline(config_path, overrides)

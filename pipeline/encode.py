@@ -29,7 +29,7 @@ from pipeline.manifest import (
     write_manifest,
 )
 from pipeline.shard import Progress, iter_tar
-from pipeline.storage import Storage, StorageConfig, join
+from pipeline.storage import Storage, StorageConfig, absolute, join
 
 FORMAT_VERSION = 1
 IMAGE_EXTENSIONS = ("png", "jpg", "webp")
@@ -125,10 +125,11 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
     import ray
 
     started = time.time()
+    run_dir = absolute(run_dir)  # before anything reaches a Ray worker (its own cwd)
     storage = Storage(config.storage)
     shards_dir, codes_dir = join(run_dir, "shards"), join(run_dir, "codes")
     shards = require_manifest(storage, shards_dir, "shard")
-    vae_uri = config.vae or join(run_dir, "vae", "model")
+    vae_uri = absolute(config.vae or join(run_dir, "vae", "model"))
     if not storage.exists(join(vae_uri, "config.json")):
         raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: run train-vae first or pass vae=URI")
     vae_fp = vae_fingerprint(storage, vae_uri)

@@ -119,6 +119,9 @@ def plan_pipeline(config_path: str | None = None, overrides: list[str] = ()) -> 
         section_overrides = stage_overrides(config_class.section, overrides)
         planned.append(PlannedStage(s, load_config(config_class, config_path, section_overrides),
                                     run_stage))  # fmt: skip
+    for p in planned:  # the files each stage will need, before any stage starts
+        if hasattr(p.config, "preflight"):
+            p.config.preflight()
     return planned
 
 

@@ -42,7 +42,7 @@ from pipeline.manifest import (
     write_manifest,
 )
 from pipeline.shard import Progress
-from pipeline.storage import Storage, StorageConfig, join
+from pipeline.storage import Storage, StorageConfig, absolute, join
 
 FORMAT_VERSION = 1
 
@@ -200,10 +200,11 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
     import ray
 
     started = time.time()
+    run_dir = absolute(run_dir)  # before anything reaches a Ray worker (its own cwd)
     storage = Storage(config.storage)
-    ar_uri = config.ar or join(run_dir, "ar", "model")
-    vae_uri = config.vae or join(run_dir, "vae", "model")
-    out_dir = config.out or join(run_dir, "samples")
+    ar_uri = absolute(config.ar or join(run_dir, "ar", "model"))
+    vae_uri = absolute(config.vae or join(run_dir, "vae", "model"))
+    out_dir = absolute(config.out or join(run_dir, "samples"))
     for what, uri, stage in (
         ("RQ-Transformer", ar_uri, "train-ar"),
         ("RQ-VAE", vae_uri, "train-vae"),

@@ -7,9 +7,13 @@ Output under RUN/shards/:
   labels.json                  class name -> label index, when the input has classes
   _manifest.json               last: every shard with its sample count and size; the counts
 
-Planning is deterministic (sorted listing, keys hashed from each input's path relative to the
-input root, the split decided by the key's hash), so the same input always gives the same
-shards, byte for byte: tar members carry fixed owners and mtimes.
+Planning is deterministic (keys hashed from each input's path relative to the input root, the
+split decided by the key's hash, shards filled in key order), so the same input always gives
+the same shards, byte for byte: tar members carry fixed owners and mtimes. Filling shards in
+hash order, not path order, mixes them: a class-sorted input (ImageNet's class folders) gives
+shards that each hold every class in proportion, which streaming training needs. Re-sharded
+WebDataset tars keep their archive order instead: in hash order every output shard would read
+every input tar; tars are normally mixed already.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from typing import Any, ClassVar
 from pipeline.config import output_fields
 from pipeline.decode import ENCODINGS, RESIZE_MODES, Reject, decode_image, encode_image
 from pipeline.manifest import Manifest, begin_stage, write_manifest
-from pipeline.storage import Storage, StorageConfig, join
+from pipeline.storage import Storage, StorageConfig, absolute, join
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards filled in key (hash) order, not path order
 LISTING_SUFFIXES = (".csv", ".parquet")
 
 
@@ -73,6 +77,11 @@ class Source:
     size: int
     label: int | None = None
     caption: str | None = None
+
+    @property
+    def in_tar(self) -> bool:
+        """A member of an input tar (re-sharding), rather than a file of its own."""
+        return "#" in self.uri and self.uri.split("#", 1)[0].endswith(".tar")
 
 
 @dataclass
@@ -185,7 +194,9 @@ def split_of(key: str, val_fraction: float) -> str:
 
 def plan_units(sources: list[Source], config: ShardConfig) -> list[ShardUnit]:
     by_split: dict[str, list[Source]] = {"train": [], "val": []}
-    for source in sources:
+    # Files: hash order mixes the shards. Tar members: archive order reads each input tar once.
+    order = (lambda s: s.relative) if sources and sources[0].in_tar else (lambda s: s.key)
+    for source in sorted(sources, key=order):
         by_split[split_of(source.key, config.val_fraction)].append(source)
     units = []
     for split, members in by_split.items():
@@ -218,7 +229,7 @@ def _tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
 
 
 def _read_source(storage: Storage, source: Source, tar_cache: dict[str, dict]) -> bytes:
-    if "#" in source.uri and source.uri.split("#", 1)[0].endswith(".tar"):
+    if source.in_tar:
         tar_uri, key = source.uri.split("#", 1)
         if tar_uri not in tar_cache:
             tar_cache.clear()  # sources are sorted: one input tar at a time
@@ -322,6 +333,8 @@ def run_shard_stage(
     import ray
 
     started = time.time()
+    # Resolved in the driver: a Ray worker runs in a working directory of its own.
+    input_uri, run_dir = absolute(input_uri), absolute(run_dir)
     storage = Storage(config.storage)
     shards_dir = join(run_dir, "shards")
     sources, labels = plan_sources(storage, input_uri)

@@ -40,6 +40,18 @@ def is_local(uri: str) -> bool:
     return split_protocol(uri)[0] in (None, "file", "local")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute against the caller's working directory; other URIs as given.
+
+    Every stage resolves its local URIs in the driver, before anything reaches Ray: a Ray
+    worker runs in a working directory of its own, so a relative path would land there."""
+    protocol, path = split_protocol(uri)
+    if protocol not in (None, "file", "local"):
+        return uri
+    resolved = os.path.abspath(os.path.expanduser(path))
+    return resolved if protocol is None else f"{protocol}://{resolved}"
+
+
 class Storage:
     def __init__(self, config: StorageConfig | None = None) -> None:
         self.config = config or StorageConfig()

@@ -34,7 +34,7 @@ import yaml
 from model.quantizer import ResidualQuantizer
 from model.rqtransformer import RQTransformer, RQTransformerConfig
 from pipeline.checkpoint import load_state, save_state
-from pipeline.codes_table import codes_array, table_metadata
+from pipeline.codes_table import table_metadata
 from pipeline.config import output_fields, to_dict
 from pipeline.manifest import (
     Manifest,
@@ -43,10 +43,11 @@ from pipeline.manifest import (
     vae_fingerprint,
     write_manifest,
 )
-from pipeline.storage import Storage, StorageConfig, join
+from pipeline.storage import Storage, StorageConfig, absolute, join
 from pipeline.training import (
     RunMetrics,
     report_checkpoint,
+    shuffled_batches,
     train_run_config,
     train_worker_setup,
     warmup_cosine,
@@ -77,6 +78,7 @@ class TrainARConfig:
     weight_decay: float = 1e-4  # matrices only (the official value); not embeddings, norms, biases
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    shuffle_buffer: int = 4096  # rows; with random block (table) order, see shuffled_batches
     seed: int = 0
     grad_accum_steps: int = 1
     num_workers: int = 1
@@ -171,26 +173,44 @@ def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]
                       sum(int(u["rows"]) for u in units))  # fmt: skip
 
 
-def validation_rows(storage: Storage, tables: CodeTables, count: int) -> dict[str, np.ndarray]:
-    """Up to `count` held-out rows (the val tables; the first train table if there are none)."""
-    null_label = tables.num_classes
+def train_dataset(storage: Storage, tables: CodeTables, columns: list[str]):
+    """Streaming Ray Dataset of the train tables as arrays, in random table (block) order; the
+    workers' shuffle buffer mixes rows across tables (pipeline/training.py shuffled_batches)."""
+    import ray.data
+
+    filesystem, _ = storage.arrow_fs(tables.train[0])
+    dataset = ray.data.read_parquet([storage.arrow_fs(u)[1] for u in tables.train],
+                                    filesystem=filesystem)  # fmt: skip
+    return dataset.select_columns(columns).randomize_block_order().map_batches(
+        table_to_arrays, batch_format="pyarrow", batch_size=1024,
+        fn_kwargs={"code_shape": tables.code_shape, "null_label": tables.num_classes},
+    )  # fmt: skip
+
+
+def validation_rows(storage: Storage, tables: CodeTables, count: int,
+                    columns: list[str]) -> dict[str, np.ndarray]:  # fmt: skip
+    """Up to `count` held-out rows (the val tables; the first train table if there are none),
+    with the columns training reads: codes, label and, for soft targets, latents."""
     arrays: list[dict[str, np.ndarray]] = []
     for uri in tables.val or tables.train[:1]:
         filesystem, path = storage.arrow_fs(uri)
-        table = pq.read_table(path, filesystem=filesystem, columns=["codes", "label"])
-        arrays.append({"codes": codes_array(table),
-                       "label": table_to_arrays(table, tables.code_shape, null_label)["label"]})  # fmt: skip
+        table = pq.read_table(path, filesystem=filesystem, columns=columns)
+        arrays.append(table_to_arrays(table, tables.code_shape, tables.num_classes))
         if sum(len(a["label"]) for a in arrays) >= count:
             break
-    return {k: np.concatenate([a[k] for a in arrays])[:count] for k in ("codes", "label")}
+    return {k: np.concatenate([a[k] for a in arrays])[:count] for k in arrays[0]}
 
 
 # -- model and one step ---------------------------------------------------------------------------
 
 
 def build_optimizer(model: RQTransformer, config: TrainARConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW with weight decay on the Linear layers' weight matrices only: embeddings (class,
+    position, depth), LayerNorms and biases are not decayed, as in the official recipe."""
+    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if id(p) in decay_ids]
+    other = [p for p in trainable if id(p) not in decay_ids]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": other, "weight_decay": 0.0}]  # fmt: skip
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
@@ -244,16 +264,36 @@ def ar_train_step(
 
 
 @torch.no_grad()
-def validation_loss(model: RQTransformer, val: dict[str, torch.Tensor], conditional: bool) -> float:
+def validation_loss(
+    model: RQTransformer,
+    val: dict[str, torch.Tensor],
+    conditional: bool,
+    quantizer: ResidualQuantizer | None,
+    config: TrainARConfig,
+) -> dict[str, float]:
+    """The held-out loss on the targets training uses: {"val_loss"}; with soft targets also
+    {"val_loss_hard"}, the NLL of the stored (argmin) codes. Soft codes are drawn with a fixed
+    seed, so the figure moves only when the model does."""
     was_training = model.training
     model.eval()
-    losses = []
+    generator = torch.Generator(val["codes"].device).manual_seed(0)
+    sums = {"val_loss": 0.0, "val_loss_hard": 0.0}
     for start in range(0, len(val["codes"]), 64):
-        codes = val["codes"][start : start + 64]
+        codes = val["codes"][start : start + 64].long()
         labels = val["label"][start : start + 64] if conditional else None
-        losses.append(RQTransformer.loss(model(codes, labels), codes)[0].item() * len(codes))
+        hard = RQTransformer.loss(model(codes, labels), codes)[0]
+        sums["val_loss_hard"] += hard.item() * len(codes)
+        if quantizer is not None:
+            latents = val["latents"][start : start + 64].float()
+            soft_codes, targets = quantizer.soft_codes(latents, config.soft_temperature,
+                                                       generator=generator)  # fmt: skip
+            loss = RQTransformer.loss(model(soft_codes, labels), soft_codes, targets)[0]
+            sums["val_loss"] += loss.item() * len(codes)
     model.train(was_training)
-    return sum(losses) / len(val["codes"])
+    out = {k: v / len(val["codes"]) for k, v in sums.items()}
+    if quantizer is None:
+        out["val_loss"] = out.pop("val_loss_hard")  # the same targets as training: one figure
+    return out
 
 
 # -- the per-worker loop --------------------------------------------------------------------------
@@ -348,9 +388,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     micro: list[dict[str, torch.Tensor]] = []
     while step < config.steps:  # one pass over the shard per epoch
         fetch = time.time()
-        for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True,
-                                              device=device, prefetch_batches=2,
-                                              local_shuffle_buffer_size=4 * config.batch_size):  # fmt: skip
+        for batch in shuffled_batches(shard, config.batch_size, config.shuffle_buffer, device):
             waited += time.time() - fetch
             micro.append(batch)
             if len(micro) < config.grad_accum_steps:
@@ -365,7 +403,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
                 elapsed = time.time() - window  # training only: validation is not counted
                 terms["tokens_per_s_per_worker"] = seen * tokens_per_row / elapsed
                 terms["data_wait_fraction"] = waited / elapsed
-                terms["val_loss"] = validation_loss(model, val, conditional)
+                terms.update(validation_loss(model, val, conditional, quantizer, config))
                 metrics.write({"step": step, **terms})
                 seen, waited, window = 0, 0.0, time.time()
             if step % config.checkpoint_every == 0 or step == config.steps:
@@ -402,11 +440,11 @@ def load_code_embeddings(storage: Storage, vae_uri: str, tables: CodeTables) -> 
 
 
 def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = False) -> Manifest:
-    import ray.data
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     started = time.time()
+    run_dir = absolute(run_dir)  # before anything reaches a Ray worker (its own cwd)
     storage = Storage(config.storage)
     codes_dir, ar_dir = join(run_dir, "codes"), join(run_dir, "ar")
     encoded = require_manifest(storage, codes_dir, "encode")
@@ -420,7 +458,7 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
     if config.targets == "soft" and not tables.has_latents:
         raise ValueError(f"targets=soft needs the latents column in {codes_dir}: re-run encode "
                          f"with with_latents=true (and --overwrite), or use targets=hard")  # fmt: skip
-    vae_uri = config.vae or join(run_dir, "vae", "model")
+    vae_uri = absolute(config.vae or join(run_dir, "vae", "model"))
     code_embeddings = load_code_embeddings(storage, vae_uri, tables)
     model_config = config.model_config(tables.code_shape, tables.codebook_size, tables.num_classes)
     storage.write_bytes(join(ar_dir, "config.yaml"), yaml.safe_dump(
@@ -428,13 +466,6 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
     ).encode())  # fmt: skip
 
     columns = ["codes", "label"] + (["latents"] if config.targets == "soft" else [])
-    filesystem, _ = storage.arrow_fs(codes_dir)
-    dataset = ray.data.read_parquet([storage.arrow_fs(u)[1] for u in tables.train],
-                                    filesystem=filesystem)  # fmt: skip
-    dataset = dataset.select_columns(columns).randomize_block_order().map_batches(
-        table_to_arrays, batch_format="pyarrow", batch_size=1024,
-        fn_kwargs={"code_shape": tables.code_shape, "null_label": tables.num_classes},
-    )  # fmt: skip
     trainer = TorchTrainer(
         train_ar_worker,
         train_loop_config={
@@ -443,13 +474,13 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
             "ar_dir": ar_dir,
             "vae_uri": vae_uri,
             "code_embeddings": code_embeddings,
-            "val": validation_rows(storage, tables, config.val_rows),
+            "val": validation_rows(storage, tables, config.val_rows, columns),
         },
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=train_run_config(run_dir, "ar", config.max_failures, config.num_to_keep,
                                     storage),
-        datasets={"train": dataset},
+        datasets={"train": train_dataset(storage, tables, columns)},
     )  # fmt: skip
     kind = f"{tables.num_classes} classes" if tables.num_classes else "unconditional"
     print(f"train-ar: {config.steps} steps on {config.num_workers} worker(s), {tables.rows:,} "

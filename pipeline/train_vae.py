@@ -23,10 +23,11 @@ from pipeline.checkpoint import load_state, save_state
 from pipeline.config import output_fields, to_dict
 from pipeline.manifest import Manifest, begin_stage, require_manifest, write_manifest
 from pipeline.shard import iter_tar
-from pipeline.storage import Storage, join
+from pipeline.storage import Storage, absolute, join
 from pipeline.training import (
     RunMetrics,
     report_checkpoint,
+    shuffled_batches,
     train_run_config,
     train_worker_setup,
 )
@@ -88,7 +89,7 @@ def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, res
     paths = [storage.arrow_fs(uri)[1] for uri in tars]
     dataset = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
                                        file_extensions=["tar"])  # fmt: skip
-    return dataset.map_batches(
+    return dataset.randomize_block_order().map_batches(
         decode_batch,
         fn_kwargs={"resolution": resolution, "random_flip": config.random_flip},
         batch_size=64,
@@ -183,13 +184,8 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     micro: list[torch.Tensor] = []
     while step < config.steps:
         fetch = time.time()
-        for batch in shard.iter_torch_batches(
-            batch_size=config.batch_size,
-            drop_last=True,
-            dtypes=torch.uint8,
-            device=device,
-            prefetch_batches=2,
-        ):
+        for batch in shuffled_batches(shard, config.batch_size, config.shuffle_buffer, device,
+                                      torch.uint8):  # fmt: skip
             waited += time.time() - fetch
             micro.append(_to_model(batch["image"]))
             if len(micro) < config.grad_accum_steps:
@@ -243,6 +239,8 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
     from ray.train.torch import TorchTrainer
 
     started = time.time()
+    run_dir = absolute(run_dir)  # before anything reaches a Ray worker (its own cwd)
+    config.preflight()
     storage = Storage(config.storage)
     shards_dir, vae_dir = join(run_dir, "shards"), join(run_dir, "vae")
     shards = require_manifest(storage, shards_dir, "shard")

@@ -33,6 +33,22 @@ class RunMetrics:
         print(f"{self.prefix}: {shown}", flush=True)
 
 
+def shuffled_batches(shard: Any, batch_size: int, shuffle_buffer: int, device: Any,
+                     dtypes: Any = None) -> Any:  # fmt: skip
+    """One epoch of a Ray Train dataset shard as torch batches, shuffled at both scales: the
+    dataset's blocks (files) come in random order (`randomize_block_order` in the stage's
+    dataset), and rows are drawn from a local buffer of `shuffle_buffer` rows, so one batch mixes
+    many files. drop_last: every step sees a full batch."""
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=True,
+        dtypes=dtypes,
+        device=device,
+        prefetch_batches=2,
+        local_shuffle_buffer_size=max(shuffle_buffer, batch_size) if shuffle_buffer > 0 else None,
+    )
+
+
 def report_checkpoint(step: int, rank: int, write: Callable[[str], None]) -> None:
     """Inside a Ray Train loop: every rank reports (a barrier); rank 0 writes the checkpoint
     files with `write(directory)` and hands them to Ray Train."""

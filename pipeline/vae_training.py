@@ -41,6 +41,7 @@ class TrainVAEConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     warmup_steps: int = 50
     random_flip: bool = True
+    shuffle_buffer: int = 1024  # rows; with random block (shard) order, see shuffled_batches
     seed: int = 0
     grad_accum_steps: int = 1
     num_workers: int = 1  # the global batch is batch_size x num_workers x grad_accum_steps
@@ -59,6 +60,14 @@ class TrainVAEConfig:
     def model_config(self) -> RQVAEConfig:
         base = dataclasses.asdict(RQVAEConfig.preset(self.model_preset))
         return RQVAEConfig.from_dict({**base, **self.model})
+
+    def preflight(self) -> None:
+        """Files this stage will need, checked before any stage of a run starts (and again
+        when the stage starts on its own): a missing LPIPS file fails now, not after sharding."""
+        if self.loss.perceptual_weight > 0:
+            from model.losses import PerceptualLoss
+
+            PerceptualLoss(self.loss.perceptual_weights_path or "")
 
     def __post_init__(self) -> None:
         self.model_config()  # unknown presets or keys fail at load time, not mid-run

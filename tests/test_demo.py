@@ -1,6 +1,7 @@
 """The README's demo command, run as a user would (a real subprocess), at a few steps."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +39,37 @@ def files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+def checkout_copy(repo: Path, dest: Path) -> Path:
+    """The files a fresh clone of this working tree has (tracked, and new files git does not
+    ignore), so the test runs the uncommitted code exactly as a user's clone would."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo,
+                            capture_output=True, text=True, check=True).stdout.split("\n")  # fmt: skip
+    for name in filter(None, listed):
+        if (repo / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, dest / name)
+    return dest
+
+
+def make_demo(clone: Path, venv: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`make demo` as the README types it (run dir: the relative default runs/demo), through
+    the Makefile, with this checkout's virtual environment and shorter steps."""
+    return subprocess.run(["make", "demo", f"VENV={venv}", f"DEMO_ARGS={' '.join(overrides)}"],
+                          cwd=clone, capture_output=True, text=True, timeout=400)  # fmt: skip
+
+
 def test_demo_runs_every_stage_reports_and_is_idempotent(tmp_path):
     repo = Path(__file__).resolve().parents[1]
-    run = tmp_path / "run"
-    first = rqpipe("demo", "--run-dir", str(run), *FAST, cwd=repo)
+    clone = checkout_copy(repo, tmp_path / "clone")
+    venv = Path(sys.executable).parents[1]
+    run = clone / "runs" / "demo"
+    first = make_demo(clone, venv, *FAST)
     assert first.returncode == 0, first.stderr[-3000:]
+    # Every stage's output is under the relative run dir, none in a Ray worker's directory.
+    for artifact in ("shards/_manifest.json", "vae/metrics.jsonl", "vae/model/model.safetensors",
+                     "codes/_manifest.json", "ar/model/model.safetensors",
+                     "samples/_manifest.json"):  # fmt: skip
+        assert (run / artifact).is_file(), artifact
     lines = [x for x in first.stdout.splitlines() if x.startswith("rqpipe run: ")]
     assert [x.split()[2:4] for x in lines] == [[s, "ran"] for s in
                                               ("shard", "train-vae", "encode", "train-ar", "sample")]  # fmt: skip
@@ -63,15 +90,16 @@ def test_demo_runs_every_stage_reports_and_is_idempotent(tmp_path):
     assert model.config.code_shape == (8, 8, 4)
 
     before = files(run)
-    again = rqpipe("demo", "--run-dir", str(run), *FAST, cwd=repo)
+    again = make_demo(clone, venv, *FAST)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("up to date") >= 5
     assert files(run) == before  # nothing rewritten, the report included
 
-    changed = rqpipe("demo", "--run-dir", str(run), *FAST[:-1], "sample.chunk_size=2", cwd=repo)
+    changed = rqpipe("demo", "--run-dir", "runs/demo", *FAST[:-1], "sample.chunk_size=2",
+                     cwd=clone)  # fmt: skip
     assert changed.returncode == 1 and "chunk_size: 4 -> 2" in changed.stderr
     assert "--overwrite" in changed.stderr
-    bad = rqpipe("demo", "--run-dir", str(run), "train_vae.stpes=4", cwd=repo)
+    bad = rqpipe("demo", "--run-dir", "runs/demo", "train_vae.stpes=4", cwd=clone)
     assert bad.returncode == 2 and "stpes" in bad.stderr
-    unprefixed = rqpipe("demo", "--run-dir", str(run), "steps=4", cwd=repo)
+    unprefixed = rqpipe("demo", "--run-dir", "runs/demo", "steps=4", cwd=clone)
     assert unprefixed.returncode == 2 and "train_vae.steps=100" in unprefixed.stderr

@@ -89,3 +89,52 @@ def test_generator_loss_terms_and_gan_start():
     assert last.weight.grad is not None
     d_loss, d_terms = loss.discriminator_loss(images, last(feats))
     assert d_loss.requires_grad and "logits_real" in d_terms
+
+
+def reference_lpips(state, x, y):
+    """LPIPS as its paper defines it, written out layer by layer: VGG16 activations at
+    relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3 (after the ReLU), unit-normalised over
+    channels, squared differences weighted by the linear heads, averaged over space."""
+    import torch.nn.functional as F
+
+    blocks = [[0, 2], [5, 7], [10, 12, 14], [17, 19, 21], [24, 26, 28]]  # conv indices per block
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def taps(h):
+        h, outs = (h - shift) / scale, []
+        for b, convs in enumerate(blocks):
+            if b > 0:
+                h = F.max_pool2d(h, 2, 2)
+            for i in convs:
+                h = F.relu(F.conv2d(h, state[f"features.{i}.weight"], state[f"features.{i}.bias"],
+                                    padding=1))  # fmt: skip
+            outs.append(h)
+        return outs
+
+    total = 0.0
+    for j, (a, b) in enumerate(zip(taps(x), taps(y), strict=True)):
+        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        total = total + ((a - b).pow(2) * state[f"lin{j}.weight"]).sum(1).mean()
+    return taps(x), total
+
+
+def test_perceptual_loss_taps_the_relu_outputs_lpips_defines(tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "lpips.safetensors"
+    random_lpips_weights(path, seed=3)
+    state = load_file(str(path))
+    for j in range(5):  # biases away from zero: a tap before its ReLU would show negatives
+        i = [0, 5, 10, 17, 24][j]
+        state[f"features.{i}.bias"] = torch.randn_like(state[f"features.{i}.bias"])
+    save_file(state, str(path))
+    loss = PerceptualLoss(str(path))
+    torch.manual_seed(1)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    expected_taps, expected = reference_lpips(state, x, y)
+    for ours, theirs in zip(loss._taps(x), expected_taps, strict=True):
+        assert ours.shape == theirs.shape and ours.min() >= 0
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss(x, y), expected, rtol=1e-4, atol=1e-6)

@@ -6,11 +6,12 @@ import torch
 from model.rqtransformer import RQTransformer, RQTransformerConfig, sample_logits
 
 
-def small(code_shape=(3, 3, 3), k=32, classes=4, **kw) -> RQTransformer:
+def small(code_shape=(3, 3, 3), k=32, classes=4, books=1, **kw) -> RQTransformer:
+    """books=1: one codebook shared by all depths; books=D: one codebook per depth."""
     torch.manual_seed(0)
     cfg = RQTransformerConfig(code_shape=list(code_shape), codebook_size=k, width=32, heads=2,
                               spatial_layers=2, depth_layers=2, num_classes=classes, **kw)  # fmt: skip
-    return RQTransformer(cfg, torch.randn(k, 8)).eval()
+    return RQTransformer(cfg, torch.randn(books, k, 8)).eval()
 
 
 def random_codes(model, batch=2, seed=1):
@@ -45,6 +46,7 @@ def test_depth_causality():
             assert not torch.allclose(out[:, 4, d + 1 :], base[:, 4, d + 1 :])
 
 
+@pytest.mark.parametrize("books", [1, 3], ids=["shared-codebook", "per-depth-codebooks"])
 @pytest.mark.parametrize(
     "options",
     [
@@ -53,8 +55,8 @@ def test_depth_causality():
         dict(labels=[1, 0], top_k=[None, 5, 3], top_p=[0.9, None, 0.5]),
     ],
 )
-def test_cached_sampler_equals_uncached_reference(options):
-    model = small().double()  # float64: no rounding-order differences between the two paths
+def test_cached_sampler_equals_uncached_reference(options, books):
+    model = small(books=books).double()  # float64: no rounding differences between the paths
     a = model.generate(**options, generator=torch.Generator().manual_seed(7))
     b = model.generate(**options, use_cache=False, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)

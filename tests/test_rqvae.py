@@ -19,7 +19,7 @@ def overfit_run():
     torch.manual_seed(0)
     model = RQVAE(RQVAEConfig.preset("tiny"))
     images = smooth_images(8)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4)  # 2e-3 learns nothing past depth 1
     losses = []
     for _ in range(150):
         out = model(images)
@@ -42,6 +42,8 @@ def test_coarse_to_fine_decoding(overfit_run):
     assert codes.shape == (8, 8, 8, 4) and codes.dtype == torch.int64
     errors = [(model.decode_codes(codes, d) - images).pow(2).mean().item() for d in (1, 2, 4)]
     assert errors[0] > errors[1] > errors[2], errors
+    # Depths 2-4 must earn their bits: measured 0.26x (0.97x before the init and lr fixes).
+    assert errors[2] <= 0.5 * errors[0], errors
 
 
 @pytest.mark.parametrize("base", ["local", "memory"])

@@ -227,3 +227,19 @@ def test_cli_errors_are_actionable(tmp_path):
                               "--run-dir", "y", "image_sise=3"],
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad_key.returncode == 2 and "image_sise" in bad_key.stderr
+
+
+def test_class_sorted_input_gives_mixed_shards(ray_local, tmp_path):
+    """ImageNet-style class folders, listed in path order, must not give one class per shard:
+    samples go to shards in the order of their key's hash."""
+    from pipeline.demo_data import DEMO_CLASSES, write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", per_class=32, size=32)
+    run = tmp_path / "run"
+    run_shard_stage(str(tmp_path / "in"), str(run),
+                    config(samples_per_shard=32, val_fraction=0.0))  # fmt: skip
+    tars = local_tars(run / "shards")
+    assert len(tars) == 4
+    for tar in tars:
+        labels = [json.loads(s["json"])["label"] for s in read_samples([tar])]
+        assert len(labels) == 32 and set(labels) == set(range(len(DEMO_CLASSES))), (tar, labels)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pipeline.manifest import Manifest, StageConflict, read_manifest, stage_status, write_manifest
@@ -71,3 +73,15 @@ def test_unreachable_endpoint_is_recognised_and_named():
     except RuntimeError as wrapped:
         assert unreachable_endpoint(wrapped, configured) == "http://minio:9000"
     assert unreachable_endpoint(ConnectionRefusedError("Ray GCS: Connection refused")) is None
+
+
+def test_local_uris_are_resolved_against_the_callers_directory(tmp_path, monkeypatch):
+    from pipeline.storage import absolute
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute("runs/demo") == str(tmp_path / "runs" / "demo")
+    assert absolute("./runs/../runs/x/") == str(tmp_path / "runs" / "x")
+    assert absolute("file://runs/demo") == f"file://{tmp_path}/runs/demo"
+    assert absolute("/abs/path") == "/abs/path"
+    assert absolute("s3://bucket/runs/demo") == "s3://bucket/runs/demo"  # left as given
+    assert absolute("~/x") == str(Path.home() / "x")

@@ -1,0 +1,247 @@
+"""Reconstruction quality of the RQ-VAE, measured the paper's way and against trivial baselines.
+
+1. Demo data: the demo's RQ-VAE recipe (configs/demo.yaml, train_vae) on the demo's images,
+   validation PSNR per depth, beside a plain conv autoencoder with a continuous latent.
+2. Real photographs (scikit-image's bundled photos; crops of some photos train, crops of the
+   others validate): RQ 8x8x4 against VQ 8x8x1 and VQ 16x16x1 at the same K and steps, the
+   paper's rate-distortion claim. PSNR at each depth 1..D goes to a PNG.
+
+The training loop is the stage's own step (pipeline/vae_training.py vae_train_step) without
+Ray, on one process. Figures only: nothing here asserts on time or quality.
+
+    .venv/bin/python bench/vae_quality.py                   # both parts, ~8 min on 2 cores
+    .venv/bin/python bench/vae_quality.py --part photos --steps 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.rqvae import RQVAE
+from pipeline.config import load_config
+from pipeline.decode import decode_image
+from pipeline.demo_data import DEMO_CLASSES, demo_image
+from pipeline.images import psnr_per_image, to_model_tensor
+from pipeline.vae_training import TrainVAEConfig, build_train_state, vae_train_step
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_PHOTOS = ("astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
+                "brick", "grass", "gravel", "moon", "clock", "coins")  # fmt: skip
+VAL_PHOTOS = ("chelsea", "rocket", "camera", "cell")  # never trained on
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def demo_images(count: int, seed: int, size: int = 32) -> torch.Tensor:
+    """Demo images as the pipeline sees them: drawn at 64 px, PNG, then the shard stage's
+    decode + centre crop to `size` -> (N, 3, size, size) in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    pixels = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        demo_image(DEMO_CLASSES[i % len(DEMO_CLASSES)], rng, 64).save(buffer, "PNG")
+        pixels.append(np.asarray(decode_image(buffer.getvalue(), size, "center_crop").image))
+    return to_model_tensor(np.stack(pixels))
+
+
+def photos(names: tuple[str, ...], scale: float = 0.25) -> list[np.ndarray]:
+    """scikit-image's bundled photographs (no download), RGB uint8, downscaled by `scale` so
+    that a 32 px crop holds an object's worth of structure rather than flat texture."""
+    import skimage.data
+    from PIL import Image
+
+    out = []
+    for name in names:
+        image = getattr(skimage.data, name)()
+        image = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
+        pil = Image.fromarray(image.astype(np.uint8))
+        w, h = pil.size
+        pil = pil.resize((max(32, round(w * scale)), max(32, round(h * scale))),
+                         Image.Resampling.LANCZOS)  # fmt: skip
+        out.append(np.asarray(pil))
+    return out
+
+
+def random_crops(images: list[np.ndarray], count: int, rng: np.random.Generator,
+                 size: int = 32) -> torch.Tensor:  # fmt: skip
+    crops = []
+    for _ in range(count):
+        image = images[int(rng.integers(len(images)))]
+        top = int(rng.integers(image.shape[0] - size + 1))
+        left = int(rng.integers(image.shape[1] - size + 1))
+        crop = image[top : top + size, left : left + size]
+        crops.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+    return to_model_tensor(np.ascontiguousarray(np.stack(crops)))
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def depth_psnr(model: RQVAE, val: torch.Tensor) -> list[float]:
+    """Validation PSNR (dB) decoding the first d codes, d = 1..D."""
+    model.eval()
+    codes = model.encode(val)
+    out = [psnr_per_image(model.decode_codes(codes, d), val).mean().item()
+           for d in range(1, codes.shape[-1] + 1)]  # fmt: skip
+    model.train()
+    return out
+
+
+def train(config: TrainVAEConfig, batches: Callable[[int], torch.Tensor], val: torch.Tensor,
+          init: Callable[[RQVAE], None] | None = None,
+          eval_every: int = 100) -> tuple[RQVAE, list[tuple[int, float]], float]:  # fmt: skip
+    """The stage's step on one process -> (model, [(step, full-depth val PSNR)], seconds)."""
+    torch.manual_seed(config.seed)
+    state = build_train_state(config)
+    if init is not None:
+        init(state.model)
+    curve, started = [], time.time()
+    for step in range(config.steps):
+        micro = [batches(step) for _ in range(config.grad_accum_steps)]
+        vae_train_step(state, micro, step, config)
+        if (step + 1) % eval_every == 0 or step + 1 == config.steps:
+            curve.append((step + 1, depth_psnr(state.model, val)[-1]))
+    return state.model.eval(), curve, time.time() - started
+
+
+def trivial_autoencoder(train_images: torch.Tensor, val: torch.Tensor, steps: int,
+                        batch_size: int) -> float:  # fmt: skip
+    """A plain conv autoencoder (two stride-2 convs down, two transposed convs up, a continuous
+    32-channel 8x8 latent, no quantizer): the floor a tokenizer should clear."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 4, 2, 1), nn.SiLU(), nn.Conv2d(64, 32, 4, 2, 1),
+                          nn.ConvTranspose2d(32, 64, 4, 2, 1), nn.SiLU(),
+                          nn.ConvTranspose2d(64, 3, 4, 2, 1))  # fmt: skip
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = train_images[torch.randint(len(train_images), (batch_size,), generator=g)]
+        loss = (model(x) - x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return psnr_per_image(model(val), val).mean().item()
+
+
+def demo_config(**overrides) -> TrainVAEConfig:
+    items = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    return load_config(TrainVAEConfig, str(REPO / "configs" / "demo.yaml"), items)
+
+
+# -- the two parts ----------------------------------------------------------------------------
+
+
+def demo_part(steps: int | None, out: Path) -> dict:
+    config = demo_config(**({"steps": steps} if steps else {}))
+    train_images, val = demo_images(512, seed=0), demo_images(64, seed=1)
+    g = torch.Generator().manual_seed(0)
+
+    def batches(step: int) -> torch.Tensor:
+        return train_images[torch.randint(len(train_images), (config.batch_size,), generator=g)]
+
+    model, curve, seconds = train(config, batches, val, eval_every=max(1, config.steps // 8))
+    per_depth = depth_psnr(model, val)
+    baseline = trivial_autoencoder(train_images, val, config.steps, config.batch_size)
+    from pipeline.vae_training import reconstruction_grid
+
+    reconstruction_grid(model, val[:16], str(out / "demo-reconstructions.png"))
+    print(f"\n## demo data: configs/demo.yaml train_vae, {config.steps} steps, batch "
+          f"{config.batch_size}, lr {config.lr} ({seconds:.0f} s on one process)")  # fmt: skip
+    print("| depth | " + " | ".join(str(d) for d in range(1, len(per_depth) + 1)) + " |")
+    print("|---|" + "---|" * len(per_depth))
+    print("| val PSNR (dB) | " + " | ".join(f"{p:.2f}" for p in per_depth) + " |")
+    print(f"curve (step, dB): {[(s, round(p, 2)) for s, p in curve]}")
+    print(f"trivial conv autoencoder (continuous latent, same steps): {baseline:.2f} dB")
+    return {"per_depth": per_depth, "curve": curve, "baseline": baseline, "seconds": seconds}
+
+
+PHOTO_MODELS = {  # the same tiny autoencoder, K = 256; only the code shape differs
+    "RQ 8x8x4": {},
+    "VQ 8x8x1": {"code_depth": 1},
+    "VQ 16x16x1": {"code_depth": 1, "ch_mult": [1, 2], "attn_resolutions": [16]},
+}
+
+
+def photos_part(steps: int, out: Path) -> dict:
+    train_photos, val_photos = photos(TRAIN_PHOTOS), photos(VAL_PHOTOS)
+    val = random_crops(val_photos, 128, np.random.default_rng(123))
+    results = {}
+    for name, model_overrides in PHOTO_MODELS.items():
+        config = demo_config(steps=steps, model=model_overrides)
+        rng, batch = np.random.default_rng(0), config.batch_size
+        model, curve, seconds = train(
+            config, lambda _, rng=rng, batch=batch: random_crops(train_photos, batch, rng), val,
+            eval_every=max(1, steps // 4),
+        )  # fmt: skip
+        results[name] = {"per_depth": depth_psnr(model, val), "curve": curve,
+                         "seconds": seconds, "code_shape": model.config.code_shape}  # fmt: skip
+        print(f"{name}: {results[name]['per_depth'][-1]:.2f} dB ({seconds:.0f} s)", flush=True)
+    rq, vq8 = results["RQ 8x8x4"]["per_depth"][-1], results["VQ 8x8x1"]["per_depth"][-1]
+    print(f"\n## real photographs: {len(TRAIN_PHOTOS)} photos train, {len(VAL_PHOTOS)} others "
+          f"validate (128 crops of 32x32), K = 256, {steps} steps each")  # fmt: skip
+    print("| codes | bits per image | val PSNR (dB) | per depth |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        h, w, d = r["code_shape"]
+        depths = " / ".join(f"{p:.2f}" for p in r["per_depth"])
+        print(f"| {name} | {h * w * d * 8} | {r['per_depth'][-1]:.2f} | {depths} |")
+    print(f"RQ 8x8x4 - VQ 8x8x1 = {rq - vq8:+.2f} dB")
+    plot_depths(results, out / "vae-quality-depths.png")
+    return results
+
+
+def plot_depths(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    rq = results["RQ 8x8x4"]["per_depth"]
+    ax.plot(range(1, len(rq) + 1), rq, "o-", label="RQ 8x8x4: first d codes")
+    for name, style in (("VQ 8x8x1", "--"), ("VQ 16x16x1", ":")):
+        ax.axhline(results[name]["per_depth"][-1], linestyle=style, color="grey", label=name)
+    ax.set_xlabel("code depth d")
+    ax.set_ylabel("validation PSNR (dB)")
+    ax.set_xticks(range(1, len(rq) + 1))
+    ax.set_title("Real photos, 32x32 crops, K = 256")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["demo", "photos", "all"], default="all")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the demo config's for demo, 800 photos)")  # fmt: skip
+    parser.add_argument("--out", default="runs/bench", help="where the PNGs go")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.part in ("demo", "all"):
+        demo_part(args.steps, out)
+    if args.part in ("photos", "all"):
+        photos_part(args.steps or 800, out)
+
+
+if __name__ == "__main__":
+    main()
