@@ -30,8 +30,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 bench: setup
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/quantizer.py
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/vae_quality.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -46,6 +46,7 @@ from pipeline.manifest import (
 from pipeline.storage import Storage, StorageConfig, absolute, join
 from pipeline.training import (
     RunMetrics,
+    epoch_file_order,
     report_checkpoint,
     shuffled_batches,
     train_run_config,
@@ -78,7 +79,7 @@ class TrainARConfig:
     weight_decay: float = 1e-4  # matrices only (the official value); not embeddings, norms, biases
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    shuffle_buffer: int = 4096  # rows; with random block (table) order, see shuffled_batches
+    shuffle_buffer: int = 4096  # rows; tables come in a new order each epoch (shuffled_batches)
     seed: int = 0
     grad_accum_steps: int = 1
     num_workers: int = 1
@@ -173,15 +174,15 @@ def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]
                       sum(int(u["rows"]) for u in units))  # fmt: skip
 
 
-def train_dataset(storage: Storage, tables: CodeTables, columns: list[str]):
-    """Streaming Ray Dataset of the train tables as arrays, in random table (block) order; the
-    workers' shuffle buffer mixes rows across tables (pipeline/training.py shuffled_batches)."""
+def train_dataset(storage: Storage, tables: CodeTables, columns: list[str], seed: int = 0):
+    """Streaming Ray Dataset of the train tables as arrays, the tables in a new seeded order
+    each epoch; the workers' shuffle buffer mixes rows across tables (shuffled_batches)."""
     import ray.data
 
     filesystem, _ = storage.arrow_fs(tables.train[0])
     dataset = ray.data.read_parquet([storage.arrow_fs(u)[1] for u in tables.train],
-                                    filesystem=filesystem)  # fmt: skip
-    return dataset.select_columns(columns).randomize_block_order().map_batches(
+                                    filesystem=filesystem, shuffle=epoch_file_order(seed))  # fmt: skip
+    return dataset.select_columns(columns).map_batches(
         table_to_arrays, batch_format="pyarrow", batch_size=1024,
         fn_kwargs={"code_shape": tables.code_shape, "null_label": tables.num_classes},
     )  # fmt: skip
@@ -480,7 +481,7 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=train_run_config(run_dir, "ar", config.max_failures, config.num_to_keep,
                                     storage),
-        datasets={"train": train_dataset(storage, tables, columns)},
+        datasets={"train": train_dataset(storage, tables, columns, config.seed)},
     )  # fmt: skip
     kind = f"{tables.num_classes} classes" if tables.num_classes else "unconditional"
     print(f"train-ar: {config.steps} steps on {config.num_workers} worker(s), {tables.rows:,} "

@@ -26,6 +26,7 @@ from pipeline.shard import iter_tar
 from pipeline.storage import Storage, absolute, join
 from pipeline.training import (
     RunMetrics,
+    epoch_file_order,
     report_checkpoint,
     shuffled_batches,
     train_run_config,
@@ -88,8 +89,9 @@ def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, res
     filesystem, _ = storage.arrow_fs(shards_dir)
     paths = [storage.arrow_fs(uri)[1] for uri in tars]
     dataset = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
-                                       file_extensions=["tar"])  # fmt: skip
-    return dataset.randomize_block_order().map_batches(
+                                       file_extensions=["tar"],
+                                       shuffle=epoch_file_order(config.seed))  # fmt: skip
+    return dataset.map_batches(
         decode_batch,
         fn_kwargs={"resolution": resolution, "random_flip": config.random_flip},
         batch_size=64,

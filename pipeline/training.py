@@ -33,12 +33,21 @@ class RunMetrics:
         print(f"{self.prefix}: {shown}", flush=True)
 
 
+def epoch_file_order(seed: int):
+    """Ray Data's file shuffle for a training dataset: the files (shards, tables) are read in
+    an order drawn from (seed, epoch), a new one each epoch. It streams: unlike
+    `randomize_block_order`, nothing waits for the whole dataset to be read."""
+    from ray.data import FileShuffleConfig
+
+    return FileShuffleConfig(seed=seed, reseed_after_execution=True)
+
+
 def shuffled_batches(shard: Any, batch_size: int, shuffle_buffer: int, device: Any,
                      dtypes: Any = None) -> Any:  # fmt: skip
     """One epoch of a Ray Train dataset shard as torch batches, shuffled at both scales: the
-    dataset's blocks (files) come in random order (`randomize_block_order` in the stage's
-    dataset), and rows are drawn from a local buffer of `shuffle_buffer` rows, so one batch mixes
-    many files. drop_last: every step sees a full batch."""
+    files come in a new order each epoch (`epoch_file_order` in the stage's dataset), and rows
+    are drawn from a local buffer of `shuffle_buffer` rows, so one batch mixes many files.
+    drop_last: every step sees a full batch."""
     return shard.iter_torch_batches(
         batch_size=batch_size,
         drop_last=True,

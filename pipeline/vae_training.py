@@ -41,7 +41,7 @@ class TrainVAEConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     warmup_steps: int = 50
     random_flip: bool = True
-    shuffle_buffer: int = 1024  # rows; with random block (shard) order, see shuffled_batches
+    shuffle_buffer: int = 1024  # rows; shards come in a new order each epoch (shuffled_batches)
     seed: int = 0
     grad_accum_steps: int = 1
     num_workers: int = 1  # the global batch is batch_size x num_workers x grad_accum_steps
