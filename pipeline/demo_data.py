@@ -1,7 +1,8 @@
 """The bundled demo dataset: procedural shapes in class folders, generated deterministically.
 
 Each class is a shape (circle, square, triangle, cross); colours, sizes, positions and
-backgrounds vary. Files are real PNGs in `{root}/{class}/{class}_{i:04d}.png`, as a user's
+backgrounds vary. 512 images a class: with 128 the demo's RQ-Transformer overfit them (its
+validation loss rose after 1,200 of its 1,500 steps) and the class check stayed below 90%. Files are real PNGs in `{root}/{class}/{class}_{i:04d}.png`, as a user's
 dataset with class sub-folders would be.
 """
 
@@ -42,7 +43,7 @@ def demo_image(shape: str, rng: np.random.Generator, size: int = 64) -> Image.Im
     return image
 
 
-def write_demo_dataset(root: str | os.PathLike, per_class: int = 128, size: int = 64,
+def write_demo_dataset(root: str | os.PathLike, per_class: int = 512, size: int = 64,
                        seed: int = 0) -> list[Path]:  # fmt: skip
     """Write the dataset (skipping files already present) and return the paths, sorted."""
     root = Path(root)

@@ -1,6 +1,8 @@
 """rqpipe convert-lpips: LPIPS weights from a torchvision VGG16 file and the lpips heads file,
 and the paper config's check of that file before any stage runs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -8,6 +10,8 @@ from safetensors.torch import load_file
 from model.losses import _VGG16_CONVS, LPIPS_CHANNELS, PerceptualLoss
 from pipeline.cli import main
 from pipeline.run import plan_pipeline
+
+PAPER_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "imagenet256-8x8x4.yaml")
 
 
 def torchvision_vgg16_state(seed=0) -> dict[str, torch.Tensor]:
@@ -83,13 +87,13 @@ def test_convert_lpips_refuses_wrong_files(weight_files, tmp_path, capsys):
 
 def test_paper_config_checks_the_lpips_file_before_any_stage(weight_files, tmp_path):
     with pytest.raises(FileNotFoundError, match="rqpipe convert-lpips"):
-        plan_pipeline("configs/imagenet256-8x8x4.yaml")
+        plan_pipeline(PAPER_CONFIG)
     vgg, heads = weight_files
     out = tmp_path / "lpips.safetensors"
     assert (
         main(["convert-lpips", "--vgg16", str(vgg), "--heads", str(heads), "--out", str(out)]) == 0
     )
-    plan = plan_pipeline("configs/imagenet256-8x8x4.yaml",
+    plan = plan_pipeline(PAPER_CONFIG,
                          [f"train_vae.loss.perceptual_weights_path={out}"])  # fmt: skip
     vae = next(p.config for p in plan if p.stage.name == "train-vae")
     assert vae.loss.recon_loss == "mse" and vae.use_gpu  # the paper's loss; a GPU recipe
