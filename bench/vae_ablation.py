@@ -68,6 +68,7 @@ VARIANTS: list[tuple[str, dict, Callable | None, Callable | None]] = [
      with_group_norm(lambda c: torch.nn.GroupNorm(1, c, eps=1e-6))),
     ("GroupNorm: 1 channel a group (instance norm)", {}, None,
      with_group_norm(lambda c: torch.nn.GroupNorm(c, c, eps=1e-6))),
+    ("depth: 2 residual blocks a level", {"model": {"num_res_blocks": 2}}, None, None),
     ("width ch 64 (4x the FLOPs)", {"model": {"ch": 64}}, None, None),
 ]  # fmt: skip
 

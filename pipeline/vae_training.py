@@ -17,7 +17,7 @@ from torch import Tensor
 from model.losses import VAELoss, VAELossConfig
 from model.rqvae import RQVAE, RQVAEConfig
 from pipeline.images import psnr_per_image
-from pipeline.storage import StorageConfig
+from pipeline.storage import StorageConfig, absolute
 from pipeline.training import warmup_cosine
 from pipeline.visualize import image_grid, save_png
 
@@ -71,6 +71,8 @@ class TrainVAEConfig:
 
     def __post_init__(self) -> None:
         self.model_config()  # unknown presets or keys fail at load time, not mid-run
+        if self.loss.perceptual_weights_path:  # a local file, opened by the Ray Train workers
+            self.loss.perceptual_weights_path = absolute(self.loss.perceptual_weights_path)
         for name in ("steps", "batch_size", "log_every", "grad_accum_steps", "num_workers",
                      "checkpoint_every"):  # fmt: skip
             if getattr(self, name) < 1:

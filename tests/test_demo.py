@@ -80,7 +80,7 @@ def test_demo_runs_every_stage_reports_and_is_idempotent(tmp_path):
     for name in DEMO_CLASSES:  # one grid per class, named after it
         assert len(list((run / "samples").glob(f"grid-*-{name}.png"))) == 1
         assert str(next((run / "samples").glob(f"grid-*-{name}.png"))) in first.stdout
-    assert "rows: 2048" in (run / "codes-stats.txt").read_text()
+    assert "rows: 2,048" in (run / "codes-stats.txt").read_text()
     assert (run / "codes-usage.png").exists()
     check = json.loads((run / "demo-report.json").read_text())["class_check"]
     assert check["samples"] == 8 and set(check["per_class"]) == set(DEMO_CLASSES)

@@ -85,7 +85,7 @@ def test_convert_lpips_refuses_wrong_files(weight_files, tmp_path, capsys):
     assert "not a plain tensor state dict" in capsys.readouterr().err
 
 
-def test_paper_config_checks_the_lpips_file_before_any_stage(weight_files, tmp_path):
+def test_paper_config_checks_the_lpips_file_before_any_stage(weight_files, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="rqpipe convert-lpips"):
         plan_pipeline(PAPER_CONFIG)
     vgg, heads = weight_files
@@ -93,7 +93,8 @@ def test_paper_config_checks_the_lpips_file_before_any_stage(weight_files, tmp_p
     assert (
         main(["convert-lpips", "--vgg16", str(vgg), "--heads", str(heads), "--out", str(out)]) == 0
     )
-    plan = plan_pipeline(PAPER_CONFIG,
-                         [f"train_vae.loss.perceptual_weights_path={out}"])  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # a relative path, as typed: resolved for the Ray workers
+    plan = plan_pipeline(PAPER_CONFIG, ["train_vae.loss.perceptual_weights_path=lpips.safetensors"])
     vae = next(p.config for p in plan if p.stage.name == "train-vae")
+    assert vae.loss.perceptual_weights_path == str(out)
     assert vae.loss.recon_loss == "mse" and vae.use_gpu  # the paper's loss; a GPU recipe
