@@ -34,7 +34,12 @@ from pipeline.config import load_config
 from pipeline.decode import decode_image
 from pipeline.demo_data import DEMO_CLASSES, demo_image
 from pipeline.images import psnr_per_image, to_model_tensor
-from pipeline.vae_training import TrainVAEConfig, build_train_state, vae_train_step
+from pipeline.vae_training import (
+    TrainVAEConfig,
+    build_train_state,
+    reconstruction_grid,
+    vae_train_step,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PHOTOS = ("astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -160,8 +165,6 @@ def demo_part(steps: int | None, out: Path) -> dict:
     model, curve, seconds = train(config, batches, val, eval_every=max(1, config.steps // 8))
     per_depth = depth_psnr(model, val)
     baseline = trivial_autoencoder(train_images, val, config.steps, config.batch_size)
-    from pipeline.vae_training import reconstruction_grid
-
     reconstruction_grid(model, val[:16], str(out / "demo-reconstructions.png"))
     print(f"\n## demo data: configs/demo.yaml train_vae, {config.steps} steps, batch "
           f"{config.batch_size}, lr {config.lr} ({seconds:.0f} s on one process)")  # fmt: skip
