@@ -1,10 +1,10 @@
 """The demo's class check against train-ar settings, without Ray: what makes samples right.
 
 Takes a finished demo run (its code tables, RQ-VAE and labels), trains the `tiny`
-RQ-Transformer with the stage's own step (pipeline/train_ar.py ar_train_step, batches drawn
+RQ-Transformer with the stage's own step (model/training.py ar_train_step, batches drawn
 uniformly from all rows) for each variant, samples 128 images (32 per class, fixed seed),
 decodes them with the run's RQ-VAE and scores them with the demo's class check
-(pipeline/demo_check.py). Figures only.
+(pipeline/demo/check.py). Figures only.
 
     .venv/bin/python bench/demo_ar.py runs/demo '{}' '{"steps": 1000}' '{"lr": 2e-3}'
 """
@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.rqtransformer import RQTransformer
 from model.rqvae import RQVAE
-from pipeline.config import load_config
-from pipeline.demo_check import train_classifier
-from pipeline.demo_data import DEMO_CLASSES
-from pipeline.train_ar import TrainARConfig, ar_train_step, build_optimizer, table_to_arrays
+from model.training import ar_train_step, build_optimizer
+from pipeline.core.config import load_config
+from pipeline.demo.check import train_classifier
+from pipeline.demo.data import DEMO_CLASSES
+from pipeline.stages.train_ar import TrainARConfig, table_to_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLINGS = {"top-k 16, cfg 3": dict(top_k=16, cfg_scale=3.0),

@@ -22,11 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.rqvae import RQVAE, RQVAEConfig
-from pipeline.codes_table import codes_table, to_parquet_bytes
-from pipeline.demo_data import write_demo_dataset
-from pipeline.encode import EncodeConfig, decode_shard, run_encode_stage
-from pipeline.shard import ShardConfig, run_shard_stage
-from pipeline.storage import StorageConfig
+from pipeline.core.storage import StorageConfig
+from pipeline.demo.data import write_demo_dataset
+from pipeline.formats.codes_table import codes_table, to_parquet_bytes
+from pipeline.stages.encode import EncodeConfig, decode_shard, run_encode_stage
+from pipeline.stages.shard import ShardConfig, run_shard_stage
 
 BATCH = 256
 

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.losses import VAELossConfig
 from model.rqtransformer import RQTransformer, RQTransformerConfig
-from pipeline.vae_training import TrainVAEConfig, build_train_state, vae_train_step
+from model.training import build_train_state, vae_train_step
+from pipeline.stages.train_vae import TrainVAEConfig
 
 DEVICE = "cuda"
 

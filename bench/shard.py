@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.shard import (
+from pipeline.core.storage import Storage
+from pipeline.stages.shard import (
     ShardConfig,
     listing_digest,
     plan_sources,
@@ -31,7 +32,6 @@ from pipeline.shard import (
     run_shard_stage,
     write_shard,
 )
-from pipeline.storage import Storage
 
 
 def photo(rng: np.random.Generator, width: int = 640, height: int = 480) -> Image.Image:

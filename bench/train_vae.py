@@ -21,16 +21,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.demo_data import write_demo_dataset
-from pipeline.shard import ShardConfig, run_shard_stage
-from pipeline.storage import Storage
-from pipeline.train_vae import (
+from model.training import build_train_state, vae_train_step
+from pipeline.core.storage import Storage
+from pipeline.demo.data import write_demo_dataset
+from pipeline.stages.shard import ShardConfig, run_shard_stage
+from pipeline.stages.train_vae import (
+    TrainVAEConfig,
     _split_tars,
     _to_model,
     run_train_vae_stage,
     validation_images,
 )
-from pipeline.vae_training import TrainVAEConfig, build_train_state, vae_train_step
 
 STEPS, BATCH, LOG_EVERY = 100, 32, 20
 

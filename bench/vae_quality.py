@@ -6,11 +6,12 @@
    others validate): RQ 8x8x4 against VQ 8x8x1 and VQ 16x16x1 at the same K and steps, the
    paper's rate-distortion claim. PSNR at each depth 1..D goes to a PNG.
 
-The training loop is the stage's own step (pipeline/vae_training.py vae_train_step) without
+The training loop is the stage's own step (model/training.py vae_train_step) without
 Ray, on one process. Figures only: nothing here asserts on time or quality.
 
     .venv/bin/python bench/vae_quality.py                   # both parts, ~8 min on 2 cores
     .venv/bin/python bench/vae_quality.py --part photos --steps 400
+    .venv/bin/python bench/vae_quality.py --part photos-ablation   # where the RQ - VQ gap goes
 """
 
 from __future__ import annotations
@@ -30,16 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.rqvae import RQVAE
-from pipeline.config import load_config
-from pipeline.decode import decode_image
-from pipeline.demo_data import DEMO_CLASSES, demo_image
-from pipeline.images import psnr_per_image, to_model_tensor
-from pipeline.vae_training import (
-    TrainVAEConfig,
-    build_train_state,
-    reconstruction_grid,
-    vae_train_step,
-)
+from model.training import build_train_state, psnr_per_image, vae_train_step, warmup_cosine
+from pipeline.core.config import load_config
+from pipeline.demo.data import DEMO_CLASSES, demo_image
+from pipeline.formats.images import decode_image, to_model_tensor
+from pipeline.stages.train_vae import TrainVAEConfig, reconstruction_grid
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PHOTOS = ("astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -146,6 +142,26 @@ def trivial_autoencoder(train_images: torch.Tensor, val: torch.Tensor, steps: in
         return psnr_per_image(model(val), val).mean().item()
 
 
+def continuous_ceiling(config: TrainVAEConfig, batches: Callable[[int], torch.Tensor],
+                       val: torch.Tensor) -> float:  # fmt: skip
+    """The same RQ-VAE encoder and decoder trained with the quantizer bypassed (a continuous
+    latent of the same shape, same loss, lr and steps): the most any code can give them."""
+    torch.manual_seed(config.seed)
+    model = RQVAE(config.model_config()).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.betas))
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * warmup_cosine(step, config.steps, config.warmup_steps)
+        x = batches(step)
+        loss = (model.decode_latents(model.encode_latents(x)) - x).abs().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        model.eval()
+        return psnr_per_image(model.decode_latents(model.encode_latents(val)), val).mean().item()
+
+
 def demo_config(**overrides) -> TrainVAEConfig:
     items = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
     return load_config(TrainVAEConfig, str(REPO / "configs" / "demo.yaml"), items)
@@ -212,6 +228,47 @@ def photos_part(steps: int, out: Path, codebook_size: int = 256) -> dict:
     return results
 
 
+PHOTO_ABLATION = {  # name -> (model overrides of the RQ 8x8x4 row; the VQ row uses depth 1)
+    "recipe (ch 32, shared codebook)": {},
+    "per-depth codebooks": {"shared_codebook": False},
+    "wider autoencoder (ch 64)": {"ch": 64},
+}
+
+
+def photos_ablation(steps: int, codebook_size: int = 256) -> dict:
+    """Where the RQ - VQ gap goes: each row trains RQ 8x8x4, VQ 8x8x1 and the same autoencoder
+    with no quantizer (the continuous ceiling) on the photos, validated as in photos_part."""
+    train_photos, val_photos = photos(TRAIN_PHOTOS), photos(VAL_PHOTOS)
+    val = random_crops(val_photos, 128, np.random.default_rng(123))
+    rows = {}
+    for name, overrides in PHOTO_ABLATION.items():
+        row = {}
+        for kind, extra in (("rq", {}), ("vq", {"code_depth": 1}), ("ceiling", None)):
+            if kind == "vq" and "shared_codebook" in overrides:
+                continue  # one depth: nothing to share
+            model = {**overrides, **(extra or {}), "codebook_size": codebook_size}
+            config = demo_config(steps=steps, model=model)
+            rng, batch = np.random.default_rng(0), config.batch_size
+            batches = lambda _, rng=rng, batch=batch: random_crops(train_photos, batch, rng)  # noqa: E731
+            started = time.time()
+            if kind == "ceiling":
+                row[kind] = [continuous_ceiling(config, batches, val)]
+            else:
+                row[kind] = depth_psnr(train(config, batches, val, eval_every=steps)[0], val)
+            print(f"{name} / {kind}: {row[kind]} ({time.time() - started:.0f} s)", flush=True)
+        rows[name] = row
+    print(f"\n## photos ablation: K = {codebook_size}, {steps} steps each")
+    print("| setting | RQ 8x8x4 (per depth) | VQ 8x8x1 | RQ - VQ | no quantizer (ceiling) |")
+    print("|---|---|---:|---:|---:|")
+    for name, row in rows.items():
+        rq = row["rq"]
+        vq = f"{row['vq'][-1]:.2f}" if "vq" in row else "-"
+        gap = f"{rq[-1] - row['vq'][-1]:+.2f}" if "vq" in row else "-"
+        print(f"| {name} | {rq[-1]:.2f} ({' / '.join(f'{p:.2f}' for p in rq)}) | {vq} | {gap} "
+              f"| {row['ceiling'][0]:.2f} |")  # fmt: skip
+    return rows
+
+
 def plot_depths(results: dict, path: Path, codebook_size: int) -> None:
     import matplotlib
 
@@ -235,7 +292,8 @@ def plot_depths(results: dict, path: Path, codebook_size: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["demo", "photos", "all"], default="all")
+    parser.add_argument("--part", choices=["demo", "photos", "photos-ablation", "all"],
+                        default="all")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (default: the demo config's for demo, 1500 photos)")  # fmt: skip
     parser.add_argument("--out", default="runs/bench", help="where the PNGs go")
@@ -249,6 +307,8 @@ def main() -> None:
         demo_part(args.steps, out)
     if args.part in ("photos", "all"):
         photos_part(args.steps or 1500, out, args.codebook_size)
+    if args.part == "photos-ablation":
+        photos_ablation(args.steps or 1500, args.codebook_size)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # channels at each tap, one linear he
 class PerceptualLoss(nn.Module):
     """LPIPS (Zhang et al. 2018) with a VGG16 trunk, weights from a local safetensors file.
 
-    Nothing is downloaded: build the file once with `rqpipe convert-lpips` (pipeline/
+    Nothing is downloaded: build the file once with `rqpipe convert-lpips` (pipeline/tools/
     lpips_weights.py) and pass its path. Expected keys:
     `features.{i}.weight` / `features.{i}.bias` for torchvision VGG16 conv indices i in
     {0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28}, and `lin{j}.weight` of shape (1, C_j, 1, 1)

@@ -35,6 +35,21 @@ class QuantizerOutput(NamedTuple):
     usage: Tensor  # (D,) fraction of the K codes used in the batch at each depth
 
 
+def code_distances(vectors: Tensor, codebook: Tensor, codebook_sq_norm: Tensor) -> Tensor:
+    """(N, C) vectors, (K, C) codebook, (K,) its squared norms -> (N, K) ||e||^2 - 2 v.e: the
+    squared distances less ||v||^2, a per-row constant that changes neither an argmin nor a
+    softmax over codes."""
+    return torch.addmm(codebook_sq_norm, vectors, codebook.t(), alpha=-2.0)
+
+
+def embed_codes(codebooks: Tensor, codes: Tensor) -> Tensor:
+    """(books, K, C) codebooks (one shared, or one per depth), (..., D') codes -> (..., D', C)
+    the embedding of each depth's code, not summed."""
+    if codebooks.shape[0] == 1:
+        return codebooks[0][codes]
+    return torch.stack([codebooks[d][codes[..., d]] for d in range(codes.shape[-1])], dim=-2)
+
+
 def nearest_codes(
     vectors: Tensor,
     codebook: Tensor,
@@ -77,19 +92,18 @@ def _nearest_chunked(
     rows_per_chunk = max(1, int(chunk_mb * 2**20 // (4 * num_codes)))
     fast = distance_dtype == "bfloat16"
     if fast:
-        low_codebook_t = codebook.to(torch.bfloat16).t()
+        low_codebook = codebook.to(torch.bfloat16)
         low_sq_norm = codebook_sq_norm.to(torch.bfloat16)
         num_candidates = min(rerank_candidates, num_codes)
-    codebook_t = codebook.t()  # (C, K)
 
     out = torch.empty(num_vectors, dtype=torch.long, device=vectors.device)
     for start in range(0, num_vectors, rows_per_chunk):
         chunk = vectors[start : start + rows_per_chunk]  # (n, C)
         if not fast:
-            scores = torch.addmm(codebook_sq_norm, chunk, codebook_t, alpha=-2.0)  # (n, K)
+            scores = code_distances(chunk, codebook, codebook_sq_norm)  # (n, K)
             out[start : start + chunk.shape[0]] = scores.argmin(dim=1)
             continue
-        scores = torch.addmm(low_sq_norm, chunk.to(torch.bfloat16), low_codebook_t, alpha=-2.0)
+        scores = code_distances(chunk.to(torch.bfloat16), low_codebook, low_sq_norm)
         candidates = scores.topk(num_candidates, dim=1, largest=False).indices  # (n, c)
         exact = (chunk.unsqueeze(1) - codebook[candidates]).pow(2).sum(-1)  # (n, c) fp32
         best = exact.argmin(dim=1, keepdim=True)
@@ -136,7 +150,6 @@ class ResidualQuantizer(nn.Module):
         eps: float = 1e-5,
         restart_threshold: float = 1.0,
         kmeans_init: bool = False,
-        commitment_weight: float = 0.25,
         distance_dtype: str = "float32",
         distance_chunk_mb: float = 128.0,
     ) -> None:
@@ -148,7 +161,7 @@ class ResidualQuantizer(nn.Module):
         self.dim, self.codebook_size, self.depth = dim, codebook_size, depth
         self.shared_codebook = shared_codebook
         self.decay, self.eps, self.restart_threshold = decay, eps, restart_threshold
-        self.kmeans_init, self.commitment_weight = kmeans_init, commitment_weight
+        self.kmeans_init = kmeans_init
         self.distance_dtype, self.distance_chunk_mb = distance_dtype, distance_chunk_mb
 
         num_books = 1 if shared_codebook else depth
@@ -189,19 +202,12 @@ class ResidualQuantizer(nn.Module):
             codes.append(code)
         return torch.stack(codes, dim=1), residual_inputs
 
-    def embed_codes(self, codes: Tensor) -> Tensor:
-        """(..., D') codes -> (..., D', C) embeddings of each depth (not summed)."""
-        depth = codes.shape[-1]
-        if self.shared_codebook:
-            return self.codebooks[0][codes]
-        return torch.stack([self.codebooks[d][codes[..., d]] for d in range(depth)], dim=-2)
-
     def decode_codes(self, codes: Tensor, depth: int | None = None) -> Tensor:
         """(B, H, W, D) codes -> (B, H, W, C): the sum of the first `depth` code embeddings."""
         depth = self.depth if depth is None else depth
         if not 1 <= depth <= codes.shape[-1]:
             raise ValueError(f"depth={depth} must be between 1 and {codes.shape[-1]}")
-        return self.embed_codes(codes[..., :depth]).sum(dim=-2)
+        return embed_codes(self.codebooks, codes[..., :depth]).sum(dim=-2)
 
     @torch.no_grad()
     def encode(self, z: Tensor) -> Tensor:
@@ -228,10 +234,9 @@ class ResidualQuantizer(nn.Module):
         codes, probs = [], []
         for d in range(self.depth):
             book = self.codebooks[self.book_of_depth(d)]
-            # -||r - e||^2 up to a per-row constant, which softmax ignores; exact fp32 maths.
-            with torch.autocast(z.device.type, enabled=False):
-                logits = (2.0 * residual @ book.t() - book.pow(2).sum(1)) / temperature  # (N, K)
-            q = torch.softmax(logits, dim=-1)
+            with torch.autocast(z.device.type, enabled=False):  # exact fp32 maths
+                distances = code_distances(residual, book, book.pow(2).sum(1))  # (N, K)
+            q = torch.softmax(-distances / temperature, dim=-1)
             if stochastic:
                 code = torch.multinomial(q, 1, generator=generator).squeeze(1)
             else:
@@ -258,7 +263,9 @@ class ResidualQuantizer(nn.Module):
             self._kmeans_initialize(z_flat.detach())
 
         codes, residual_inputs = self._quantize_flat(z_flat, keep_residuals=self.training)
-        partial = self.embed_codes(codes).cumsum(dim=1)  # (N, D, C): sum of first d+1 codes
+        partial = embed_codes(self.codebooks, codes).cumsum(
+            dim=1
+        )  # (N, D, C): sum of first d+1 codes
         commitment = (z_flat.unsqueeze(1) - partial.detach()).pow(2).mean()
         quantized = partial[:, -1]
         # Straight-through: forward value is the quantized sum, gradient flows to z.

@@ -17,19 +17,38 @@ with KV caches: one spatial step per position, D depth steps within it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.serialization import Pretrained
+from model.quantizer import embed_codes
+from model.serialization import ModelConfig, Pretrained
+
+# The paper's ImageNet 256x256 class-conditional models (8x8x4 codes, K = 16384). Every field
+# is spelled out, so that a change of a dataclass default never changes a paper preset.
+_IMAGENET256: dict[str, Any] = dict(
+    code_shape=[8, 8, 4], codebook_size=16384, width=1536, heads=24, mlp_ratio=4, dropout=0.0,
+    num_classes=1000, label_dropout=0.1,
+)  # fmt: skip
+RQTRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet256-480M": {**_IMAGENET256, "spatial_layers": 12, "depth_layers": 4},
+    "imagenet256-821M": {**_IMAGENET256, "spatial_layers": 24, "depth_layers": 4},
+    "imagenet256-1.4B": {**_IMAGENET256, "spatial_layers": 42, "depth_layers": 6},
+    # CPU-sized, for the demo and the tests (codebook size and classes come from the data).
+    "tiny": dict(
+        width=128, heads=4, spatial_layers=3, depth_layers=2, codebook_size=256, num_classes=4
+    ),
+}
 
 
 @dataclass
-class RQTransformerConfig:
+class RQTransformerConfig(ModelConfig):
+    kind: ClassVar[str] = "RQ-Transformer"
+    presets: ClassVar[dict[str, dict[str, Any]]] = RQTRANSFORMER_PRESETS
+
     code_shape: list[int] = field(default_factory=lambda: [8, 8, 4])  # H, W, D
     codebook_size: int = 16384  # K
     width: int = 1536  # E
@@ -57,37 +76,6 @@ class RQTransformerConfig:
     @property
     def depth(self) -> int:
         return self.code_shape[2]
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> RQTransformerConfig:
-        if name not in RQTRANSFORMER_PRESETS:
-            raise KeyError(
-                f"unknown RQ-Transformer preset {name!r}; choose one of "
-                f"{sorted(RQTRANSFORMER_PRESETS)}"
-            )
-        return cls.from_dict({**RQTRANSFORMER_PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RQTransformerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown RQ-Transformer config keys {unknown}; valid keys: {sorted(known)}"
-            )
-        return cls(**values)
-
-
-RQTRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's ImageNet 256x256 class-conditional models (8x8x4 codes, K = 16384).
-    "imagenet256-480M": dict(spatial_layers=12, depth_layers=4),
-    "imagenet256-821M": dict(spatial_layers=24, depth_layers=4),
-    "imagenet256-1.4B": dict(spatial_layers=42, depth_layers=6),
-    # CPU-sized, for the demo and the tests (codebook size and classes come from the data).
-    "tiny": dict(
-        width=128, heads=4, spatial_layers=3, depth_layers=2, codebook_size=256, num_classes=4
-    ),
-}
 
 
 class KVCache:
@@ -271,13 +259,6 @@ class RQTransformer(Pretrained, nn.Module):
 
     # -- embeddings -----------------------------------------------------------------------------
 
-    def embed_codes(self, codes: Tensor) -> Tensor:
-        """(..., D') codes -> (..., D', C) frozen code embeddings."""
-        books = self.code_embeddings
-        if books.shape[0] == 1:
-            return books[0][codes]
-        return torch.stack([books[i][codes[..., i]] for i in range(codes.shape[-1])], dim=-2)
-
     def _start(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
         if labels is None:
             labels = torch.full((batch,), self.null_label, device=device, dtype=torch.long)
@@ -300,7 +281,9 @@ class RQTransformer(Pretrained, nn.Module):
             dropped = torch.rand(b, device=codes.device) < self.config.label_dropout
             labels = labels.masked_fill(dropped, self.null_label)
         flat = codes.reshape(b, h * w, d)  # (B, T, D)
-        partial = self.embed_codes(flat).cumsum(dim=2)  # (B, T, D, C): sums of first d+1 codes
+        partial = embed_codes(self.code_embeddings, flat).cumsum(
+            dim=2
+        )  # (B, T, D, C): sums of first d+1 codes
 
         start = self._start(labels, b, codes.device).unsqueeze(1)  # (B, 1, E)
         shifted = self.proj_spatial(partial[:, :-1, -1])  # (B, T-1, E): full sums of t-1
@@ -423,8 +406,9 @@ class RQTransformer(Pretrained, nn.Module):
 
     # -- artifacts ------------------------------------------------------------------------------
 
-    def num_parameters(self, trainable_only: bool = True) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+    def num_parameters(self) -> int:
+        """Trainable parameters (the frozen code embeddings are a buffer, not counted)."""
+        return sum(p.numel() for p in self.parameters())
 
     @classmethod
     def _build(cls, config: RQTransformerConfig, state: dict[str, Tensor]) -> RQTransformer:

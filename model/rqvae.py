@@ -7,21 +7,58 @@ The paper's ImageNet model: 256x256 -> 8x8x4, K = 16384, f = 32.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.quantizer import ResidualQuantizer
-from model.serialization import Pretrained
+from model.serialization import ModelConfig, Pretrained
+
+RQVAE_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's ImageNet/FFHQ/LSUN autoencoder (f = 32, 8x8x4 codes), every field spelled
+    # out so that a change of a default never changes it.
+    "imagenet256-8x8x4": dict(
+        resolution=256,
+        in_channels=3,
+        ch=128,
+        ch_mult=[1, 1, 2, 2, 4, 4],
+        num_res_blocks=2,
+        attn_resolutions=[8],
+        dropout=0.0,
+        z_channels=256,
+        embed_dim=256,
+        codebook_size=16384,
+        code_depth=4,
+        shared_codebook=True,
+        decay=0.99,
+        restart_threshold=1.0,
+        kmeans_init=False,
+        commitment_weight=0.25,
+        distance_dtype="float32",
+    ),
+    # CPU-sized: 32x32 -> 8x8x4, for the demo and the tests.
+    "tiny": dict(
+        resolution=32,
+        ch=32,
+        ch_mult=[1, 2, 2],
+        num_res_blocks=1,
+        attn_resolutions=[8],
+        z_channels=32,
+        embed_dim=32,
+        codebook_size=256,
+    ),
+}
 
 
 @dataclass
-class RQVAEConfig:
+class RQVAEConfig(ModelConfig):
+    kind: ClassVar[str] = "RQ-VAE"
+    presets: ClassVar[dict[str, dict[str, Any]]] = RQVAE_PRESETS
+
     resolution: int = 256
     in_channels: int = 3
     ch: int = 128
@@ -56,37 +93,6 @@ class RQVAEConfig:
                 f"resolution {self.resolution} is not divisible by the downsampling factor "
                 f"{self.downsample_factor} of ch_mult={self.ch_mult}"
             )
-
-    @classmethod
-    def preset(cls, name: str) -> RQVAEConfig:
-        if name not in RQVAE_PRESETS:
-            raise KeyError(f"unknown RQ-VAE preset {name!r}; choose one of {sorted(RQVAE_PRESETS)}")
-        return cls(**RQVAE_PRESETS[name])
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RQVAEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown RQ-VAE config keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
-
-
-RQVAE_PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's ImageNet/FFHQ/LSUN autoencoder (f = 32, 8x8x4 codes).
-    "imagenet256-8x8x4": {},
-    # CPU-sized: 32x32 -> 8x8x4, for the demo and the tests.
-    "tiny": dict(
-        resolution=32,
-        ch=32,
-        ch_mult=[1, 2, 2],
-        num_res_blocks=1,
-        attn_resolutions=[8],
-        z_channels=32,
-        embed_dim=32,
-        codebook_size=256,
-    ),
-}
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -242,7 +248,6 @@ class RQVAE(Pretrained, nn.Module):
             decay=config.decay,
             restart_threshold=config.restart_threshold,
             kmeans_init=config.kmeans_init,
-            commitment_weight=config.commitment_weight,
             distance_dtype=config.distance_dtype,
         )
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)

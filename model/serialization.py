@@ -63,6 +63,32 @@ def load_pretrained(
     return document["config"], {k: v.to(map_location) for k, v in state.items()}
 
 
+class ModelConfig:
+    """Base of the model configs (dataclasses): named presets and checked construction.
+
+    A subclass sets `presets` (name -> field values) and `kind` (its name in messages)."""
+
+    kind: ClassVar[str]
+    presets: ClassVar[dict[str, dict[str, Any]]]
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any):
+        """The preset `name`, with field overrides on top of it."""
+        if name not in cls.presets:
+            raise KeyError(f"unknown {cls.kind} preset {name!r}; choose one of "
+                           f"{sorted(cls.presets)}")  # fmt: skip
+        return cls.from_dict({**cls.presets[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.kind} config keys {unknown}; valid keys: "
+                             f"{sorted(known)}")  # fmt: skip
+        return cls(**values)
+
+
 class Pretrained:
     """save_pretrained / from_pretrained for a module with a dataclass `config`."""
 

@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from pipeline.config import ConfigError, load_config
-from pipeline.manifest import StageConflict
-from pipeline.storage import Storage, StorageConfig, redact, unreachable_endpoint
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.manifest import StageConflict
+from pipeline.core.storage import Storage, StorageConfig, redact, unreachable_endpoint
 
 DEFAULT_DEMO_CONFIG = "configs/demo.yaml"
 
@@ -37,8 +37,8 @@ def _add_stage_args(parser: argparse.ArgumentParser,
 def _analysis(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline import analysis
-    from pipeline.storage import Storage, StorageConfig
+    from pipeline.core.storage import Storage, StorageConfig
+    from pipeline.tools import analysis
 
     storage = Storage(StorageConfig(endpoint_url=args.endpoint_url))
     if args.command == "stats":
@@ -53,7 +53,7 @@ def _analysis(args: argparse.Namespace) -> int:
     else:
         from PIL import Image
 
-        from pipeline.visualize import save_png
+        from pipeline.formats.images import save_png
 
         pixels = analysis.decode_key(storage, args.codes, args.key, args.depth, args.vae)
         save_png(Image.fromarray(pixels), args.out, storage.options(args.out))
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("stats", "query", "decode"):
             return _analysis(args)
         if args.command == "convert-lpips":
-            from pipeline.lpips_weights import convert_lpips
+            from pipeline.tools.lpips_weights import convert_lpips
 
             counts = convert_lpips(args.vgg16, args.out, args.heads)
             print(f"wrote {args.out}: {counts['tensors']} tensors (VGG16 features + 5 LPIPS "
@@ -179,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"train_vae.loss.perceptual_weights_path={args.out}")  # fmt: skip
             return 0
         if args.command == "demo":
-            from pipeline.demo import run_demo
+            from pipeline.demo.run import run_demo
 
             run_demo(args.run_dir, args.config, args.overrides, args.overwrite, args.ray_address)
             return 0
         if args.command == "run":
-            from pipeline.ray_runtime import init_ray
+            from pipeline.core.ray_runtime import init_ray
             from pipeline.run import plan_pipeline, run_pipeline
 
             plan = plan_pipeline(args.config, args.overrides)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         config_class, run_stage = stage(args.command).load()
         overrides = [*args.overrides, *_flag_overrides(args)]
         config = load_config(config_class, args.config, overrides)
-        from pipeline.ray_runtime import init_ray
+        from pipeline.core.ray_runtime import init_ray
 
         init_ray(args.ray_address)
         if args.command == "shard":

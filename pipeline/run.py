@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ConfigError, load_config
-from pipeline.manifest import Manifest, read_manifest
-from pipeline.storage import Storage, join
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.manifest import Manifest, read_manifest
+from pipeline.core.storage import Storage, join
 
 
 @dataclass
@@ -29,32 +29,31 @@ class Stage:
 
 
 def _shard() -> tuple[type, Callable[..., Manifest]]:
-    from pipeline.shard import ShardConfig, run_shard_stage
+    from pipeline.stages.shard import ShardConfig, run_shard_stage
 
     return ShardConfig, run_shard_stage
 
 
 def _train_vae() -> tuple[type, Callable[..., Manifest]]:
-    from pipeline.train_vae import run_train_vae_stage
-    from pipeline.vae_training import TrainVAEConfig
+    from pipeline.stages.train_vae import TrainVAEConfig, run_train_vae_stage
 
     return TrainVAEConfig, run_train_vae_stage
 
 
 def _encode() -> tuple[type, Callable[..., Manifest]]:
-    from pipeline.encode import EncodeConfig, run_encode_stage
+    from pipeline.stages.encode import EncodeConfig, run_encode_stage
 
     return EncodeConfig, run_encode_stage
 
 
 def _train_ar() -> tuple[type, Callable[..., Manifest]]:
-    from pipeline.train_ar import TrainARConfig, run_train_ar_stage
+    from pipeline.stages.train_ar import TrainARConfig, run_train_ar_stage
 
     return TrainARConfig, run_train_ar_stage
 
 
 def _sample() -> tuple[type, Callable[..., Manifest]]:
-    from pipeline.sample import SampleConfig, run_sample_stage
+    from pipeline.stages.sample import SampleConfig, run_sample_stage
 
     return SampleConfig, run_sample_stage
 

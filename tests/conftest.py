@@ -75,9 +75,9 @@ def encoded_run(ray_local, tmp_path_factory):
     import torch
 
     from model.rqvae import RQVAE, RQVAEConfig
-    from pipeline.demo_data import write_demo_dataset
-    from pipeline.encode import EncodeConfig, run_encode_stage
-    from pipeline.shard import ShardConfig, run_shard_stage
+    from pipeline.demo.data import write_demo_dataset
+    from pipeline.stages.encode import EncodeConfig, run_encode_stage
+    from pipeline.stages.shard import ShardConfig, run_shard_stage
 
     root = tmp_path_factory.mktemp("encoded")
     write_demo_dataset(root / "in", per_class=24)

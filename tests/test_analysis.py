@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from model.rqvae import RQVAE, RQVAEConfig
-from pipeline.analysis import code_stats, query, read_codes
-from pipeline.codes_table import codes_table, to_parquet_bytes
-from pipeline.manifest import vae_fingerprint
-from pipeline.storage import Storage
+from pipeline.core.manifest import vae_fingerprint
+from pipeline.core.storage import Storage
+from pipeline.formats.codes_table import codes_table, to_parquet_bytes
+from pipeline.tools.analysis import code_stats, query, read_codes
 
 REPO = Path(__file__).resolve().parents[1]
 

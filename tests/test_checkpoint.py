@@ -1,6 +1,6 @@
 import torch
 
-from pipeline.checkpoint import load_state, save_state
+from pipeline.core.checkpoint import load_state, save_state
 
 
 def test_optimizer_state_round_trip_without_pickle(tmp_path):

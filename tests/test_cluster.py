@@ -14,9 +14,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.codes_table import codes_array
-from pipeline.demo_data import write_demo_dataset
-from pipeline.storage import StorageConfig
+from pipeline.core.storage import StorageConfig
+from pipeline.demo.data import write_demo_dataset
+from pipeline.formats.codes_table import codes_array
 from tests.conftest import free_port
 from tests.test_encode import expected_codes, prepared_run
 
@@ -107,7 +107,7 @@ MULTINODE = """
 import glob, sys, threading, time
 import ray
 from ray.cluster_utils import Cluster
-from pipeline.encode import EncodeConfig, run_encode_stage
+from pipeline.stages.encode import EncodeConfig, run_encode_stage
 
 run = sys.argv[1]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

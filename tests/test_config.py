@@ -3,8 +3,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from model.losses import VAELossConfig
-from pipeline.config import ConfigError, apply_overrides, load_config
-from pipeline.vae_training import TrainVAEConfig
+from pipeline.core.config import ConfigError, apply_overrides, load_config
+from pipeline.stages.train_vae import TrainVAEConfig
 
 
 @dataclass
@@ -71,7 +71,7 @@ def test_overrides_do_not_mutate_input():
 def test_gradient_accumulation_takes_one_optimizer_step():
     import torch
 
-    from pipeline.vae_training import build_train_state, vae_train_step
+    from model.training import build_train_state, vae_train_step
 
     config = TrainVAEConfig(steps=10, batch_size=2, grad_accum_steps=2)
     config.loss.gan_weight = 0.0

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.decode import Reject, decode_image, encode_image
+from pipeline.formats.images import Reject, decode_image, encode_image
 from tests.corpus import corpus, good_image
 
 

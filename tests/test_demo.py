@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from model.rqvae import RQVAE
-from pipeline.demo_data import DEMO_CLASSES, write_demo_dataset
+from pipeline.demo.data import DEMO_CLASSES, write_demo_dataset
 
 
 def rqpipe(*args, cwd):

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from model.rqvae import RQVAE, RQVAEConfig
-from pipeline.analysis import code_stats, query, read_codes
-from pipeline.codes_table import codes_array, table_metadata
-from pipeline.demo_data import write_demo_dataset
-from pipeline.encode import EncodeConfig, decode_shard, run_encode_stage
-from pipeline.shard import ShardConfig, run_shard_stage
-from pipeline.storage import Storage, StorageConfig
+from pipeline.core.storage import Storage, StorageConfig
+from pipeline.demo.data import write_demo_dataset
+from pipeline.formats.codes_table import codes_array, table_metadata
+from pipeline.stages.encode import EncodeConfig, decode_shard, run_encode_stage
+from pipeline.stages.shard import ShardConfig, run_shard_stage
+from pipeline.tools.analysis import code_stats, query, read_codes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.demo_data import write_demo_dataset
-from pipeline.storage import Storage, StorageConfig
+from pipeline.core.storage import Storage, StorageConfig
+from pipeline.demo.data import write_demo_dataset
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -150,6 +151,12 @@ def test_save_load_round_trip(tmp_path):
     codes, labels = random_codes(model), torch.tensor([1, 2])
     assert torch.equal(loaded(codes, labels), model(codes, labels))
     assert torch.equal(loaded.code_embeddings, model.code_embeddings)
+
+
+def test_paper_presets_name_every_field():
+    fields = {f.name for f in dataclasses.fields(RQTransformerConfig)}
+    for name in ("imagenet256-480M", "imagenet256-821M", "imagenet256-1.4B"):
+        assert set(RQTransformerConfig.presets[name]) == fields, name
 
 
 def test_configuration_errors():

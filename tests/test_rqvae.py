@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -80,6 +81,13 @@ def test_config_presets_and_validation():
         RQVAEConfig.from_dict({"chanels": 3})
     with pytest.raises(ValueError, match="not divisible"):
         RQVAEConfig(resolution=100)
+
+
+def test_paper_preset_names_every_field():
+    """The paper's preset does not lean on dataclass defaults: changing a default for the
+    CPU presets must not change the paper's model."""
+    fields = {f.name for f in dataclasses.fields(RQVAEConfig)}
+    assert set(RQVAEConfig.presets["imagenet256-8x8x4"]) == fields
 
 
 def test_wrong_image_shape_is_a_clear_error():

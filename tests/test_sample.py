@@ -11,8 +11,8 @@ from PIL import Image
 from model.rqtransformer import RQTransformer, RQTransformerConfig
 from model.rqvae import RQVAE
 from pipeline.cli import main
-from pipeline.codes_table import codes_array, table_metadata
-from pipeline.sample import SampleConfig, run_sample_stage
+from pipeline.formats.codes_table import codes_array, table_metadata
+from pipeline.stages.sample import SampleConfig, run_sample_stage
 
 
 @pytest.fixture

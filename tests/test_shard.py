@@ -16,9 +16,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.manifest import StageConflict
-from pipeline.shard import ShardConfig, run_shard_stage
-from pipeline.storage import Storage, StorageConfig
+from pipeline.core.manifest import StageConflict
+from pipeline.core.storage import Storage, StorageConfig
+from pipeline.stages.shard import ShardConfig, run_shard_stage
 from tests.corpus import corpus, good_image, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,7 +232,7 @@ def test_cli_errors_are_actionable(tmp_path):
 def test_class_sorted_input_gives_mixed_shards(ray_local, tmp_path):
     """ImageNet-style class folders, listed in path order, must not give one class per shard:
     samples go to shards in the order of their key's hash."""
-    from pipeline.demo_data import DEMO_CLASSES, write_demo_dataset
+    from pipeline.demo.data import DEMO_CLASSES, write_demo_dataset
 
     write_demo_dataset(tmp_path / "in", per_class=32, size=32)
     run = tmp_path / "run"

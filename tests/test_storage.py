@@ -2,8 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import Manifest, StageConflict, read_manifest, stage_status, write_manifest
-from pipeline.storage import Storage, StorageConfig, redact
+from pipeline.core.manifest import (
+    Manifest,
+    StageConflict,
+    read_manifest,
+    stage_status,
+    write_manifest,
+)
+from pipeline.core.storage import Storage, StorageConfig, redact
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -55,7 +61,7 @@ def test_redact_hides_credentials_in_urls():
 
 
 def test_unreachable_endpoint_is_recognised_and_named():
-    from pipeline.storage import unreachable_endpoint
+    from pipeline.core.storage import unreachable_endpoint
 
     remote = RuntimeError(
         "ray.exceptions.RayTaskError(EndpointConnectionError): ... botocore.exceptions."
@@ -76,7 +82,7 @@ def test_unreachable_endpoint_is_recognised_and_named():
 
 
 def test_local_uris_are_resolved_against_the_callers_directory(tmp_path, monkeypatch):
-    from pipeline.storage import absolute
+    from pipeline.core.storage import absolute
 
     monkeypatch.chdir(tmp_path)
     assert absolute("runs/demo") == str(tmp_path / "runs" / "demo")

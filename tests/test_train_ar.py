@@ -14,9 +14,9 @@ import torch
 
 from model.rqtransformer import RQTransformer
 from model.rqvae import RQVAE, RQVAEConfig
-from pipeline.config import ConfigError, load_config
-from pipeline.storage import Storage, StorageConfig
-from pipeline.train_ar import TrainARConfig, run_train_ar_stage
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.storage import Storage, StorageConfig
+from pipeline.stages.train_ar import TrainARConfig, run_train_ar_stage
 from tests.train_helpers import committed_checkpoints, metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_tables_without_labels_train_an_unconditional_model(encoded_run, tmp_pat
 
 
 def test_weight_decay_only_on_linear_weights():
-    from pipeline.train_ar import build_optimizer
+    from model.training import build_optimizer
 
     config = ar_config(weight_decay=0.1)
     model = RQTransformer(config.model_config([2, 2, 2], 16, 3), torch.randn(16, 8))
@@ -185,8 +185,8 @@ def test_one_batch_of_class_sorted_tables_spans_the_classes(ray_local, tmp_path)
     dataset and its workers' batches (random table order + shuffle buffer) mix them."""
     import numpy as np
 
-    from pipeline.train_ar import CodeTables, train_dataset
-    from pipeline.training import shuffled_batches
+    from pipeline.core.training import shuffled_batches
+    from pipeline.stages.train_ar import CodeTables, train_dataset
 
     shape, paths = [2, 2, 2], []
     for i in range(8):  # 2 tables per class, 64 rows each

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from model.rqvae import RQVAE
-from pipeline.demo_data import write_demo_dataset
-from pipeline.shard import ShardConfig, run_shard_stage
-from pipeline.storage import Storage, StorageConfig
-from pipeline.train_vae import run_train_vae_stage, validation_images
-from pipeline.vae_training import TrainVAEConfig
+from pipeline.core.storage import Storage, StorageConfig
+from pipeline.demo.data import write_demo_dataset
+from pipeline.stages.shard import ShardConfig, run_shard_stage
+from pipeline.stages.train_vae import TrainVAEConfig, run_train_vae_stage, validation_images
 from tests.train_helpers import capture, committed_checkpoints
 from tests.train_helpers import metrics as stage_metrics
 

@@ -4,17 +4,8 @@ Train plumbing (run config, checkpoint reporting) of the train-vae and train-ar 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from typing import Any
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> float:
-    """Multiplier of the base learning rate: linear warmup, then cosine decay to min_ratio."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class RunMetrics:
@@ -80,7 +71,7 @@ def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: in
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    from pipeline.storage import is_local
+    from pipeline.core.storage import is_local
 
     filesystem, root = storage.arrow_fs(run_dir)
     return RunConfig(

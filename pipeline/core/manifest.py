@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from pipeline.storage import Storage, join
+from pipeline.core.storage import Storage, join
 
 MANIFEST_NAME = "_manifest.json"
 Status = Literal["up_to_date", "resume", "overwrite"]

@@ -22,16 +22,16 @@ import csv
 import hashlib
 import io
 import json
-import tarfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pipeline.config import output_fields
-from pipeline.decode import ENCODINGS, RESIZE_MODES, Reject, decode_image, encode_image
-from pipeline.manifest import Manifest, begin_stage, write_manifest
-from pipeline.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.config import output_fields
+from pipeline.core.manifest import Manifest, begin_stage, write_manifest
+from pipeline.core.progress import Progress
+from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.formats.images import ENCODINGS, RESIZE_MODES, Reject, decode_image, encode_image
+from pipeline.formats.shard_tar import iter_tar, tar_bytes
 
 FORMAT_VERSION = 2  # 2: shards filled in key (hash) order, not path order
 LISTING_SUFFIXES = (".csv", ".parquet")
@@ -146,20 +146,6 @@ def _from_listing(storage: Storage, uri: str) -> tuple[list[Source], dict[str, i
     return sources, labels
 
 
-def iter_tar(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a WebDataset tar, in archive order."""
-    groups: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            directory, _, base = member.name.rpartition("/")
-            stem, _, ext = base.partition(".")  # WebDataset: the key ends at the first dot
-            key = f"{directory}/{stem}" if directory else stem
-            groups.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-    yield from groups.items()
-
-
 def _from_tars(storage: Storage, root: str, tars: list[tuple[str, int]]) -> list[Source]:
     sources = []
     for uri, _ in tars:
@@ -216,18 +202,6 @@ def listing_digest(sources: list[Source]) -> str:
 # -- one shard ----------------------------------------------------------------------------------
 
 
-def _tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def _read_source(storage: Storage, source: Source, tar_cache: dict[str, dict]) -> bytes:
     if source.in_tar:
         tar_uri, key = source.uri.split("#", 1)
@@ -265,7 +239,7 @@ def write_shard(unit: ShardUnit, config: ShardConfig, shards_dir: str, fp: str) 
         files.append((f"{source.key}.{config.encoding}",
                       encode_image(decoded.image, config.encoding, config.quality)))  # fmt: skip
         files.append((f"{source.key}.json", json.dumps(meta, sort_keys=True).encode()))
-    tar = _tar_bytes(files)
+    tar = tar_bytes(files)
     storage.write_bytes(join(shards_dir, f"{unit.name}.tar"), tar)
     stats = {"fingerprint": fp, "shard": unit.name, "seen": len(unit.sources),
              "ok": len(files) // 2, "bytes": len(tar), "rejects": rejects}  # fmt: skip
@@ -275,25 +249,6 @@ def write_shard(unit: ShardUnit, config: ShardConfig, shards_dir: str, fp: str) 
 
 
 # -- the stage ----------------------------------------------------------------------------------
-
-
-class Progress:
-    """One line every `every_s` seconds and at the end: units, items, rate."""
-
-    def __init__(self, stage: str, total_units: int, every_s: float = 5.0) -> None:
-        self.stage, self.total, self.every_s = stage, total_units, every_s
-        self.done = self.items = 0
-        self.start = self.last = time.time()
-
-    def update(self, items: int, extra: str = "") -> None:
-        self.done += 1
-        self.items += items
-        now = time.time()
-        if now - self.last >= self.every_s or self.done == self.total:
-            self.last = now
-            rate = self.items / max(now - self.start, 1e-9)
-            print(f"{self.stage}: {self.done}/{self.total} units, {self.items:,} items, "
-                  f"{rate:,.1f} items/s{extra}", flush=True)  # fmt: skip
 
 
 def _completed(storage: Storage, shards_dir: str, fp: str) -> dict[str, dict]:

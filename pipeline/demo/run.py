@@ -15,16 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.demo_data import DEMO_CLASSES, write_demo_dataset
-from pipeline.manifest import read_manifest
+from pipeline.core.manifest import read_manifest
+from pipeline.core.storage import Storage, absolute
+from pipeline.demo.data import DEMO_CLASSES, write_demo_dataset
 from pipeline.run import plan_pipeline, run_pipeline
-from pipeline.storage import Storage, absolute
 
 
 def _report(run: Path) -> dict[str, Any]:
     """Stats and the class check, recomputed only when the codes or samples changed."""
-    from pipeline import analysis
-    from pipeline.demo_check import score_samples
+    from pipeline.demo.check import score_samples
+    from pipeline.tools import analysis
 
     storage = Storage()
     upstream = {"codes": read_manifest(storage, str(run / "codes")).fingerprint,
@@ -50,7 +50,7 @@ def _report(run: Path) -> dict[str, Any]:
 
 def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
              overwrite: bool = False, ray_address: str | None = None) -> dict[str, Any]:  # fmt: skip
-    from pipeline.ray_runtime import init_ray
+    from pipeline.core.ray_runtime import init_ray
 
     run_dir = absolute(run_dir)  # the stages resolve it too; the report paths need it here
     run = Path(run_dir)

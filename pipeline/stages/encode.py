@@ -18,21 +18,21 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from pipeline.codes_table import codes_table, finished_table, to_parquet_bytes
-from pipeline.config import output_fields
-from pipeline.decode import center_square
-from pipeline.manifest import (
+from pipeline.core.config import output_fields
+from pipeline.core.manifest import (
     Manifest,
     begin_stage,
     require_manifest,
     vae_fingerprint,
     write_manifest,
 )
-from pipeline.shard import Progress, iter_tar
-from pipeline.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.progress import Progress
+from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.formats.codes_table import codes_table, finished_table, to_parquet_bytes
+from pipeline.formats.images import center_square
+from pipeline.formats.shard_tar import image_member, iter_tar
 
 FORMAT_VERSION = 1
-IMAGE_EXTENSIONS = ("png", "jpg", "webp")
 
 
 @dataclass
@@ -61,7 +61,7 @@ def decode_shard(tar_uri: str, resolution: int, storage_config: StorageConfig) -
     storage = Storage(storage_config)
     keys, labels, captions, images = [], [], [], []
     for key, parts in iter_tar(storage.read_bytes(tar_uri)):
-        data = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        data = image_member(parts)
         if data is None:
             continue
         meta = json.loads(parts["json"]) if "json" in parts else {}
@@ -92,7 +92,7 @@ class ShardEncoder:
                vae_fingerprint: str, stage_fingerprint: str) -> dict[str, Any]:  # fmt: skip
         import torch
 
-        from pipeline.images import psnr_per_image
+        from model.training import psnr_per_image
 
         images, with_psnr = decoded["images"], config.with_psnr
         codes, psnrs, latents = [], [], []

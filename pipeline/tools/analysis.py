@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.codes_table import codes_array, table_metadata
-from pipeline.storage import Storage, join
+from pipeline.core.storage import Storage, join
+from pipeline.formats.codes_table import codes_array, table_metadata
 
 
 def table_files(storage: Storage, codes_uri: str) -> list[str]:
@@ -124,7 +124,7 @@ def decode_key(storage: Storage, codes_uri: str, key: str, depth: int | None,
     import torch
 
     from model.rqvae import RQVAE
-    from pipeline.manifest import vae_fingerprint
+    from pipeline.core.manifest import vae_fingerprint
 
     table = read_codes(storage, codes_uri)
     row = table.filter(pc.equal(table.column("key"), key))

@@ -17,10 +17,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.decode import center_square
-from pipeline.demo_data import DEMO_CLASSES, demo_image
-from pipeline.images import to_model_tensor
-from pipeline.storage import Storage, join
+from pipeline.core.storage import Storage, join
+from pipeline.demo.data import DEMO_CLASSES, demo_image
+from pipeline.formats.images import center_square, to_model_tensor
 
 
 def drawn_images(resolution: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import io
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import yaml
 from PIL import Image
+from torch import Tensor
 
-from pipeline.checkpoint import load_state, save_state
-from pipeline.config import output_fields, to_dict
-from pipeline.manifest import Manifest, begin_stage, require_manifest, write_manifest
-from pipeline.shard import iter_tar
-from pipeline.storage import Storage, absolute, join
-from pipeline.training import (
+from model.losses import VAELossConfig
+from model.rqvae import RQVAE, RQVAEConfig
+from model.training import VAETrainState, build_train_state, psnr, vae_train_step
+from pipeline.core.checkpoint import load_state, save_state
+from pipeline.core.config import output_fields, to_dict
+from pipeline.core.manifest import Manifest, begin_stage, require_manifest, write_manifest
+from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.training import (
     RunMetrics,
     epoch_file_order,
     report_checkpoint,
@@ -32,17 +36,66 @@ from pipeline.training import (
     train_run_config,
     train_worker_setup,
 )
-from pipeline.vae_training import (
-    TrainVAEConfig,
-    VAETrainState,
-    build_train_state,
-    psnr,
-    reconstruction_grid,
-    vae_train_step,
-)
+from pipeline.formats.images import image_grid, save_png
+from pipeline.formats.shard_tar import IMAGE_EXTENSIONS, image_member, iter_tar
 
 FORMAT_VERSION = 1
-IMAGE_EXTENSIONS = ("png", "jpg", "webp")
+
+
+@dataclass
+class TrainVAEConfig:
+    section: ClassVar[str] = "train_vae"
+    # Execution knobs: where and how fast, not what is learned (not fingerprinted).
+    execution_fields: ClassVar[tuple[str, ...]] = (
+        "use_gpu", "cpus_per_worker", "threads_per_worker", "decode_cpus", "log_every",
+        "checkpoint_every", "num_to_keep", "max_failures", "val_images", "storage",
+    )  # fmt: skip
+
+    model_preset: str = "tiny"  # an RQVAEConfig preset ...
+    model: dict[str, Any] = field(default_factory=dict)  # ... and field overrides on top of it
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 4e-4
+    disc_lr: float = 4e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    warmup_steps: int = 50
+    random_flip: bool = True
+    shuffle_buffer: int = 1024  # rows; shards come in a new order each epoch (shuffled_batches)
+    seed: int = 0
+    grad_accum_steps: int = 1
+    num_workers: int = 1  # the global batch is batch_size x num_workers x grad_accum_steps
+    bf16: bool = True  # autocast on GPU
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int | None = None  # torch threads; default: Ray's (whole CPUs)
+    decode_cpus: float = 0.5  # per Ray Data decode task
+    log_every: int = 50
+    checkpoint_every: int = 200
+    num_to_keep: int = 2
+    max_failures: int = 0
+    val_images: int = 64
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def model_config(self) -> RQVAEConfig:
+        return RQVAEConfig.preset(self.model_preset, **self.model)
+
+    def preflight(self) -> None:
+        """Files this stage will need, checked before any stage of a run starts (and again
+        when the stage starts on its own): a missing LPIPS file fails now, not after sharding."""
+        if self.loss.perceptual_weight > 0:
+            from model.losses import PerceptualLoss
+
+            PerceptualLoss(self.loss.perceptual_weights_path or "")
+
+    def __post_init__(self) -> None:
+        self.model_config()  # unknown presets or keys fail at load time, not mid-run
+        if self.loss.perceptual_weights_path:  # a local file, opened by the Ray Train workers
+            self.loss.perceptual_weights_path = absolute(self.loss.perceptual_weights_path)
+        for name in ("steps", "batch_size", "log_every", "grad_accum_steps", "num_workers",
+                     "checkpoint_every"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -105,7 +158,7 @@ def validation_images(storage: Storage, shards_dir: str, resolution: int, count:
     images, rng = [], np.random.default_rng(0)
     for uri in tars:
         for _, parts in iter_tar(storage.read_bytes(uri)):
-            data = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+            data = image_member(parts)
             if data is not None:
                 with Image.open(io.BytesIO(data)) as image:
                     images.append(_to_square(image.convert("RGB"), resolution, rng))
@@ -141,6 +194,19 @@ def _load_checkpoint(state: VAETrainState, directory: str) -> int:
         state.loss.discriminator.load_state_dict(trainer["discriminator"])
         state.disc_optimizer.load_state_dict(trainer["disc_optimizer"])
     return int(trainer["step"])
+
+
+@torch.no_grad()
+def reconstruction_grid(
+    model: RQVAE, images: Tensor, uri: str, storage_options: dict | None = None
+) -> None:
+    """Originals on the first row, then reconstructions from depth 1 to D (coarse to fine)."""
+    was_training = model.training
+    model.eval()
+    codes = model.encode(images)
+    rows = [images] + [model.decode_codes(codes, d) for d in range(1, codes.shape[-1] + 1)]
+    save_png(image_grid(rows, scale=max(1, 96 // images.shape[-1])), uri, storage_options)
+    model.train(was_training)
 
 
 def train_vae_worker(loop_config: dict[str, Any]) -> None:

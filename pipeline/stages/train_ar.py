@@ -31,28 +31,27 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from model.quantizer import ResidualQuantizer
 from model.rqtransformer import RQTransformer, RQTransformerConfig
-from pipeline.checkpoint import load_state, save_state
-from pipeline.codes_table import table_metadata
-from pipeline.config import output_fields, to_dict
-from pipeline.manifest import (
+from model.training import ar_train_step, build_optimizer, soft_quantizer, validation_loss
+from pipeline.core.checkpoint import load_state, save_state
+from pipeline.core.config import output_fields, to_dict
+from pipeline.core.manifest import (
     Manifest,
     begin_stage,
     require_manifest,
     vae_fingerprint,
     write_manifest,
 )
-from pipeline.storage import Storage, StorageConfig, absolute, join
-from pipeline.training import (
+from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.training import (
     RunMetrics,
     epoch_file_order,
     report_checkpoint,
     shuffled_batches,
     train_run_config,
     train_worker_setup,
-    warmup_cosine,
 )
+from pipeline.formats.codes_table import table_metadata
 
 FORMAT_VERSION = 1
 TARGETS = ("hard", "soft")
@@ -202,101 +201,6 @@ def validation_rows(storage: Storage, tables: CodeTables, count: int,
     return {k: np.concatenate([a[k] for a in arrays])[:count] for k in arrays[0]}
 
 
-# -- model and one step ---------------------------------------------------------------------------
-
-
-def build_optimizer(model: RQTransformer, config: TrainARConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on the Linear layers' weight matrices only: embeddings (class,
-    position, depth), LayerNorms and biases are not decayed, as in the official recipe."""
-    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if id(p) in decay_ids]
-    other = [p for p in trainable if id(p) not in decay_ids]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": other, "weight_decay": 0.0}]  # fmt: skip
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
-
-
-def soft_quantizer(code_embeddings: torch.Tensor, depth: int) -> ResidualQuantizer:
-    """A quantizer holding the frozen codebook (D or 1, K, C): soft codes from latents."""
-    books, k, c = code_embeddings.shape
-    quantizer = ResidualQuantizer(c, k, depth, shared_codebook=books == 1)
-    quantizer.codebooks.copy_(code_embeddings)
-    return quantizer.eval()
-
-
-def ar_train_step(
-    forward: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: list[dict[str, torch.Tensor]],
-    step: int,
-    config: TrainARConfig,
-    conditional: bool,
-    quantizer: ResidualQuantizer | None,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """One optimisation step over micro-batches of {"codes" (B, H, W, D), "label" (B,),
-    ["latents" (B, H, W, C)]} -> scalar metrics."""
-    scale = warmup_cosine(step, config.steps, config.warmup_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = config.lr * scale
-    optimizer.zero_grad(set_to_none=True)
-    n, total, per_depth = len(micro_batches), 0.0, None
-    for batch in micro_batches:
-        codes, targets = batch["codes"].long(), None
-        if quantizer is not None:
-            codes, targets = quantizer.soft_codes(batch["latents"].float(),
-                                                  config.soft_temperature, generator=generator)  # fmt: skip
-        labels = batch["label"].long() if conditional else None
-        on_gpu = codes.device.type == "cuda"
-        with torch.autocast(codes.device.type, torch.bfloat16, enabled=on_gpu and config.bf16):
-            logits = forward(codes, labels)  # (B, H, W, D, K)
-        loss, depth_loss = RQTransformer.loss(logits, codes, targets)
-        (loss / n).backward()
-        total += loss.item() / n
-        depth_loss = depth_loss.detach() / n
-        per_depth = depth_loss if per_depth is None else per_depth + depth_loss
-    grad_norm = torch.nn.utils.clip_grad_norm_(forward.parameters(), config.grad_clip)
-    optimizer.step()
-    terms = {"loss": total, "lr": config.lr * scale, "grad_norm": float(grad_norm)}
-    for d, value in enumerate(per_depth.tolist()):
-        terms[f"loss_d{d + 1}"] = value
-    return terms
-
-
-@torch.no_grad()
-def validation_loss(
-    model: RQTransformer,
-    val: dict[str, torch.Tensor],
-    conditional: bool,
-    quantizer: ResidualQuantizer | None,
-    config: TrainARConfig,
-) -> dict[str, float]:
-    """The held-out loss on the targets training uses: {"val_loss"}; with soft targets also
-    {"val_loss_hard"}, the NLL of the stored (argmin) codes. Soft codes are drawn with a fixed
-    seed, so the figure moves only when the model does."""
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(val["codes"].device).manual_seed(0)
-    sums = {"val_loss": 0.0, "val_loss_hard": 0.0}
-    for start in range(0, len(val["codes"]), 64):
-        codes = val["codes"][start : start + 64].long()
-        labels = val["label"][start : start + 64] if conditional else None
-        hard = RQTransformer.loss(model(codes, labels), codes)[0]
-        sums["val_loss_hard"] += hard.item() * len(codes)
-        if quantizer is not None:
-            latents = val["latents"][start : start + 64].float()
-            soft_codes, targets = quantizer.soft_codes(latents, config.soft_temperature,
-                                                       generator=generator)  # fmt: skip
-            loss = RQTransformer.loss(model(soft_codes, labels), soft_codes, targets)[0]
-            sums["val_loss"] += loss.item() * len(codes)
-    model.train(was_training)
-    out = {k: v / len(val["codes"]) for k, v in sums.items()}
-    if quantizer is None:
-        out["val_loss"] = out.pop("val_loss_hard")  # the same targets as training: one figure
-    return out
-
-
 # -- the per-worker loop --------------------------------------------------------------------------
 
 
@@ -313,7 +217,7 @@ class SamplePreview:
 
     @torch.no_grad()
     def write(self, model: RQTransformer, uris: list[str], storage_options: dict) -> None:
-        from pipeline.visualize import image_grid, save_png
+        from pipeline.formats.images import image_grid, save_png
 
         was_training = model.training
         model.eval()

@@ -32,17 +32,17 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from pipeline.codes_table import codes_table, finished_table, to_parquet_bytes
-from pipeline.config import output_fields, to_dict
-from pipeline.manifest import (
+from pipeline.core.config import output_fields, to_dict
+from pipeline.core.manifest import (
     Manifest,
     begin_stage,
     model_fingerprint,
     vae_fingerprint,
     write_manifest,
 )
-from pipeline.shard import Progress
-from pipeline.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.progress import Progress
+from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.formats.codes_table import codes_table, finished_table, to_parquet_bytes
 
 FORMAT_VERSION = 1
 
@@ -125,7 +125,7 @@ class ChunkSampler:
                config: SampleConfig, out_dir: str, vae_fp: str, stage_fp: str) -> dict[str, Any]:  # fmt: skip
         import torch
 
-        from pipeline.visualize import to_uint8
+        from pipeline.formats.images import to_uint8
 
         started = time.time()
         generator = torch.Generator(self.device).manual_seed(chunk_seed(config.seed, chunk))
@@ -176,7 +176,7 @@ def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_
     """grid-{label}.png per label (grid.png when unconditional): its first grid_size samples."""
     import torch
 
-    from pipeline.visualize import image_grid, save_png
+    from pipeline.formats.images import image_grid, save_png
 
     written = []
     for label in sorted(set(labels), key=lambda v: -1 if v is None else v):

@@ -1,0 +1,208 @@
+"""One optimisation step of each model, and the figures training reports: Ray-free torch.
+
+The stages (pipeline/stages/train_vae.py, train_ar.py) run these steps inside Ray Train
+workers; benchmarks and tests run them in a plain loop. `config` is the stage's config
+(TrainVAEConfig, TrainARConfig), read for its optimisation fields only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model.losses import VAELoss
+from model.quantizer import ResidualQuantizer
+from model.rqtransformer import RQTransformer
+from model.rqvae import RQVAE
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> float:
+    """Multiplier of the base learning rate: linear warmup, then cosine decay to min_ratio."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def psnr_per_image(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """(B,) PSNR in dB of (B, 3, H, W) reconstructions against images, both in [-1, 1]."""
+    mse = (recon.clamp(-1, 1) - images).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)  # peak-to-peak range 2 -> peak^2 = 4
+
+
+# -- RQ-VAE ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class VAETrainState:
+    model: RQVAE
+    loss: VAELoss
+    optimizer: torch.optim.Optimizer
+    disc_optimizer: torch.optim.Optimizer | None
+    forward: torch.nn.Module | None = None  # the model as called: a DDP wrapper, or None
+
+
+def build_train_state(config: Any) -> VAETrainState:
+    torch.manual_seed(config.seed)
+    model = RQVAE(config.model_config())
+    loss = VAELoss(config.loss, model.config.in_channels)
+    betas = tuple(config.betas)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas)
+    disc_optimizer = (
+        torch.optim.Adam(loss.discriminator.parameters(), lr=config.disc_lr, betas=betas)
+        if loss.discriminator is not None
+        else None
+    )
+    return VAETrainState(model.train(), loss, optimizer, disc_optimizer)
+
+
+def vae_train_step(
+    state: VAETrainState, micro_batches: list[Tensor], step: int, config: Any
+) -> dict[str, float]:
+    """One optimisation step over (B, 3, R, R) micro-batches in [-1, 1] -> scalar metrics."""
+    scale = warmup_cosine(step, config.steps, config.warmup_steps)
+    for group in state.optimizer.param_groups:
+        group["lr"] = config.lr * scale
+    forward = state.forward or state.model
+    use_gan = state.disc_optimizer is not None and state.loss.gan_active(step)
+    n = len(micro_batches)
+    terms: dict[str, float] = {}
+    recons, stats = [], []
+    state.optimizer.zero_grad(set_to_none=True)
+    for images in micro_batches:
+        with _autocast(images, config):
+            out = forward(images)
+            total, micro_terms = state.loss.generator_loss(
+                images, out.recon, out.commitment_loss, state.model.config.commitment_weight,
+                step, state.model.last_layer,
+            )  # fmt: skip
+        (total / n).backward()
+        recons.append(out.recon.detach())
+        stats.append((out.perplexity, out.usage))
+        for k, v in micro_terms.items():
+            terms[k] = terms.get(k, 0.0) + v / n
+    state.optimizer.step()
+    if use_gan:
+        state.disc_optimizer.zero_grad(set_to_none=True)
+        for images, recon in zip(micro_batches, recons, strict=True):
+            with _autocast(images, config):
+                d_loss, d_terms = state.loss.discriminator_loss(images, recon)
+            (d_loss / n).backward()
+            for k, v in d_terms.items():
+                terms[k] = terms.get(k, 0.0) + v / n
+        state.disc_optimizer.step()
+    terms["lr"] = config.lr * scale
+    perplexity, usage = stats[-1]
+    for d, (p, u) in enumerate(zip(perplexity.tolist(), usage.tolist(), strict=True)):
+        terms[f"perplexity_d{d + 1}"], terms[f"usage_d{d + 1}"] = p, u
+    return terms
+
+
+def _autocast(images: Tensor, config: Any) -> torch.autocast:
+    on_gpu = images.device.type == "cuda"
+    return torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=on_gpu and config.bf16)
+
+
+@torch.no_grad()
+def psnr(model: RQVAE, images: Tensor) -> float:
+    """Mean PSNR (dB) of full-depth reconstructions, images in [-1, 1] (peak-to-peak 2)."""
+    return psnr_per_image(model.decode_codes(model.encode(images)), images).mean().item()
+
+
+# -- RQ-Transformer -------------------------------------------------------------------------------
+
+
+def build_optimizer(model: RQTransformer, config: Any) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the Linear layers' weight matrices only: embeddings (class,
+    position, depth), LayerNorms and biases are not decayed, as in the official recipe."""
+    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if id(p) in decay_ids]
+    other = [p for p in trainable if id(p) not in decay_ids]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": other, "weight_decay": 0.0}]  # fmt: skip
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+
+
+def soft_quantizer(code_embeddings: torch.Tensor, depth: int) -> ResidualQuantizer:
+    """A quantizer holding the frozen codebook (D or 1, K, C): soft codes from latents."""
+    books, k, c = code_embeddings.shape
+    quantizer = ResidualQuantizer(c, k, depth, shared_codebook=books == 1)
+    quantizer.codebooks.copy_(code_embeddings)
+    return quantizer.eval()
+
+
+def ar_train_step(
+    forward: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    step: int,
+    config: Any,
+    conditional: bool,
+    quantizer: ResidualQuantizer | None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One optimisation step over micro-batches of {"codes" (B, H, W, D), "label" (B,),
+    ["latents" (B, H, W, C)]} -> scalar metrics."""
+    scale = warmup_cosine(step, config.steps, config.warmup_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * scale
+    optimizer.zero_grad(set_to_none=True)
+    n, total, per_depth = len(micro_batches), 0.0, None
+    for batch in micro_batches:
+        codes, targets = batch["codes"].long(), None
+        if quantizer is not None:
+            codes, targets = quantizer.soft_codes(batch["latents"].float(),
+                                                  config.soft_temperature, generator=generator)  # fmt: skip
+        labels = batch["label"].long() if conditional else None
+        on_gpu = codes.device.type == "cuda"
+        with torch.autocast(codes.device.type, torch.bfloat16, enabled=on_gpu and config.bf16):
+            logits = forward(codes, labels)  # (B, H, W, D, K)
+        loss, depth_loss = RQTransformer.loss(logits, codes, targets)
+        (loss / n).backward()
+        total += loss.item() / n
+        depth_loss = depth_loss.detach() / n
+        per_depth = depth_loss if per_depth is None else per_depth + depth_loss
+    grad_norm = torch.nn.utils.clip_grad_norm_(forward.parameters(), config.grad_clip)
+    optimizer.step()
+    terms = {"loss": total, "lr": config.lr * scale, "grad_norm": float(grad_norm)}
+    for d, value in enumerate(per_depth.tolist()):
+        terms[f"loss_d{d + 1}"] = value
+    return terms
+
+
+@torch.no_grad()
+def validation_loss(
+    model: RQTransformer,
+    val: dict[str, torch.Tensor],
+    conditional: bool,
+    quantizer: ResidualQuantizer | None,
+    config: Any,
+) -> dict[str, float]:
+    """The held-out loss on the targets training uses: {"val_loss"}; with soft targets also
+    {"val_loss_hard"}, the NLL of the stored (argmin) codes. Soft codes are drawn with a fixed
+    seed, so the figure moves only when the model does."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(val["codes"].device).manual_seed(0)
+    sums = {"val_loss": 0.0, "val_loss_hard": 0.0}
+    for start in range(0, len(val["codes"]), 64):
+        codes = val["codes"][start : start + 64].long()
+        labels = val["label"][start : start + 64] if conditional else None
+        hard = RQTransformer.loss(model(codes, labels), codes)[0]
+        sums["val_loss_hard"] += hard.item() * len(codes)
+        if quantizer is not None:
+            latents = val["latents"][start : start + 64].float()
+            soft_codes, targets = quantizer.soft_codes(latents, config.soft_temperature,
+                                                       generator=generator)  # fmt: skip
+            loss = RQTransformer.loss(model(soft_codes, labels), soft_codes, targets)[0]
+            sums["val_loss"] += loss.item() * len(codes)
+    model.train(was_training)
+    out = {k: v / len(val["codes"]) for k, v in sums.items()}
+    if quantizer is None:
+        out["val_loss"] = out.pop("val_loss_hard")  # the same targets as training: one figure
+    return out

@@ -1,0 +1,45 @@
+"""The shards' file format: WebDataset tars, one sample per key ({key}.{ext} members).
+
+The shard stage writes them; train-vae and encode read them.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+
+IMAGE_EXTENSIONS = ("png", "jpg", "webp")  # the members that hold a sample's image
+
+
+def tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
+    """A tar of (name, bytes) that is the same bytes for the same files: fixed owners,
+    modes and mtimes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def iter_tar(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a WebDataset tar, in archive order."""
+    groups: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            directory, _, base = member.name.rpartition("/")
+            stem, _, ext = base.partition(".")  # WebDataset: the key ends at the first dot
+            key = f"{directory}/{stem}" if directory else stem
+            groups.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+    yield from groups.items()
+
+
+def image_member(parts: dict[str, bytes]) -> bytes | None:
+    """The encoded image of one sample (its members by extension), or None when it has none."""
+    return next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)

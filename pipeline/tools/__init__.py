@@ -1,0 +1,2 @@
+"""What users run around the stages: code statistics, queries and decoding over the code
+tables, and weight converters (LPIPS)."""
