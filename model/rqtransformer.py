@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.quantizer import embed_codes
+from model.sampling import SamplingPlan, one_per_depth
 from model.serialization import ModelConfig, Pretrained
 
 # The paper's ImageNet 256x256 class-conditional models (8x8x4 codes, K = 16384). Every field
@@ -155,64 +156,6 @@ class Stack(nn.Module):
         return [KVCache(batch, heads, capacity, head_dim, like) for _ in self.blocks]
 
 
-def sample_logits(
-    logits: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """(N, K) logits -> (N,) sampled indices after temperature, top-k and nucleus filtering."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keeps at least the best
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def _per_depth(value: Any, depth: int, name: str) -> list[Any]:
-    if isinstance(value, list | tuple):
-        if len(value) != depth:
-            raise ValueError(
-                f"{name} has {len(value)} entries; give one or one per depth ({depth})"
-            )
-        return list(value)
-    return [value] * depth
-
-
-@dataclass
-class _SamplingPlan:
-    """What both samplers need per token: guidance and filtering for each depth."""
-
-    batch: int  # samples asked for
-    labels: Tensor | None  # (rows,): labels, then null labels when guided
-    temperature: float
-    top_ks: list[int | None]
-    top_ps: list[float | None]
-    cfg_scale: float
-    generator: torch.Generator | None
-
-    @property
-    def rows(self) -> int:
-        return self.labels.shape[0] if self.labels is not None else self.batch
-
-    def pick(self, logits: Tensor, depth: int) -> Tensor:
-        """(rows, K) logits -> (batch,) codes, guided when cfg_scale != 1."""
-        if self.cfg_scale != 1.0:
-            cond, uncond = logits[: self.batch], logits[self.batch :]
-            logits = uncond + self.cfg_scale * (cond - uncond)
-        return sample_logits(logits, self.temperature, self.top_ks[depth], self.top_ps[depth],
-                             self.generator)  # fmt: skip
-
-
 class RQTransformer(Pretrained, nn.Module):
     model_type = "rqtransformer"
     config_class = RQTransformerConfig
@@ -325,7 +268,7 @@ class RQTransformer(Pretrained, nn.Module):
         top_p: float | list[float | None] | None,
         cfg_scale: float,
         generator: torch.Generator | None,
-    ) -> _SamplingPlan:
+    ) -> SamplingPlan:
         device = self.pos_embedding.device
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long, device=device)
@@ -339,8 +282,8 @@ class RQTransformer(Pretrained, nn.Module):
                 raise ValueError("cfg_scale needs labels: guidance contrasts them with no label")
             labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
         depth = self.config.depth
-        return _SamplingPlan(batch, labels, temperature, _per_depth(top_k, depth, "top_k"),
-                             _per_depth(top_p, depth, "top_p"), cfg_scale, generator)  # fmt: skip
+        return SamplingPlan(batch, labels, temperature, one_per_depth(top_k, depth, "top_k"),
+                             one_per_depth(top_p, depth, "top_p"), cfg_scale, generator)  # fmt: skip
 
     @torch.no_grad()
     def generate(
@@ -365,7 +308,7 @@ class RQTransformer(Pretrained, nn.Module):
                                    generator)  # fmt: skip
         return self._generate_cached(plan) if use_cache else self._generate_uncached(plan)
 
-    def _generate_cached(self, plan: _SamplingPlan) -> Tensor:
+    def _generate_cached(self, plan: SamplingPlan) -> Tensor:
         """KV caches in both transformers: one spatial step per position, D depth steps in it."""
         batch, rows = plan.batch, plan.rows
         h, w, d = self.config.code_shape
@@ -394,7 +337,7 @@ class RQTransformer(Pretrained, nn.Module):
                 x = (self.proj_spatial(partial) + self.pos_embedding[t + 1]).unsqueeze(1)
         return codes.reshape(batch, h, w, d)
 
-    def _generate_uncached(self, plan: _SamplingPlan) -> Tensor:
+    def _generate_uncached(self, plan: SamplingPlan) -> Tensor:
         h, w, d = self.config.code_shape
         codes = torch.zeros(plan.rows, h, w, d, dtype=torch.long, device=self.pos_embedding.device)
         for t in range(h * w):

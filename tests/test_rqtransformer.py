@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from model.rqtransformer import RQTransformer, RQTransformerConfig, sample_logits
+from model.rqtransformer import RQTransformer, RQTransformerConfig
+from model.sampling import sample_logits
 
 
 def small(code_shape=(3, 3, 3), k=32, classes=4, books=1, **kw) -> RQTransformer:

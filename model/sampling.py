@@ -1,0 +1,68 @@
+"""How a code is drawn from logits: temperature, top-k and nucleus (top-p) filtering, each
+settable per depth, and classifier-free guidance. Used by RQTransformer.generate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def sample_logits(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """(N, K) logits -> (N,) sampled indices after temperature, top-k and nucleus filtering."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keeps at least the best
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def one_per_depth(value: Any, depth: int, name: str) -> list[Any]:
+    if isinstance(value, list | tuple):
+        if len(value) != depth:
+            raise ValueError(
+                f"{name} has {len(value)} entries; give one or one per depth ({depth})"
+            )
+        return list(value)
+    return [value] * depth
+
+
+@dataclass
+class SamplingPlan:
+    """What both samplers need per token: guidance and filtering for each depth."""
+
+    batch: int  # samples asked for
+    labels: Tensor | None  # (rows,): labels, then null labels when guided
+    temperature: float
+    top_ks: list[int | None]
+    top_ps: list[float | None]
+    cfg_scale: float
+    generator: torch.Generator | None
+
+    @property
+    def rows(self) -> int:
+        return self.labels.shape[0] if self.labels is not None else self.batch
+
+    def pick(self, logits: Tensor, depth: int) -> Tensor:
+        """(rows, K) logits -> (batch,) codes, guided when cfg_scale != 1."""
+        if self.cfg_scale != 1.0:
+            cond, uncond = logits[: self.batch], logits[self.batch :]
+            logits = uncond + self.cfg_scale * (cond - uncond)
+        return sample_logits(logits, self.temperature, self.top_ks[depth], self.top_ps[depth],
+                             self.generator)  # fmt: skip
