@@ -3,13 +3,15 @@
 1. Demo data: the demo's RQ-VAE recipe (configs/demo.yaml, train_vae) on the demo's images,
    validation PSNR per depth, beside a plain conv autoencoder with a continuous latent.
 2. Real photographs (scikit-image's bundled photos; crops of some photos train, crops of the
-   others validate): RQ 8x8x4 against VQ 8x8x1 and VQ 16x16x1 at the same K and steps, the
-   paper's rate-distortion claim. PSNR at each depth 1..D goes to a PNG.
+   others validate): RQ 8x8x4 against VQ 8x8x1 at the same K and steps for K = 16, 64, 256,
+   and VQ 16x16x1: the paper's rate-distortion claim. PSNR at each depth 1..D goes to a PNG.
+3. (--part photos-ablation) where the RQ - VQ gap goes: loss, per-depth codebooks, width, and
+   the same autoencoder with no quantizer.
 
 The training loop is the stage's own step (model/training.py vae_train_step) without
 Ray, on one process. Figures only: nothing here asserts on time or quality.
 
-    .venv/bin/python bench/vae_quality.py                   # both parts, ~8 min on 2 cores
+    .venv/bin/python bench/vae_quality.py                   # parts 1-2, ~25 min on 2 cores
     .venv/bin/python bench/vae_quality.py --part photos --steps 400
     .venv/bin/python bench/vae_quality.py --part photos-ablation   # where the RQ - VQ gap goes
 """
@@ -30,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model.losses import reconstruction_loss
 from model.rqvae import RQVAE
 from model.training import build_train_state, psnr_per_image, vae_train_step, warmup_cosine
 from pipeline.core.config import load_config
@@ -153,7 +156,8 @@ def continuous_ceiling(config: TrainVAEConfig, batches: Callable[[int], torch.Te
         for group in optimizer.param_groups:
             group["lr"] = config.lr * warmup_cosine(step, config.steps, config.warmup_steps)
         x = batches(step)
-        loss = (model.decode_latents(model.encode_latents(x)) - x).abs().mean()
+        recon = model.decode_latents(model.encode_latents(x))
+        loss = reconstruction_loss(recon, x, config.loss.recon_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -192,62 +196,69 @@ def demo_part(steps: int | None, out: Path) -> dict:
     return {"per_depth": per_depth, "curve": curve, "baseline": baseline, "seconds": seconds}
 
 
-PHOTO_MODELS = {  # the same tiny autoencoder, K = 256; only the code shape differs
-    "RQ 8x8x4": {},
-    "VQ 8x8x1": {"code_depth": 1},
-    "VQ 16x16x1": {"code_depth": 1, "ch_mult": [1, 2], "attn_resolutions": [16]},
-}
-
-
-def photos_part(steps: int, out: Path, codebook_size: int = 256) -> dict:
+def photos_part(steps: int, out: Path, codebook_sizes: list[int]) -> dict:
+    """RQ 8x8x4 against VQ 8x8x1 at each K (same autoencoder, recipe and steps), and VQ
+    16x16x1 at the largest K: the same bits as RQ 8x8x4 spent on a finer grid."""
     train_photos, val_photos = photos(TRAIN_PHOTOS), photos(VAL_PHOTOS)
     val = random_crops(val_photos, 128, np.random.default_rng(123))
-    results = {}
-    for name, model_overrides in PHOTO_MODELS.items():
-        config = demo_config(steps=steps, model={**model_overrides, "codebook_size": codebook_size})
+    runs = [(k, "RQ 8x8x4", {}) for k in codebook_sizes]
+    runs += [(k, "VQ 8x8x1", {"code_depth": 1}) for k in codebook_sizes]
+    runs += [(max(codebook_sizes), "VQ 16x16x1",
+              {"code_depth": 1, "ch_mult": [1, 2], "attn_resolutions": [16]})]  # fmt: skip
+    results: dict[tuple[int, str], dict] = {}
+    for k, name, model_overrides in runs:
+        config = demo_config(steps=steps, model={**model_overrides, "codebook_size": k})
         rng, batch = np.random.default_rng(0), config.batch_size
         model, curve, seconds = train(
             config, lambda _, rng=rng, batch=batch: random_crops(train_photos, batch, rng), val,
             eval_every=max(1, steps // 4),
         )  # fmt: skip
-        results[name] = {"per_depth": depth_psnr(model, val), "curve": curve,
-                         "seconds": seconds, "code_shape": model.config.code_shape}  # fmt: skip
-        print(f"{name}: {results[name]['per_depth'][-1]:.2f} dB ({seconds:.0f} s)", flush=True)
-    rq, vq8 = results["RQ 8x8x4"]["per_depth"][-1], results["VQ 8x8x1"]["per_depth"][-1]
+        results[(k, name)] = {"per_depth": depth_psnr(model, val), "curve": curve,
+                              "seconds": seconds, "code_shape": model.config.code_shape}  # fmt: skip
+        print(f"K {k} {name}: {results[(k, name)]['per_depth'][-1]:.2f} dB ({seconds:.0f} s)",
+              flush=True)  # fmt: skip
     print(f"\n## real photographs: {len(TRAIN_PHOTOS)} photos train, {len(VAL_PHOTOS)} others "
-          f"validate (128 crops of 32x32), K = {codebook_size}, {steps} steps each")  # fmt: skip
-    print("| codes | bits per image | val PSNR (dB) | per depth |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
+          f"validate (128 crops of 32x32), {steps} steps each")  # fmt: skip
+    print("| K | codes | bits per image | val PSNR (dB) | per depth |")
+    print("|---|---|---:|---:|---|")
+    for (k, name), r in results.items():
         h, w, d = r["code_shape"]
         depths = " / ".join(f"{p:.2f}" for p in r["per_depth"])
-        bits = h * w * d * math.log2(codebook_size)
-        print(f"| {name} | {bits:.0f} | {r['per_depth'][-1]:.2f} | {depths} |")
-    print(f"RQ 8x8x4 - VQ 8x8x1 = {rq - vq8:+.2f} dB")
-    plot_depths(results, out / f"vae-quality-depths-k{codebook_size}.png", codebook_size)
+        bits = h * w * d * math.log2(k)
+        print(f"| {k} | {name} | {bits:.0f} | {r['per_depth'][-1]:.2f} | {depths} |")
+    for k in codebook_sizes:
+        gap = results[(k, "RQ 8x8x4")]["per_depth"][-1] - results[(k, "VQ 8x8x1")]["per_depth"][-1]
+        print(f"K {k}: RQ 8x8x4 - VQ 8x8x1 = {gap:+.2f} dB")
+    plot_depths(results, codebook_sizes, out / "vae-quality-depths.png")
     return results
 
 
-PHOTO_ABLATION = {  # name -> (model overrides of the RQ 8x8x4 row; the VQ row uses depth 1)
-    "recipe (ch 32, shared codebook)": {},
-    "per-depth codebooks": {"shared_codebook": False},
-    "wider autoencoder (ch 64)": {"ch": 64},
+# name -> (RQVAEConfig overrides, TrainVAEConfig overrides, what to train). The VQ row is the
+# same autoencoder at depth 1; "ceiling" the same autoencoder with no quantizer.
+PHOTO_ABLATION = {
+    "recipe (L1, ch 32)": ({}, {}, ("rq", "vq", "ceiling")),
+    "per-depth codebooks": ({"shared_codebook": False}, {}, ("rq",)),
+    "MSE loss": ({}, {"loss.recon_loss": "mse"}, ("rq", "vq", "ceiling")),
+    "MSE loss, codes only": ({}, {"loss.recon_loss": "mse"}, ("rq", "vq")),  # for a K sweep
+    "MSE loss, ch 64": ({"ch": 64}, {"loss.recon_loss": "mse"}, ("rq", "vq", "ceiling")),
 }
 
 
-def photos_ablation(steps: int, codebook_size: int = 256) -> dict:
-    """Where the RQ - VQ gap goes: each row trains RQ 8x8x4, VQ 8x8x1 and the same autoencoder
-    with no quantizer (the continuous ceiling) on the photos, validated as in photos_part."""
+def photos_ablation(steps: int, codebook_size: int = 256, rows: list[str] | None = None) -> dict:
+    """Where the RQ - VQ gap goes: each row trains RQ 8x8x4, VQ 8x8x1 and/or the same
+    autoencoder with no quantizer (the continuous ceiling) on the photos, validated as in
+    photos_part."""
     train_photos, val_photos = photos(TRAIN_PHOTOS), photos(VAL_PHOTOS)
     val = random_crops(val_photos, 128, np.random.default_rng(123))
-    rows = {}
-    for name, overrides in PHOTO_ABLATION.items():
+    results = {}
+    for name in rows or list(PHOTO_ABLATION):
+        model_overrides, overrides, kinds = PHOTO_ABLATION[name]
         row = {}
-        for kind, extra in (("rq", {}), ("vq", {"code_depth": 1}), ("ceiling", None)):
-            if kind == "vq" and "shared_codebook" in overrides:
-                continue  # one depth: nothing to share
-            model = {**overrides, **(extra or {}), "codebook_size": codebook_size}
-            config = demo_config(steps=steps, model=model)
+        for kind in kinds:
+            model = {**model_overrides, "codebook_size": codebook_size}
+            if kind == "vq":
+                model["code_depth"] = 1
+            config = demo_config(steps=steps, model=model, **overrides)
             rng, batch = np.random.default_rng(0), config.batch_size
             batches = lambda _, rng=rng, batch=batch: random_crops(train_photos, batch, rng)  # noqa: E731
             started = time.time()
@@ -256,35 +267,47 @@ def photos_ablation(steps: int, codebook_size: int = 256) -> dict:
             else:
                 row[kind] = depth_psnr(train(config, batches, val, eval_every=steps)[0], val)
             print(f"{name} / {kind}: {row[kind]} ({time.time() - started:.0f} s)", flush=True)
-        rows[name] = row
+        results[name] = row
     print(f"\n## photos ablation: K = {codebook_size}, {steps} steps each")
     print("| setting | RQ 8x8x4 (per depth) | VQ 8x8x1 | RQ - VQ | no quantizer (ceiling) |")
     print("|---|---|---:|---:|---:|")
-    for name, row in rows.items():
-        rq = row["rq"]
-        vq = f"{row['vq'][-1]:.2f}" if "vq" in row else "-"
-        gap = f"{rq[-1] - row['vq'][-1]:+.2f}" if "vq" in row else "-"
-        print(f"| {name} | {rq[-1]:.2f} ({' / '.join(f'{p:.2f}' for p in rq)}) | {vq} | {gap} "
-              f"| {row['ceiling'][0]:.2f} |")  # fmt: skip
-    return rows
+    for name, row in results.items():
+        cells = ["-"] * 4
+        if "rq" in row:
+            cells[0] = f"{row['rq'][-1]:.2f} ({' / '.join(f'{p:.2f}' for p in row['rq'])})"
+        if "vq" in row:
+            cells[1] = f"{row['vq'][-1]:.2f}"
+        if "rq" in row and "vq" in row:
+            cells[2] = f"{row['rq'][-1] - row['vq'][-1]:+.2f}"
+        if "ceiling" in row:
+            cells[3] = f"{row['ceiling'][0]:.2f}"
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    return results
 
 
-def plot_depths(results: dict, path: Path, codebook_size: int) -> None:
+def plot_depths(results: dict, codebook_sizes: list[int], path: Path) -> None:
+    """PSNR of RQ's first d codes against d, one line per K, with VQ 8x8x1 at each K (dashed,
+    same colour) and VQ 16x16x1 (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    rq = results["RQ 8x8x4"]["per_depth"]
-    ax.plot(range(1, len(rq) + 1), rq, "o-", label="RQ 8x8x4: first d codes")
-    for name, style in (("VQ 8x8x1", "--"), ("VQ 16x16x1", ":")):
-        ax.axhline(results[name]["per_depth"][-1], linestyle=style, color="grey", label=name)
-    ax.set_xlabel("code depth d")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for i, k in enumerate(codebook_sizes):
+        colour = f"C{i}"
+        rq = results[(k, "RQ 8x8x4")]["per_depth"]
+        ax.plot(range(1, len(rq) + 1), rq, "o-", color=colour, label=f"RQ 8x8x4, K {k}")
+        ax.axhline(results[(k, "VQ 8x8x1")]["per_depth"][-1], linestyle="--", color=colour,
+                   label=f"VQ 8x8x1, K {k}")  # fmt: skip
+    k = max(codebook_sizes)
+    ax.axhline(results[(k, "VQ 16x16x1")]["per_depth"][-1], linestyle=":", color="grey",
+               label=f"VQ 16x16x1, K {k}")  # fmt: skip
+    ax.set_xlabel("code depth d (RQ: the first d codes)")
     ax.set_ylabel("validation PSNR (dB)")
-    ax.set_xticks(range(1, len(rq) + 1))
-    ax.set_title(f"Real photos, 32x32 crops, K = {codebook_size}")
-    ax.legend()
+    ax.set_xticks(range(1, 5))
+    ax.set_title("Real photos, 32x32 crops")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     print(f"wrote {path}")
@@ -297,8 +320,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (default: the demo config's for demo, 1500 photos)")  # fmt: skip
     parser.add_argument("--out", default="runs/bench", help="where the PNGs go")
-    parser.add_argument("--codebook-size", type=int, default=256, help="K, for the photos part")
+    parser.add_argument("--codebook-sizes", type=int, nargs="+", default=[16, 64, 256],
+                        help="K values of the photos part and its ablation (the ablation: first)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", nargs="*", choices=list(PHOTO_ABLATION), default=None,
+                        help="photos-ablation rows to run (default: all)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -306,9 +332,9 @@ def main() -> None:
     if args.part in ("demo", "all"):
         demo_part(args.steps, out)
     if args.part in ("photos", "all"):
-        photos_part(args.steps or 1500, out, args.codebook_size)
+        photos_part(args.steps or 1500, out, args.codebook_sizes)
     if args.part == "photos-ablation":
-        photos_ablation(args.steps or 1500, args.codebook_size)
+        photos_ablation(args.steps or 1500, args.codebook_sizes[0], args.rows)
 
 
 if __name__ == "__main__":
