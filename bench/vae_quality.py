@@ -240,7 +240,7 @@ PHOTO_ABLATION = {
     "per-depth codebooks": ({"shared_codebook": False}, {}, ("rq",)),
     "MSE loss": ({}, {"loss.recon_loss": "mse"}, ("rq", "vq", "ceiling")),
     "MSE loss, codes only": ({}, {"loss.recon_loss": "mse"}, ("rq", "vq")),  # for a K sweep
-    "MSE loss, ch 64": ({"ch": 64}, {"loss.recon_loss": "mse"}, ("rq", "vq", "ceiling")),
+    "MSE loss, ch 64": ({"ch": 64}, {"loss.recon_loss": "mse"}, ("rq", "vq")),
 }
 
 
