@@ -263,9 +263,8 @@ class ResidualQuantizer(nn.Module):
             self._kmeans_initialize(z_flat.detach())
 
         codes, residual_inputs = self._quantize_flat(z_flat, keep_residuals=self.training)
-        partial = embed_codes(self.codebooks, codes).cumsum(
-            dim=1
-        )  # (N, D, C): sum of first d+1 codes
+        # (N, D, C): at depth d, the sum of the first d+1 code embeddings
+        partial = embed_codes(self.codebooks, codes).cumsum(dim=1)
         commitment = (z_flat.unsqueeze(1) - partial.detach()).pow(2).mean()
         quantized = partial[:, -1]
         # Straight-through: forward value is the quantized sum, gradient flows to z.

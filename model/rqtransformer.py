@@ -224,9 +224,8 @@ class RQTransformer(Pretrained, nn.Module):
             dropped = torch.rand(b, device=codes.device) < self.config.label_dropout
             labels = labels.masked_fill(dropped, self.null_label)
         flat = codes.reshape(b, h * w, d)  # (B, T, D)
-        partial = embed_codes(self.code_embeddings, flat).cumsum(
-            dim=2
-        )  # (B, T, D, C): sums of first d+1 codes
+        # (B, T, D, C): at depth d, the sum of the first d+1 code embeddings
+        partial = embed_codes(self.code_embeddings, flat).cumsum(dim=2)
 
         start = self._start(labels, b, codes.device).unsqueeze(1)  # (B, 1, E)
         shifted = self.proj_spatial(partial[:, :-1, -1])  # (B, T-1, E): full sums of t-1
