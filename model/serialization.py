@@ -111,3 +111,21 @@ class Pretrained:
         model = cls._build(cls.config_class.from_dict(config), state)
         model.load_state_dict(state)
         return model.eval()
+
+
+def architecture_changes(found: dict[str, Any], expected: Any) -> list[str]:
+    """The config fields in which a saved model (`found`, its config.json) differs from the
+    `expected` dataclass config, as "field: saved -> expected" lines."""
+    wanted = json.loads(json.dumps(dataclasses.asdict(expected)))
+    return [f"{k}: {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k) != v]
+
+
+def init_from_pretrained(module: Pretrained, uri: str, storage_options: dict | None = None) -> None:
+    """Fine-tuning's start: the weights (and buffers) of the saved model at `uri`, which must
+    have `module`'s architecture, loaded into `module`."""
+    config, state = load_pretrained(uri, module.model_type, "cpu", storage_options)
+    changes = architecture_changes(config, module.config)
+    if changes:
+        raise ValueError(f"init_from={uri} is a model of another architecture "
+                         f"({'; '.join(changes)}): give a model with this config")  # fmt: skip
+    module.load_state_dict(state)

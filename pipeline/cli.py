@@ -7,6 +7,7 @@ import json
 import sys
 
 from pipeline.core.config import ConfigError, load_config
+from pipeline.core.lease import StageBusy
 from pipeline.core.manifest import StageConflict
 from pipeline.core.storage import Storage, StorageConfig, redact, unreachable_endpoint
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rqpipe: configuration error: {e}", file=sys.stderr)
         return 2
-    except (StageConflict, FileNotFoundError, ValueError, KeyError) as e:
+    except (StageConflict, StageBusy, FileNotFoundError, ValueError, KeyError) as e:
         if (endpoint := unreachable_endpoint(e, _configured_storage(args))) is None:
             print(f"rqpipe {args.command}: {redact(str(e))}", file=sys.stderr)
             return 1

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -5,8 +6,8 @@ import pytest
 from pipeline.core.manifest import (
     Manifest,
     StageConflict,
+    begin_stage,
     read_manifest,
-    stage_status,
     write_manifest,
 )
 from pipeline.core.storage import Storage, StorageConfig, redact
@@ -39,20 +40,62 @@ def test_write_read_list_glob_exists(root):
     assert [uri for uri, _ in storage.list_files(base)] == [f"{base}/b/z.tar"]
 
 
+def _finish(storage, base, planned):
+    planned.units, planned.counts = [{"name": "a.tar", "rows": 3, "bytes": 10}], {"ok": 3}
+    write_manifest(storage, base, planned)
+
+
 def test_manifest_protocol(root):
     base, storage = root
     planned = Manifest("shard", 1, {"image_size": 32, "encoding": "png"}, {})
-    assert stage_status(storage, base, planned) == "resume"
-    planned.units, planned.counts = [{"name": "a.tar", "rows": 3, "bytes": 10}], {"ok": 3}
-    write_manifest(storage, base, planned)
+    assert begin_stage(storage, base, planned) is None  # nothing there: run
+    _finish(storage, base, planned)
     assert read_manifest(storage, base) == planned
-    assert stage_status(storage, base, Manifest("shard", 1, dict(planned.config), {})) == (
-        "up_to_date"
-    )
+    same = Manifest("shard", 1, dict(planned.config), {})
+    assert begin_stage(storage, base, same) == planned  # up to date
     changed = Manifest("shard", 1, {"image_size": 64, "encoding": "png"}, {"vae": "abc"})
     with pytest.raises(StageConflict, match=r"image_size: 32 -> 64; upstream vae changed"):
-        stage_status(storage, base, changed)
-    assert stage_status(storage, base, changed, overwrite=True) == "overwrite"
+        begin_stage(storage, base, changed)
+    storage.write_bytes(f"{base}/_lease.json", b"{}")  # held by the caller: kept
+    assert begin_stage(storage, base, changed, overwrite=True) is None
+    assert read_manifest(storage, base) is None
+    assert [u.rsplit("/", 1)[-1] for u, _ in storage.list_files(base)] == ["_lease.json",
+                                                                          "_started.json"]  # fmt: skip
+
+
+def test_an_unfinished_stage_resumes_only_with_its_config(root):
+    base, storage = root
+    started = Manifest("train-vae", 1, {"lr": 1e-3, "steps": 100, "num_workers": 1}, {"shard": "s"})
+    assert begin_stage(storage, base, started, resumable=("steps", "num_workers")) is None
+    other_lr = Manifest("train-vae", 1, {**started.config, "lr": 2e-3}, {"shard": "s"})
+    with pytest.raises(StageConflict, match=r"unfinished train-vae .* lr: 0.001 -> 0.002"):
+        begin_stage(storage, base, other_lr, resumable=("steps", "num_workers"))
+    fewer = Manifest("train-vae", 1, {**started.config, "steps": 50}, {"shard": "s"})
+    with pytest.raises(StageConflict, match=r"steps: 100 -> 50"):
+        begin_stage(storage, base, fewer, resumable=("steps", "num_workers"))
+    # Safe changes continue, and are recorded.
+    more = Manifest("train-vae", 1, {**started.config, "steps": 200, "num_workers": 2},
+                    {"shard": "s"})  # fmt: skip
+    assert begin_stage(storage, base, more, resumable=("steps", "num_workers")) is None
+    record = json.loads(storage.read_bytes(f"{base}/_started.json"))
+    assert record["config"]["steps"] == 200
+    assert record["history"][0]["changes"] == ["num_workers: 1 -> 2", "steps: 100 -> 200"]
+
+
+def test_a_finished_stage_is_extended_by_raising_steps(root):
+    base, storage = root
+    planned = Manifest("train-ar", 1, {"lr": 1e-3, "steps": 100}, {})
+    begin_stage(storage, base, planned, resumable=("steps",))
+    _finish(storage, base, planned)
+    longer = Manifest("train-ar", 1, {"lr": 1e-3, "steps": 300}, {})
+    assert begin_stage(storage, base, longer, resumable=("steps",)) is None
+    assert read_manifest(storage, base) is None  # unfinished again until the extension ends
+    record = json.loads(storage.read_bytes(f"{base}/_started.json"))
+    assert record["history"] == [{"at": record["history"][0]["at"], "from": "finished",
+                                  "changes": ["steps: 100 -> 300"]}]  # fmt: skip
+    with pytest.raises(StageConflict, match="steps: 300 -> 200"):
+        begin_stage(storage, base, Manifest("train-ar", 1, {"lr": 1e-3, "steps": 200}, {}),
+                    resumable=("steps",))  # fmt: skip
 
 
 def test_redact_hides_credentials_in_urls():

@@ -83,13 +83,14 @@ def test_train_from_s3(ray_local, demo_images, s3_bucket, s3_endpoint):
     config = train_config(steps=6, checkpoint_every=3, log_every=3, storage=storage)
     config.loss.gan_weight, config.loss.gan_start_step = 0.1, 2  # the DDP discriminator too
     run_train_vae_stage(run, config)
-    logged = [json.loads(line) for line in client.get_object(
-        Bucket=bucket, Key="run/vae/metrics.jsonl")["Body"].read().decode().splitlines()]  # fmt: skip
-    assert "gan" in logged[-1] and "disc" in logged[-1]
+    logged = stage_metrics(f"{run}/vae", Storage(storage))
+    assert [r["step"] for r in logged] == [3, 6] and "gan" in logged[-1] and "disc" in logged[-1]
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/vae/")["Contents"]}
     assert {
         "run/vae/_manifest.json",
-        "run/vae/metrics.jsonl",
+        "run/vae/metrics/part-000000003.jsonl",  # one part per checkpoint: nothing rewritten
+        "run/vae/metrics/part-000000006.jsonl",
+        "run/vae/curves.png",
         "run/vae/model/config.json",
         "run/vae/reconstructions.png",
         "run/vae/reconstructions/step-0000006.png",

@@ -14,8 +14,11 @@ def committed_checkpoints(stage_dir: Path) -> list[str]:
     return [r["checkpoint_dir_name"] for r in results]
 
 
-def metrics(stage_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+def metrics(stage_dir: Path | str, storage=None) -> list[dict]:
+    from pipeline.core.storage import Storage
+    from pipeline.core.training import read_metrics
+
+    return read_metrics(storage or Storage(), str(stage_dir))
 
 
 def capture(errors: list, fn, *args) -> None:

@@ -119,3 +119,11 @@ def output_fields(config: Any) -> dict[str, Any]:
     """The fields that change a stage's output: all but the class's `execution_fields`."""
     skip = getattr(type(config), "execution_fields", ())
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+
+
+def write_resolved_config(storage: Any, uri: str, document: dict[str, Any]) -> None:
+    """The resolved config saved beside an artifact (config.yaml), with credentials that may
+    sit in URLs (an endpoint's user:secret@) redacted."""
+    from pipeline.core.storage import redact
+
+    storage.write_bytes(uri, redact(yaml.safe_dump(document, sort_keys=False)).encode())

@@ -4,20 +4,23 @@
   batch sizes, concurrency and other execution knobs stay out of it.
 - `_manifest.json` is written last and atomically; it lists every output unit.
 - Manifest with the same fingerprint: the stage is up to date (a no-op). With another
-  fingerprint: refuse, naming what changed, unless overwrite. No manifest: resume unit by unit.
+  fingerprint: refuse, naming what changed, unless overwrite. No manifest: resume unit by unit,
+  with the config the run was started with (`_started.json`); training stages may also raise
+  `steps` (extend) and change `num_workers` (see `begin_stage`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pipeline.core.storage import Storage, join
 
 MANIFEST_NAME = "_manifest.json"
-Status = Literal["up_to_date", "resume", "overwrite"]
+STARTED_NAME = "_started.json"  # the planned manifest of a run in progress, and its history
 
 
 def fingerprint(
@@ -79,36 +82,82 @@ def _changes(old: Manifest, new: Manifest) -> list[str]:
     return changes or ["(fingerprint differs)"]
 
 
-def stage_status(
-    storage: Storage, stage_dir: str, planned: Manifest, overwrite: bool = False
-) -> Status:
-    """What to do with `stage_dir` for a stage about to produce `planned`."""
-    existing = read_manifest(storage, stage_dir)
-    if existing is None:
-        return "resume"
-    if existing.fingerprint == planned.fingerprint:
-        return "up_to_date"
-    if overwrite:
-        return "overwrite"
-    raise StageConflict(
-        f"{stage_dir} already holds {existing.stage} output made differently: "
-        f"{'; '.join(_changes(existing, planned))}. Pass --overwrite to replace it, "
-        f"or choose another --run-dir."
-    )
+def _resumable_change(old: Manifest, new: Manifest, resumable: tuple[str, ...]) -> bool:
+    """Whether `new` may continue `old`'s checkpoints: same format and upstream, and the only
+    changed fields are `resumable` ones, with `steps` never lowered."""
+    if old.format_version != new.format_version or old.upstream != new.upstream:
+        return False
+    changed = {
+        k for k in set(old.config) | set(new.config) if old.config.get(k) != new.config.get(k)
+    }
+    if not changed <= set(resumable):
+        return False
+    return "steps" not in changed or new.config["steps"] > old.config["steps"]
+
+
+def _clear(storage: Storage, stage_dir: str) -> None:
+    """Remove a stage's output but not its lease, which the caller holds."""
+    for uri, _ in storage.list_files(stage_dir):
+        if uri.rsplit("/", 1)[-1] != "_lease.json":
+            storage.fs(uri)[0].rm_file(storage.fs(uri)[1])
+
+
+def _read_started(storage: Storage, stage_dir: str) -> tuple[Manifest | None, list[Any]]:
+    uri = join(stage_dir, STARTED_NAME)
+    if not storage.exists(uri):
+        return None, []
+    document = json.loads(storage.read_bytes(uri))
+    history = document.pop("history", [])
+    document.pop("fingerprint", None)
+    return Manifest(**document), history
 
 
 def begin_stage(
-    storage: Storage, stage_dir: str, planned: Manifest, overwrite: bool = False
+    storage: Storage,
+    stage_dir: str,
+    planned: Manifest,
+    overwrite: bool = False,
+    resumable: tuple[str, ...] = (),
 ) -> Manifest | None:
-    """The existing manifest when the stage is up to date (do nothing), else None: resume,
-    or start afresh after removing a differently made output when `overwrite`."""
-    status = stage_status(storage, stage_dir, planned, overwrite)
-    if status == "up_to_date":
+    """The existing manifest when the stage is up to date (do nothing), else None: the stage
+    runs, resuming what is there. Before that, a config that differs from the one the output
+    was made (finished: `_manifest.json`) or started (`_started.json`) with is refused, naming
+    the changes, unless every change is in `resumable` (training: `steps` up, `num_workers`):
+    then a finished stage is extended and an unfinished one continues, and the change is
+    recorded in `_started.json`'s history. `overwrite` removes the old output instead."""
+    finished = read_manifest(storage, stage_dir)
+    if finished is not None and finished.fingerprint == planned.fingerprint:
         print(f"{planned.stage}: up to date ({stage_dir})")
-        return read_manifest(storage, stage_dir)
-    if status == "overwrite":
-        print(f"{planned.stage}: --overwrite: removing the previous {stage_dir}")
-        storage.remove_tree(stage_dir)
+        return finished
+    started, history = _read_started(storage, stage_dir)
+    previous = finished or started
+    if previous is not None and previous.fingerprint != planned.fingerprint:
+        changes = _changes(previous, planned)
+        what = "finished" if finished is not None else "unfinished"
+        if overwrite:
+            print(f"{planned.stage}: --overwrite: removing the previous {stage_dir}")
+            _clear(storage, stage_dir)
+            history = []
+        elif _resumable_change(previous, planned, resumable):
+            verb = "extending the finished" if finished is not None else "resuming the"
+            print(f"{planned.stage}: {verb} run in {stage_dir} from its last checkpoint, "
+                  f"with {'; '.join(changes)}")  # fmt: skip
+            history.append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "from": what, "changes": changes})  # fmt: skip
+            if finished is not None:
+                storage.fs(join(stage_dir, MANIFEST_NAME))[0].rm_file(
+                    storage.fs(join(stage_dir, MANIFEST_NAME))[1]
+                )
+        else:
+            allowed = f" (may change on resume: {', '.join(resumable)})" if resumable else ""
+            raise StageConflict(
+                f"{stage_dir} holds {what} {planned.stage} output made with another config: "
+                f"{'; '.join(changes)}{allowed}. Run it with the config it was made with, "
+                f"pass --overwrite to replace it, or choose another --run-dir."
+            )
+    document = json.loads(planned.to_json())
+    document["history"] = history
+    storage.write_bytes(join(stage_dir, STARTED_NAME), json.dumps(document, indent=2).encode())
     return None
 
 

@@ -4,24 +4,108 @@ Train plumbing (run config, checkpoint reporting) of the train-vae and train-ar 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
+# Training-config fields that may change when a stage resumes or is extended (begin_stage):
+# more steps (the cosine schedule is then recomputed for the new total) and another number of
+# workers (the global batch changes from the resumed step on).
+RESUMABLE_FIELDS = ("steps", "num_workers")
+
 
 class RunMetrics:
-    """metrics.jsonl in a stage's run dir (local or S3), rewritten whole: objects cannot be
-    appended to. Picks up the lines of an earlier, resumed attempt."""
+    """A training stage's metrics, append-only, one JSON record per log (every record has a
+    `step`), echoed on the console and forwarded to the experiment tracker.
 
-    def __init__(self, storage: Any, uri: str, prefix: str) -> None:
-        self.storage, self.uri, self.prefix = storage, uri, prefix
-        self.lines = storage.read_bytes(uri).decode().splitlines() if storage.exists(uri) else []
+    - Local run dirs: `metrics.jsonl`, each record appended and flushed as it is logged.
+    - Object stores, where nothing can be appended: `metrics/part-{step}.jsonl`, the records
+      since the previous checkpoint, written at each checkpoint (`flush`). Bytes uploaded grow
+      with the run's length, not its square.
+    A run resumed from step S first drops the records past S (logged after the checkpoint it
+    resumes from), so the log holds each step once. `read_metrics` reads either layout.
+    """
+
+    def __init__(self, storage: Any, stage_dir: str, prefix: str, resume_step: int = 0,
+                 tracker: Any = None) -> None:  # fmt: skip
+        from pipeline.core.storage import is_local, join
+
+        self.storage, self.stage_dir, self.prefix, self.tracker = (
+            storage,
+            stage_dir,
+            prefix,
+            tracker,
+        )
+        self.local = is_local(stage_dir)
+        self.pending: list[str] = []
+        if self.local:
+            self.path = storage.fs(join(stage_dir, "metrics.jsonl"))[1]
+            kept = [r for r in read_metrics(storage, stage_dir) if r["step"] <= resume_step]
+            storage.write_bytes(join(stage_dir, "metrics.jsonl"),
+                                "".join(json.dumps(r) + "\n" for r in kept).encode())  # fmt: skip
+        else:
+            for uri in _metric_parts(storage, stage_dir):
+                if _part_step(uri) > resume_step:
+                    storage.fs(uri)[0].rm_file(storage.fs(uri)[1])
 
     def write(self, record: dict[str, Any]) -> None:
-        self.lines.append(json.dumps(record))
-        self.storage.write_bytes(self.uri, ("\n".join(self.lines) + "\n").encode())
+        line = json.dumps(record) + "\n"
+        if self.local:
+            with open(self.path, "a") as f:
+                f.write(line)
+        else:
+            self.pending.append(line)
+        if self.tracker is not None:
+            self.tracker.log(record)
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in record.items())  # fmt: skip
         print(f"{self.prefix}: {shown}", flush=True)
+
+    def checkpoint(self, step: int, grids: list[str] = ()) -> None:
+        """At the checkpoint of `step`: object stores get the records since the last one;
+        curves.png is redrawn; the tracker gets it and the latest `grids` (PNG URIs)."""
+        from pipeline.core.storage import join
+        from pipeline.core.tracking import plot_curves
+
+        if self.pending:
+            self.storage.write_bytes(join(self.stage_dir, "metrics", f"part-{step:09d}.jsonl"),
+                                     "".join(self.pending).encode())  # fmt: skip
+            self.pending = []
+        curves = plot_curves(read_metrics(self.storage, self.stage_dir),
+                             f"{self.prefix}: {self.stage_dir}")  # fmt: skip
+        self.storage.write_bytes(join(self.stage_dir, "curves.png"), curves)
+        if self.tracker is not None:
+            self.tracker.artifact("curves.png", curves)
+            for uri in grids:
+                self.tracker.artifact(uri.rsplit("/", 1)[-1], self.storage.read_bytes(uri))
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+def _metric_parts(storage: Any, stage_dir: str) -> list[str]:
+    from pipeline.core.storage import join
+
+    return [u for u, _ in storage.list_files(join(stage_dir, "metrics")) if u.endswith(".jsonl")]
+
+
+def _part_step(uri: str) -> int:
+    return int(uri.rsplit("part-", 1)[1].split(".")[0])
+
+
+def read_metrics(storage: Any, stage_dir: str) -> list[dict[str, Any]]:
+    """Every record of a training stage's metrics log, in order (either layout)."""
+    from pipeline.core.storage import join
+
+    parts = sorted(_metric_parts(storage, stage_dir), key=_part_step)
+    uris = [join(stage_dir, "metrics.jsonl"), *parts]
+    records = []
+    for uri in uris:
+        if storage.exists(uri):
+            text = storage.read_bytes(uri).decode()
+            records += [json.loads(line) for line in text.splitlines() if line.strip()]
+    return records
 
 
 def epoch_file_order(seed: int):
@@ -34,7 +118,7 @@ def epoch_file_order(seed: int):
 
 
 def shuffled_batches(shard: Any, batch_size: int, shuffle_buffer: int, device: Any,
-                     dtypes: Any = None) -> Any:  # fmt: skip
+                     dtypes: Any = None, seed: int | None = None) -> Any:  # fmt: skip
     """One epoch of a Ray Train dataset shard as torch batches, shuffled at both scales: the
     files come in a new order each epoch (`epoch_file_order` in the stage's dataset), and rows
     are drawn from a local buffer of `shuffle_buffer` rows, so one batch mixes many files.
@@ -46,7 +130,106 @@ def shuffled_batches(shard: Any, batch_size: int, shuffle_buffer: int, device: A
         device=device,
         prefetch_batches=2,
         local_shuffle_buffer_size=max(shuffle_buffer, batch_size) if shuffle_buffer > 0 else None,
+        local_shuffle_seed=seed,
     )
+
+
+# -- the step loop both training stages share -----------------------------------------------------
+#
+# The data position on resume: not replayed, re-randomised deterministically. A stage resumed
+# from step S reads its files in the order drawn from (seed + S) (`resume_seed`, given to
+# `epoch_file_order` by the driver) and shuffles rows with a seed drawn from (seed, S, epoch,
+# rank), so a resume never restarts the first epoch's order, and two resumes from the same
+# checkpoint draw the same data as far as Ray Data's streaming order allows.
+
+
+def resume_seed(seed: int, step: int) -> int:
+    return seed + 1_000_003 * step
+
+
+def check_one_batch(stage: str, train_rows: int, config: Any) -> None:
+    """Refuse at plan time a train split smaller than one global batch: with drop_last, no
+    worker would ever get a full batch."""
+    needed = config.batch_size * config.num_workers
+    if train_rows < needed:
+        raise ValueError(f"{stage}: the train split has {train_rows} rows, fewer than one global "
+                         f"batch (batch_size {config.batch_size} x num_workers "
+                         f"{config.num_workers} = {needed}): lower batch_size to at most "
+                         f"{max(1, train_rows // config.num_workers)}, or add data")  # fmt: skip
+
+
+def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
+              train_step: Callable[[list[Any], int], tuple[dict[str, float], int]],
+              log: Callable[[int, dict[str, float]], None],
+              checkpoint: Callable[[int], None], dtypes: Any = None) -> None:  # fmt: skip
+    """Steps `start` -> `config.steps` over epochs of a Ray Train dataset shard.
+
+    `train_step(micro_batches, step) -> (terms, rows)` runs one optimizer step on
+    `grad_accum_steps` micro-batches; `log(step, terms)` gets the terms every `log_every`
+    steps with `rows_per_s_per_worker` and `data_wait_fraction` (training time only) added;
+    `checkpoint(step)` runs every `checkpoint_every` steps and at the last. An epoch that
+    yields no full batch is an error, never an endless loop."""
+    step, rows, waited, window, epoch = start, 0, 0.0, time.time(), 0
+    micro: list[Any] = []
+    while step < config.steps:
+        batches, fetch = 0, time.time()
+        seed = (resume_seed(config.seed, start) + 7919 * epoch + 104729 * rank) % 2**31
+        for batch in shuffled_batches(shard, config.batch_size, config.shuffle_buffer, device,
+                                      dtypes, seed):  # fmt: skip
+            batches += 1
+            waited += time.time() - fetch
+            micro.append(batch)
+            if len(micro) < config.grad_accum_steps:
+                fetch = time.time()
+                continue
+            terms, used = train_step(micro, step)
+            rows, micro, step = rows + used, [], step + 1
+            if step % config.log_every == 0 or step == config.steps:
+                elapsed = time.time() - window
+                log(step, {**terms, "rows_per_s_per_worker": rows / elapsed,
+                           "data_wait_fraction": waited / elapsed})  # fmt: skip
+                rows, waited = 0, 0.0
+                window = time.time()  # after logging: validation is not training time
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                checkpoint(step)
+                window = time.time()
+            if step >= config.steps:
+                return
+            fetch = time.time()
+        if batches == 0:
+            raise RuntimeError(f"worker {rank}: an epoch of the training data gave no full batch "
+                               f"of {config.batch_size} rows: the worker's share of the train "
+                               f"split is smaller than batch_size; lower batch_size or "
+                               f"num_workers")  # fmt: skip
+        epoch += 1
+
+
+def init_from_fingerprint(storage: Any, uri: str, expected: Any, stage: str) -> str:
+    """`init_from`'s identity for the fingerprint, after checking that the exported model
+    there has the architecture `expected` (the stage's model config)."""
+    from model.serialization import architecture_changes
+    from pipeline.core.manifest import model_fingerprint
+    from pipeline.core.storage import join
+
+    if not storage.exists(join(uri, "config.json")):
+        raise FileNotFoundError(f"init_from={uri}: no exported model there (a model folder with "
+                                f"config.json + model.safetensors, e.g. RUN/vae/model)")  # fmt: skip
+    found = json.loads(storage.read_bytes(join(uri, "config.json")))["config"]
+    changes = architecture_changes(found, expected)
+    if changes:
+        raise ValueError(f"init_from={uri} is a model of another architecture "
+                         f"({'; '.join(changes)}): set model_preset / model.* to match it")  # fmt: skip
+    return model_fingerprint(storage, uri, stage)
+
+
+def latest_checkpoint_step(storage: Any, stage_dir: str) -> int:
+    """The step of the newest checkpoint Ray Train keeps in a stage dir (0 if none): what a
+    re-submitted stage resumes from."""
+    from pipeline.core.storage import join
+
+    steps = [dict(json.loads(storage.read_bytes(uri))["__dict__"])["step"]  # core/checkpoint.py
+             for uri in storage.glob(join(stage_dir, "checkpoint_*", "trainer.json"))]  # fmt: skip
+    return max(steps, default=0)
 
 
 def report_checkpoint(step: int, rank: int, write: Callable[[str], None]) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core.config import output_fields
+from pipeline.core.lease import single_writer
 from pipeline.core.manifest import (
     Manifest,
     begin_stage,
@@ -121,6 +122,7 @@ class ShardEncoder:
         return {"name": name, "rows": len(table), "bytes": len(data)}
 
 
+@single_writer("encode", "codes")
 def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False) -> Manifest:
     import ray
 

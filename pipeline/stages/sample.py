@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import yaml
 from PIL import Image
 
-from pipeline.core.config import output_fields, to_dict
+from pipeline.core.config import output_fields, to_dict, write_resolved_config
+from pipeline.core.lease import single_writer
 from pipeline.core.manifest import (
     Manifest,
     begin_stage,
@@ -196,6 +196,7 @@ def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_
     return written
 
 
+@single_writer("sample", lambda run_dir, config: config.out or join(run_dir, "samples"))
 def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False) -> Manifest:
     import ray
 
@@ -226,8 +227,9 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
     finished = begin_stage(storage, out_dir, planned, overwrite)
     if finished is not None:
         return finished
-    storage.write_bytes(join(out_dir, "config.yaml"),
-                        yaml.safe_dump({SampleConfig.section: to_dict(config)}).encode())  # fmt: skip
+    write_resolved_config(
+        storage, join(out_dir, "config.yaml"), {SampleConfig.section: to_dict(config)}
+    )
 
     n, size = config.num_samples, config.chunk_size
     labels: list[int | None] = [cycle[i % len(cycle)] for i in range(n)] if cycle else [None] * n

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pipeline.core.config import output_fields
+from pipeline.core.lease import single_writer
 from pipeline.core.manifest import Manifest, begin_stage, write_manifest
 from pipeline.core.progress import Progress
 from pipeline.core.storage import Storage, StorageConfig, absolute, join
@@ -281,6 +282,7 @@ def _write_rejects(storage: Storage, uri: str, rejects: list[dict[str, str]]) ->
     storage.write_bytes(uri, buffer.getvalue())
 
 
+@single_writer("shard", "shards")
 def run_shard_stage(
     input_uri: str, run_dir: str, config: ShardConfig, overwrite: bool = False
 ) -> Manifest:

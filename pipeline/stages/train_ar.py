@@ -29,12 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-import yaml
 
 from model.rqtransformer import RQTransformer, RQTransformerConfig
+from model.serialization import init_from_pretrained
 from model.training import ar_train_step, build_optimizer, soft_quantizer, validation_loss
 from pipeline.core.checkpoint import load_state, save_state
-from pipeline.core.config import output_fields, to_dict
+from pipeline.core.config import output_fields, to_dict, write_resolved_config
+from pipeline.core.lease import single_writer
 from pipeline.core.manifest import (
     Manifest,
     begin_stage,
@@ -43,11 +44,17 @@ from pipeline.core.manifest import (
     write_manifest,
 )
 from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.tracking import TrackingConfig, open_tracker
 from pipeline.core.training import (
+    RESUMABLE_FIELDS,
     RunMetrics,
+    check_one_batch,
     epoch_file_order,
+    init_from_fingerprint,
+    latest_checkpoint_step,
     report_checkpoint,
-    shuffled_batches,
+    resume_seed,
+    run_steps,
     train_run_config,
     train_worker_setup,
 )
@@ -64,11 +71,13 @@ class TrainARConfig:
     execution_fields: ClassVar[tuple[str, ...]] = (
         "vae", "use_gpu", "cpus_per_worker", "threads_per_worker", "log_every",
         "checkpoint_every", "num_to_keep", "max_failures", "val_rows", "preview_per_class",
-        "storage",
+        "storage", "tracking",
+        "init_from",  # fingerprinted as the model's own fingerprint (upstream "init_from")
     )  # fmt: skip
 
     model_preset: str = "tiny"  # an RQTransformerConfig preset ...
     model: dict[str, Any] = field(default_factory=dict)  # ... and field overrides on top of it
+    init_from: str | None = None  # an exported RQ-Transformer (model folder) to fine-tune from
     targets: str = "hard"  # or "soft": stochastic codes from the tables' latents column
     soft_temperature: float = 0.5  # the paper's value
     steps: int = 2000
@@ -90,10 +99,11 @@ class TrainARConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     num_to_keep: int = 2
-    max_failures: int = 0
+    max_failures: int = 3  # worker failures within a run, each resumed from the last checkpoint
     val_rows: int = 256
     preview_per_class: int = 8  # samples per class in samples.png at each checkpoint; 0: none
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.targets not in TARGETS:
@@ -147,6 +157,7 @@ class CodeTables:
     num_classes: int
     has_latents: bool
     rows: int
+    train_rows: int
 
 
 def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]) -> CodeTables:
@@ -169,13 +180,15 @@ def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]
         raise ValueError(f"the tables in {codes_dir} come from different RQ-VAEs or code shapes "
                          f"({sorted(shapes)}): re-run encode with --overwrite")  # fmt: skip
     (shape, k, fp) = shapes.pop()
+    rows = {join(codes_dir, unit["name"]): int(unit["rows"]) for unit in units}
     return CodeTables(train, val, list(shape), k, fp, max_label + 1, has_latents,
-                      sum(int(u["rows"]) for u in units))  # fmt: skip
+                      sum(rows.values()), sum(rows[u] for u in train))  # fmt: skip
 
 
 def train_dataset(storage: Storage, tables: CodeTables, columns: list[str], seed: int = 0):
     """Streaming Ray Dataset of the train tables as arrays, the tables in a new seeded order
-    each epoch; the workers' shuffle buffer mixes rows across tables (shuffled_batches)."""
+    each epoch (the seed includes a resumed run's step: core/training.py); the workers'
+    shuffle buffer mixes rows across tables (shuffled_batches)."""
     import ray.data
 
     filesystem, _ = storage.arrow_fs(tables.train[0])
@@ -253,7 +266,8 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
 
     config: TrainARConfig = loop_config["config"]
     model_config: RQTransformerConfig = loop_config["model_config"]
-    ar_dir: str = loop_config["ar_dir"]
+    run_dir: str = loop_config["run_dir"]
+    ar_dir = join(run_dir, "ar")
     rank, world, device = train_worker_setup(config.threads_per_worker)
     storage = Storage(config.storage)
     conditional = model_config.num_classes > 0
@@ -267,6 +281,11 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start = _load_checkpoint(model, optimizer, directory)
+    elif config.init_from:  # fine-tuning: the exported model's weights, a fresh optimizer
+        init_from_pretrained(model, config.init_from, storage.options(config.init_from))
+        if not torch.equal(model.code_embeddings, code_embeddings.float()):
+            raise ValueError(f"init_from={config.init_from} was trained on the codes of another "
+                             f"RQ-VAE than the one that encoded these tables")  # fmt: skip
     model.to(device)
     optimizer.load_state_dict(optimizer.state_dict())  # loaded state follows the parameters
     forward = ray.train.torch.prepare_model(model) if world > 1 else model
@@ -276,53 +295,47 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
         else None
     )
     generator = torch.Generator(device).manual_seed(config.seed * 1000 + rank + start)
+    val = {k: torch.tensor(v, device=device) for k, v in loop_config["val"].items()}
 
     metrics = preview = None
     if rank == 0:
-        metrics = RunMetrics(storage, join(ar_dir, "metrics.jsonl"), "train-ar")
+        params = {**to_dict(config), "model": dataclasses.asdict(model_config)}
+        tracker = open_tracker(config.tracking, run_dir, "train-ar", params, storage)
+        metrics = RunMetrics(storage, ar_dir, "train-ar", start, tracker)
         if config.preview_per_class > 0:
             preview = SamplePreview(loop_config["vae_uri"], storage, model_config.num_classes,
                                     config.preview_per_class)  # fmt: skip
         if start > 0:
-            metrics.write({"event": "resumed", "step": start})
-    val = {k: torch.tensor(v, device=device) for k, v in loop_config["val"].items()}
-
-    shard = ray.train.get_dataset_shard("train")
+            metrics.write({"step": start, "event": "resumed"})
     tokens_per_row = int(np.prod(model_config.code_shape))
-    step, seen, waited, window = start, 0, 0.0, time.time()
-    micro: list[dict[str, torch.Tensor]] = []
-    while step < config.steps:  # one pass over the shard per epoch
-        fetch = time.time()
-        for batch in shuffled_batches(shard, config.batch_size, config.shuffle_buffer, device):
-            waited += time.time() - fetch
-            micro.append(batch)
-            if len(micro) < config.grad_accum_steps:
-                fetch = time.time()
-                continue
-            terms = ar_train_step(forward, optimizer, micro, step, config, conditional,
-                                  quantizer, generator)  # fmt: skip
-            seen += sum(len(m["codes"]) for m in micro)
-            micro = []
-            step += 1
-            if metrics is not None and (step % config.log_every == 0 or step == config.steps):
-                elapsed = time.time() - window  # training only: validation is not counted
-                terms["tokens_per_s_per_worker"] = seen * tokens_per_row / elapsed
-                terms["data_wait_fraction"] = waited / elapsed
-                terms.update(validation_loss(model, val, conditional, quantizer, config))
-                metrics.write({"step": step, **terms})
-                seen, waited, window = 0, 0.0, time.time()
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                if preview is not None:
-                    uris = [join(ar_dir, "samples.png"),
-                            join(ar_dir, "samples", f"step-{step:07d}.png")]  # fmt: skip
-                    preview.write(model, uris, storage.options(ar_dir))
-                report_checkpoint(step, rank, partial(_save_checkpoint, model, optimizer, step))
-            if step >= config.steps:
-                break
-            fetch = time.time()
 
-    if rank == 0:
+    def train_step(micro: list[dict[str, torch.Tensor]], step: int) -> tuple[dict[str, float], int]:
+        terms = ar_train_step(forward, optimizer, micro, step, config, conditional, quantizer,
+                              generator)  # fmt: skip
+        return terms, sum(len(m["codes"]) for m in micro)
+
+    def log(step: int, terms: dict[str, float]) -> None:
+        terms["tokens_per_s_per_worker"] = terms.pop("rows_per_s_per_worker") * tokens_per_row
+        terms.update(validation_loss(model, val, conditional, quantizer, config))
+        metrics.write({"step": step, **terms})
+
+    def save(step: int) -> None:
+        if metrics is not None:
+            grids = []
+            if preview is not None:
+                grids = [
+                    join(ar_dir, "samples.png"),
+                    join(ar_dir, "samples", f"step-{step:07d}.png"),
+                ]
+                preview.write(model, grids, storage.options(ar_dir))
+            metrics.checkpoint(step, grids[:1])
+        report_checkpoint(step, rank, partial(_save_checkpoint, model, optimizer, step))
+
+    run_steps(ray.train.get_dataset_shard("train"), config, device, start, rank, train_step,
+              log if metrics is not None else lambda step, terms: None, save)  # fmt: skip
+    if metrics is not None:
         model.eval().save_pretrained(join(ar_dir, "model"), storage.options(ar_dir))
+        metrics.close()
 
 
 # -- the stage ------------------------------------------------------------------------------------
@@ -344,6 +357,7 @@ def load_code_embeddings(storage: Storage, vae_uri: str, tables: CodeTables) -> 
     return vae.quantizer.codebooks.numpy().copy()
 
 
+@single_writer("train-ar", "ar")
 def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = False) -> Manifest:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -353,22 +367,29 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
     storage = Storage(config.storage)
     codes_dir, ar_dir = join(run_dir, "codes"), join(run_dir, "ar")
     encoded = require_manifest(storage, codes_dir, "encode")
-    planned = Manifest("train-ar", FORMAT_VERSION, output_fields(config),
-                       {"encode": encoded.fingerprint})  # fmt: skip
-    finished = begin_stage(storage, ar_dir, planned, overwrite)
+    tables = inspect_tables(storage, codes_dir, encoded.units)
+    check_one_batch("train-ar", tables.train_rows, config)
+    model_config = config.model_config(tables.code_shape, tables.codebook_size, tables.num_classes)
+    upstream = {"encode": encoded.fingerprint}
+    if config.init_from:
+        config.init_from = absolute(config.init_from)
+        upstream["init_from"] = init_from_fingerprint(storage, config.init_from, model_config,
+                                                      "train-ar")  # fmt: skip
+    planned = Manifest("train-ar", FORMAT_VERSION, output_fields(config), upstream)
+    finished = begin_stage(storage, ar_dir, planned, overwrite, RESUMABLE_FIELDS)
     if finished is not None:
         return finished
 
-    tables = inspect_tables(storage, codes_dir, encoded.units)
     if config.targets == "soft" and not tables.has_latents:
         raise ValueError(f"targets=soft needs the latents column in {codes_dir}: re-run encode "
                          f"with with_latents=true (and --overwrite), or use targets=hard")  # fmt: skip
     vae_uri = absolute(config.vae or join(run_dir, "vae", "model"))
     code_embeddings = load_code_embeddings(storage, vae_uri, tables)
-    model_config = config.model_config(tables.code_shape, tables.codebook_size, tables.num_classes)
-    storage.write_bytes(join(ar_dir, "config.yaml"), yaml.safe_dump(
-        {TrainARConfig.section: to_dict(config), "model": dataclasses.asdict(model_config)}
-    ).encode())  # fmt: skip
+    write_resolved_config(
+        storage,
+        join(ar_dir, "config.yaml"),
+        {TrainARConfig.section: to_dict(config), "model": dataclasses.asdict(model_config)},
+    )
 
     columns = ["codes", "label"] + (["latents"] if config.targets == "soft" else [])
     trainer = TorchTrainer(
@@ -376,7 +397,7 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
         train_loop_config={
             "config": config,
             "model_config": model_config,
-            "ar_dir": ar_dir,
+            "run_dir": run_dir,
             "vae_uri": vae_uri,
             "code_embeddings": code_embeddings,
             "val": validation_rows(storage, tables, config.val_rows, columns),
@@ -385,12 +406,13 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=train_run_config(run_dir, "ar", config.max_failures, config.num_to_keep,
                                     storage),
-        datasets={"train": train_dataset(storage, tables, columns, config.seed)},
+        datasets={"train": train_dataset(storage, tables, columns,
+                                         resume_seed(config.seed, latest_checkpoint_step(storage, ar_dir)))},
     )  # fmt: skip
     kind = f"{tables.num_classes} classes" if tables.num_classes else "unconditional"
     print(f"train-ar: {config.steps} steps on {config.num_workers} worker(s), {tables.rows:,} "
           f"code stacks {tables.code_shape} (K={tables.codebook_size}, {kind}, "
-          f"{config.targets} targets), writing {ar_dir}")  # fmt: skip
+          f"{config.targets} targets), writing {ar_dir}", flush=True)  # fmt: skip
     trainer.fit()
 
     weights = join(ar_dir, "model", "model.safetensors")

@@ -17,22 +17,34 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from torch import Tensor
 
 from model.losses import VAELossConfig
 from model.rqvae import RQVAE, RQVAEConfig
+from model.serialization import init_from_pretrained
 from model.training import VAETrainState, build_train_state, psnr, vae_train_step
 from pipeline.core.checkpoint import load_state, save_state
-from pipeline.core.config import output_fields, to_dict
-from pipeline.core.manifest import Manifest, begin_stage, require_manifest, write_manifest
+from pipeline.core.config import output_fields, to_dict, write_resolved_config
+from pipeline.core.lease import single_writer
+from pipeline.core.manifest import (
+    Manifest,
+    begin_stage,
+    require_manifest,
+    write_manifest,
+)
 from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.tracking import TrackingConfig, open_tracker
 from pipeline.core.training import (
+    RESUMABLE_FIELDS,
     RunMetrics,
+    check_one_batch,
     epoch_file_order,
+    init_from_fingerprint,
+    latest_checkpoint_step,
     report_checkpoint,
-    shuffled_batches,
+    resume_seed,
+    run_steps,
     train_run_config,
     train_worker_setup,
 )
@@ -48,11 +60,13 @@ class TrainVAEConfig:
     # Execution knobs: where and how fast, not what is learned (not fingerprinted).
     execution_fields: ClassVar[tuple[str, ...]] = (
         "use_gpu", "cpus_per_worker", "threads_per_worker", "decode_cpus", "log_every",
-        "checkpoint_every", "num_to_keep", "max_failures", "val_images", "storage",
+        "checkpoint_every", "num_to_keep", "max_failures", "val_images", "storage", "tracking",
+        "init_from",  # fingerprinted as the model's own fingerprint (upstream "init_from")
     )  # fmt: skip
 
     model_preset: str = "tiny"  # an RQVAEConfig preset ...
     model: dict[str, Any] = field(default_factory=dict)  # ... and field overrides on top of it
+    init_from: str | None = None  # an exported RQ-VAE (model folder) to fine-tune from
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     steps: int = 1000
     batch_size: int = 32
@@ -73,9 +87,10 @@ class TrainVAEConfig:
     log_every: int = 50
     checkpoint_every: int = 200
     num_to_keep: int = 2
-    max_failures: int = 0
+    max_failures: int = 3  # worker failures within a run, each resumed from the last checkpoint
     val_images: int = 64
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def model_config(self) -> RQVAEConfig:
         return RQVAEConfig.preset(self.model_preset, **self.model)
@@ -132,8 +147,10 @@ def _split_tars(storage: Storage, shards_dir: str, split: str) -> list[str]:
             if uri.rsplit("/", 1)[-1].startswith(f"{split}-") and uri.endswith(".tar")]  # fmt: skip
 
 
-def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, resolution: int):
-    """Streaming Ray Dataset of decoded, augmented training images; decoding in CPU tasks."""
+def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, resolution: int,
+                  resume_step: int = 0):  # fmt: skip
+    """Streaming Ray Dataset of decoded, augmented training images; decoding in CPU tasks.
+    Its file order is drawn from the seed and the step a resumed run starts from."""
     import ray
 
     tars = _split_tars(storage, shards_dir, "train")
@@ -143,7 +160,7 @@ def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, res
     paths = [storage.arrow_fs(uri)[1] for uri in tars]
     dataset = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
                                        file_extensions=["tar"],
-                                       shuffle=epoch_file_order(config.seed))  # fmt: skip
+                                       shuffle=epoch_file_order(resume_seed(config.seed, resume_step)))  # fmt: skip
     return dataset.map_batches(
         decode_batch,
         fn_kwargs={"resolution": resolution, "random_flip": config.random_flip},
@@ -215,7 +232,8 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     config: TrainVAEConfig = loop_config["config"]
-    vae_dir: str = loop_config["vae_dir"]
+    run_dir: str = loop_config["run_dir"]
+    vae_dir = join(run_dir, "vae")
     rank, world, device = train_worker_setup(config.threads_per_worker)
     storage = Storage(config.storage)
 
@@ -226,6 +244,8 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start = _load_checkpoint(state, directory)
+    elif config.init_from:  # fine-tuning: the exported model's weights, fresh optimizers
+        init_from_pretrained(state.model, config.init_from, storage.options(config.init_from))
     state.model.to(device)
     state.loss.to(device)
     for optimizer in (state.optimizer, state.disc_optimizer):
@@ -239,69 +259,47 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
             state.loss.discriminator = ray.train.torch.prepare_model(
                 state.loss.discriminator, parallel_strategy_kwargs=kwargs
             )
-
-    metrics = (
-        RunMetrics(storage, join(vae_dir, "metrics.jsonl"), "train-vae") if rank == 0 else None
-    )
     val = _to_model(torch.tensor(loop_config["val_images"])).to(device)  # object store: read-only
-    if metrics is not None and start > 0:
-        metrics.write({"event": "resumed", "step": start})
 
-    shard = ray.train.get_dataset_shard("train")
-    step, seen, waited, window = start, 0, 0.0, time.time()
-    micro: list[torch.Tensor] = []
-    while step < config.steps:
-        fetch = time.time()
-        for batch in shuffled_batches(shard, config.batch_size, config.shuffle_buffer, device,
-                                      torch.uint8):  # fmt: skip
-            waited += time.time() - fetch
-            micro.append(_to_model(batch["image"]))
-            if len(micro) < config.grad_accum_steps:
-                fetch = time.time()
-                continue
-            terms = vae_train_step(state, micro, step, config)
-            seen += sum(len(m) for m in micro)
-            micro = []
-            step += 1
-            if metrics is not None and (step % config.log_every == 0 or step == config.steps):
-                elapsed = time.time() - window  # training only: validation is not counted
-                terms["images_per_s_per_worker"] = seen / elapsed
-                terms["data_wait_fraction"] = waited / elapsed
-                state.model.eval()
-                terms["val_psnr"] = psnr(state.model, val)
-                state.model.train()
-                metrics.write({"step": step, **terms})
-                seen, waited, window = 0, 0.0, time.time()
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                _report_checkpoint(state, discriminator, step, rank, val, vae_dir, storage)
-            if step >= config.steps:
-                break
-            fetch = time.time()
-
+    metrics = None
     if rank == 0:
+        tracker = open_tracker(config.tracking, run_dir, "train-vae", to_dict(config), storage)
+        metrics = RunMetrics(storage, vae_dir, "train-vae", start, tracker)
+        if start > 0:
+            metrics.write({"step": start, "event": "resumed"})
+
+    def train_step(micro: list[dict[str, Tensor]], step: int) -> tuple[dict[str, float], int]:
+        images = [_to_model(batch["image"]) for batch in micro]
+        return vae_train_step(state, images, step, config), sum(len(i) for i in images)
+
+    def log(step: int, terms: dict[str, float]) -> None:
+        terms["images_per_s_per_worker"] = terms.pop("rows_per_s_per_worker")
+        state.model.eval()
+        terms["val_psnr"] = psnr(state.model, val)
+        state.model.train()
+        metrics.write({"step": step, **terms})
+
+    def save(step: int) -> None:
+        if metrics is not None:
+            grids = [join(vae_dir, "reconstructions.png"),  # the latest, and one per checkpoint
+                     join(vae_dir, "reconstructions", f"step-{step:07d}.png")]  # fmt: skip
+            for uri in grids:
+                reconstruction_grid(state.model, val[:16], uri, storage.options(vae_dir))
+            metrics.checkpoint(step, grids[:1])
+        report_checkpoint(step, rank,
+                          lambda directory: _save_checkpoint(state, discriminator, step, directory))  # fmt: skip
+
+    run_steps(ray.train.get_dataset_shard("train"), config, device, start, rank, train_step,
+              log if metrics is not None else lambda step, terms: None, save, torch.uint8)  # fmt: skip
+    if metrics is not None:
         state.model.eval().save_pretrained(join(vae_dir, "model"), storage.options(vae_dir))
-
-
-def _report_checkpoint(
-    state: VAETrainState,
-    discriminator: torch.nn.Module | None,
-    step: int,
-    rank: int,
-    val: torch.Tensor,
-    vae_dir: str,
-    storage: Storage,
-) -> None:
-    if rank == 0:
-        for uri in (join(vae_dir, "reconstructions.png"),  # the latest, and one per checkpoint
-                    join(vae_dir, "reconstructions", f"step-{step:07d}.png")):  # fmt: skip
-            reconstruction_grid(state.model, val[:16], uri, storage.options(vae_dir))
-    report_checkpoint(step, rank,
-                      lambda directory: _save_checkpoint(state, discriminator, step, directory))  # fmt: skip
+        metrics.close()
 
 
 # -- the stage ------------------------------------------------------------------------------------
 
 
+@single_writer("train-vae", "vae")
 def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = False) -> Manifest:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -317,29 +315,38 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
         raise ValueError(f"the shards hold {shards.config['image_size']}px images but the model "
                          f"trains at {resolution}px: re-shard with image_size>={resolution}")  # fmt: skip
 
-    planned = Manifest("train-vae", FORMAT_VERSION, output_fields(config),
-                       {"shard": shards.fingerprint})  # fmt: skip
-    finished = begin_stage(storage, vae_dir, planned, overwrite)
+    check_one_batch("train-vae", sum(int(u["rows"]) for u in shards.units
+                                     if u["name"].startswith("train-")), config)  # fmt: skip
+    upstream = {"shard": shards.fingerprint}
+    if config.init_from:
+        config.init_from = absolute(config.init_from)
+        upstream["init_from"] = init_from_fingerprint(
+            storage, config.init_from, config.model_config(), "train-vae"
+        )
+    planned = Manifest("train-vae", FORMAT_VERSION, output_fields(config), upstream)
+    finished = begin_stage(storage, vae_dir, planned, overwrite, RESUMABLE_FIELDS)
     if finished is not None:
         return finished
-    storage.write_bytes(join(vae_dir, "config.yaml"),
-                        yaml.safe_dump({TrainVAEConfig.section: to_dict(config)}).encode())  # fmt: skip
+    write_resolved_config(
+        storage, join(vae_dir, "config.yaml"), {TrainVAEConfig.section: to_dict(config)}
+    )
 
     trainer = TorchTrainer(
         train_vae_worker,
         train_loop_config={
             "config": config,
-            "vae_dir": vae_dir,
+            "run_dir": run_dir,
             "val_images": validation_images(storage, shards_dir, resolution, config.val_images),
         },
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=train_run_config(run_dir, "vae", config.max_failures, config.num_to_keep,
                                     storage),
-        datasets={"train": train_dataset(storage, shards_dir, config, resolution)},
+        datasets={"train": train_dataset(storage, shards_dir, config, resolution,
+                                         latest_checkpoint_step(storage, vae_dir))},
     )  # fmt: skip
     print(f"train-vae: {config.steps} steps on {config.num_workers} worker(s), "
-          f"{shards.counts.get('ok', '?')} images, writing {vae_dir}")  # fmt: skip
+          f"{shards.counts.get('ok', '?')} images, writing {vae_dir}", flush=True)  # fmt: skip
     trainer.fit()
 
     model_uri = join(vae_dir, "model")

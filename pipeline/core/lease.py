@@ -1,0 +1,208 @@
+"""One writer per stage directory: a lease file, `_lease.json`, on local disk or an object store.
+
+A stage holds the lease of its directory (RUN/vae, RUN/codes, ...) while it runs and renews it
+from a heartbeat thread every `ttl_s / 3` seconds. A second run of the same stage on the same
+run dir is refused with a message naming the holder and when its lease expires. A lease whose
+holder died (killed, node lost) expires after `ttl_s` without a heartbeat and is taken over;
+at once when the holder was a process on this host that no longer runs (a killed driver
+re-submitted on the same head node).
+
+Taking and renewing are compare-and-swap, so two takers cannot both win:
+- object stores: a conditional PUT (`If-None-Match: *` to create, `If-Match: <etag>` to
+  replace), which AWS S3, MinIO and moto honour;
+- local disk: the read-check-write runs under `flock` on the stage folder (one machine, or NFS
+  with working locks).
+Clocks: expiry compares the writer's wall clock with the reader's, so hosts' clocks should
+agree to well within `ttl_s` (NTP does).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from pipeline.core.storage import Storage, absolute, is_local, join
+
+LEASE_NAME = "_lease.json"
+DEFAULT_TTL_S = 60.0
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class StageBusy(RuntimeError):
+    """Another run holds the stage directory's lease."""
+
+
+def _when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # someone else's process, or no pid recorded: assume alive
+    return True
+
+
+class Lease:
+    def __init__(self, storage: Storage, stage_dir: str, stage: str,
+                 ttl_s: float = DEFAULT_TTL_S) -> None:  # fmt: skip
+        self.storage, self.stage, self.ttl_s = storage, stage, ttl_s
+        self.uri = join(stage_dir, LEASE_NAME)
+        self.owner = uuid.uuid4().hex
+        self._etag: str | None = None  # object stores: the version we wrote
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        now = time.time()
+        return json.dumps({
+            "owner": self.owner, "stage": self.stage, "host": socket.gethostname(),
+            "pid": os.getpid(), "heartbeat": now, "expires": now + self.ttl_s,
+            "expires_utc": _when(now + self.ttl_s),
+        }).encode()  # fmt: skip
+
+    def _refuse(self, holder: dict[str, Any]) -> StageBusy:
+        return StageBusy(
+            f"{self.uri.rsplit('/', 1)[0]} is being written by another {holder.get('stage')} run "
+            f"(host {holder.get('host')}, pid {holder.get('pid')}); its lease expires at "
+            f"{holder.get('expires_utc')} unless renewed. Wait for it to finish, stop it, or "
+            f"use another --run-dir. A holder that died is taken over once its lease expires."
+        )
+
+    # -- compare-and-swap, per backend --------------------------------------------------------
+
+    def _swap_local(self, take: bool) -> None:
+        import fcntl
+
+        path = self.storage.fs(self.uri)[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock = os.open(os.path.dirname(path), os.O_RDONLY)  # flock on the folder itself
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._check(self._read_local(path), take)
+            tmp = f"{path}.tmp-{self.owner}"
+            with open(tmp, "wb") as f:
+                f.write(self._record())
+            os.replace(tmp, path)
+        finally:
+            os.close(lock)  # releases the flock
+
+    @staticmethod
+    def _read_local(path: str) -> dict[str, Any] | None:
+        try:
+            with open(path, "rb") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _swap_object(self, take: bool) -> None:
+        fs, path = self.storage.fs(self.uri)
+        try:
+            info, holder = fs.info(path), json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            info, holder = None, None
+        self._check(holder, take)
+        condition = {"IfMatch": info["ETag"]} if info else {}
+        try:
+            reply = fs.pipe_file(path, self._record(), mode="overwrite" if info else "create",
+                                 **condition)  # fmt: skip
+        except (FileExistsError, OSError) as e:  # 412: someone wrote between our read and PUT
+            if "pre-condition" not in str(e) and not isinstance(e, FileExistsError):
+                raise
+            fs.invalidate_cache(path)
+            raise self._refuse(json.loads(fs.cat_file(path))) from None
+        self._etag = reply.get("ETag") if isinstance(reply, dict) else None
+
+    def _check(self, holder: dict[str, Any] | None, take: bool) -> None:
+        """Raise unless we may write: the lease is ours, absent, or expired (taking only)."""
+        if holder is None or holder.get("owner") == self.owner:
+            return
+        if take and float(holder.get("expires", 0)) < time.time():
+            print(f"{self.stage}: taking over the expired lease of host {holder.get('host')} "
+                  f"pid {holder.get('pid')} (expired {holder.get('expires_utc')})", flush=True)  # fmt: skip
+            return
+        if take and holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+            # A killed job re-submitted at once (`ray job submit` runs drivers on the head
+            # node): its holder is gone from this host, no need to wait for the expiry.
+            print(f"{self.stage}: taking over the lease of pid {holder.get('pid')}, which is no "
+                  f"longer running on this host", flush=True)  # fmt: skip
+            return
+        raise self._refuse(holder)
+
+    def _swap(self, take: bool) -> None:
+        (self._swap_local if is_local(self.uri) else self._swap_object)(take)
+
+    # -- the lease's life ---------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        self._swap(take=True)
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="lease")
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self._swap(take=False)
+            except StageBusy as e:
+                print(f"{self.stage}: lost the stage lease: {e}", file=sys.stderr, flush=True)
+                return
+            except Exception as e:  # a storage hiccup: try again at the next beat
+                print(f"{self.stage}: lease heartbeat failed ({type(e).__name__}); retrying",
+                      file=sys.stderr, flush=True)  # fmt: skip
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        fs, path = self.storage.fs(self.uri)
+        try:
+            holder = json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            return
+        if holder.get("owner") == self.owner:
+            fs.rm_file(path)
+
+
+@contextmanager
+def stage_lease(storage: Storage, stage_dir: str, stage: str, ttl_s: float = DEFAULT_TTL_S):
+    lease = Lease(storage, stage_dir, stage, ttl_s)
+    lease.acquire()
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+def single_writer(stage: str, directory: str | Callable[[str, Any], str]) -> Callable[[F], F]:
+    """Decorate a stage function `(..., run_dir, config, ...)`: it runs holding the lease of
+    RUN/{directory}, or of `directory(run_dir, config)` when the config can move it."""
+
+    def decorate(run_stage: F) -> F:
+        signature = inspect.signature(run_stage)
+
+        @functools.wraps(run_stage)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            run_dir, config = bound.arguments["run_dir"], bound.arguments["config"]
+            run_dir = absolute(run_dir)
+            where = directory(run_dir, config) if callable(directory) else join(run_dir, directory)
+            with stage_lease(Storage(config.storage), absolute(where), stage):
+                return run_stage(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
+    return decorate

@@ -1,0 +1,67 @@
+"""One writer per stage dir: a lease held by a real second process, on local disk and on S3
+(moto's server): refused while held and renewed, taken over once its holder is killed."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.core.lease import Lease, StageBusy
+from pipeline.core.storage import Storage, StorageConfig
+
+HOLDER = """
+import sys, time
+from pipeline.core.lease import Lease
+from pipeline.core.storage import Storage, StorageConfig
+lease = Lease(Storage(StorageConfig(endpoint_url=sys.argv[2] or None)), sys.argv[1], "train-vae",
+              ttl_s=float(sys.argv[3]))
+lease.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(params=["local", "s3"])
+def stage_dir(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "run" / "vae"), ""
+    bucket, _ = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/run/vae", request.getfixturevalue("s3_endpoint")
+
+
+def _hold(uri: str, endpoint: str, ttl_s: float) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, uri, endpoint, str(ttl_s)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_is_refused_until_the_holder_dies(stage_dir, capsys):
+    uri, endpoint = stage_dir
+    storage = Storage(StorageConfig(endpoint_url=endpoint or None))
+    holder = _hold(uri, endpoint, ttl_s=1.5)
+    try:
+        time.sleep(2.5)  # past one TTL: only the heartbeat keeps the lease
+        with pytest.raises(StageBusy, match=rf"another train-vae run \(host \S+, pid {holder.pid}\)"
+                                            r"; its lease expires at 20\d\d-"):  # fmt: skip
+            Lease(storage, uri, "train-vae").acquire()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # no release: the lease stays behind, stale
+        holder.wait()
+    mine = Lease(storage, uri, "train-vae")
+    with pytest.raises(StageBusy):  # not yet expired
+        mine.acquire()
+    time.sleep(1.6)
+    mine.acquire()
+    assert "taking over the expired lease of host" in capsys.readouterr().out
+    assert storage.exists(f"{uri}/_lease.json")
+    with pytest.raises(StageBusy):  # and now we are the holder others are refused by
+        Lease(storage, uri, "train-vae").acquire()
+    mine.release()
+    assert not storage.exists(f"{uri}/_lease.json")
+    again = Lease(storage, uri, "train-vae")
+    again.acquire()
+    again.release()

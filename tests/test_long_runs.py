@@ -1,0 +1,147 @@
+"""Operating long training runs: a resume that honours the config, extension, fine-tuning
+from an exported model, append-only metrics, experiment tracking, and inputs too small for one
+batch. Real Ray, real files; the training stages run for a few steps."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.core.manifest import StageConflict
+from pipeline.core.storage import Storage, StorageConfig
+from pipeline.core.training import RunMetrics, read_metrics, run_steps
+from pipeline.demo.data import write_demo_dataset
+from pipeline.stages.shard import ShardConfig, run_shard_stage
+from pipeline.stages.train_vae import TrainVAEConfig, run_train_vae_stage
+from tests.train_helpers import metrics
+
+
+def vae_config(**kw) -> TrainVAEConfig:
+    values = dict(steps=8, batch_size=8, lr=2e-3, warmup_steps=2, num_workers=1,
+                  cpus_per_worker=0.5, log_every=4, checkpoint_every=4, val_images=16)  # fmt: skip
+    values.update(kw)
+    config = TrainVAEConfig(**values)
+    config.loss.gan_weight = 0.0
+    return config
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("long")
+    write_demo_dataset(root / "in", per_class=12)
+    run_shard_stage(str(root / "in"), str(root / "run"),
+                    ShardConfig(image_size=32, samples_per_shard=16, val_fraction=0.1))  # fmt: skip
+    return root / "run"
+
+
+def fresh_run(shards: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(shards / "shards", run / "shards")
+    return run
+
+
+def test_extend_refuse_changes_finetune_and_track(shards, tmp_path):
+    run = fresh_run(shards, tmp_path)
+    run_train_vae_stage(str(run), vae_config())
+    with pytest.raises(StageConflict, match=r"finished train-vae output made with another "
+                                            r"config: lr: 0.002 -> 0.001"):  # fmt: skip
+        run_train_vae_stage(str(run), vae_config(lr=1e-3))
+
+    # Raising steps extends the finished run from its last checkpoint.
+    manifest = run_train_vae_stage(str(run), vae_config(steps=16))
+    assert manifest.config["steps"] == 16
+    records = metrics(run / "vae")
+    assert [(r["step"], r.get("event")) for r in records] == [
+        (4, None), (8, None), (8, "resumed"), (12, None), (16, None)]  # fmt: skip
+    started = json.loads((run / "vae" / "_started.json").read_text())
+    assert started["history"][0]["changes"] == ["steps: 8 -> 16"]
+    assert (run / "vae" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # MLflow, in the run dir: params = the config, metrics = metrics.jsonl, the grids.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run}/mlflow/mlflow.db")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("run").experiment_id])
+    assert mlflow_run.data.params["lr"] == "0.002" and mlflow_run.data.params["steps"] == "8"
+    history = client.get_metric_history(mlflow_run.info.run_id, "val_psnr")
+    logged = {r["step"]: r["val_psnr"] for r in records if "val_psnr" in r}
+    assert {m.step: m.value for m in history} == pytest.approx(logged)
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert {"curves.png", "reconstructions.png"} <= artifacts
+
+    # Fine-tuning: a new run starts from the exported model, not from scratch.
+    tuned = tmp_path / "tuned"
+    import shutil
+
+    shutil.copytree(run / "shards", tuned / "shards")
+    scratch = tmp_path / "scratch"
+    shutil.copytree(run / "shards", scratch / "shards")
+    config = vae_config(steps=4, init_from=str(run / "vae" / "model"), lr=1e-4)
+    manifest = run_train_vae_stage(str(tuned), config)
+    assert manifest.upstream["init_from"] == json.loads(
+        (run / "vae" / "_manifest.json").read_text())["fingerprint"]  # fmt: skip
+    run_train_vae_stage(str(scratch), vae_config(steps=4, lr=1e-4))
+    first = metrics(tuned / "vae")[0]["val_psnr"], metrics(scratch / "vae")[0]["val_psnr"]
+    assert first[0] > first[1] + 1.0, first
+    shutil.copytree(run / "shards", tmp_path / "other" / "shards")
+    with pytest.raises(ValueError, match=r"another architecture \(codebook_size: 256 -> 32"):
+        run_train_vae_stage(str(tmp_path / "other"),
+                            vae_config(init_from=str(run / "vae" / "model"),
+                                       model={"codebook_size": 32}))  # fmt: skip
+
+
+def test_inputs_smaller_than_one_batch_are_refused_at_plan_time(ray_local, tmp_path):
+    write_demo_dataset(tmp_path / "in", per_class=2)  # 8 images
+    run = tmp_path / "run"
+    run_shard_stage(str(tmp_path / "in"), str(run), ShardConfig(image_size=32, val_fraction=0.3))
+    train = json.loads((run / "shards" / "_manifest.json").read_text())["units"]
+    rows = sum(u["rows"] for u in train if u["name"].startswith("train-"))
+    assert 0 < rows < 16
+    with pytest.raises(ValueError, match=rf"train-vae: the train split has {rows} rows, fewer "
+                                         rf"than one global batch \(batch_size 16 x num_workers "
+                                         rf"1 = 16\): lower batch_size to at most {rows}"):  # fmt: skip
+        run_train_vae_stage(str(run), vae_config(batch_size=16))
+    assert not (run / "vae" / "_started.json").exists()
+
+
+def test_an_epoch_without_a_full_batch_is_an_error_not_a_loop(ray_local):
+    import ray
+
+    data = ray.data.from_items([{"x": i} for i in range(5)])  # 5 rows, batch_size 8
+
+    class Config:
+        steps, batch_size, shuffle_buffer, grad_accum_steps = 10, 8, 0, 1
+        log_every, checkpoint_every, seed = 1, 1, 0
+
+    with pytest.raises(RuntimeError, match="gave no full batch of 8 rows"):
+        run_steps(data, Config, "cpu", 0, 0, lambda micro, step: ({}, 8), lambda s, t: None,
+                  lambda s: None)  # fmt: skip
+
+
+@pytest.fixture(params=["local", "s3"])
+def stage_dir(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "ar"), Storage()
+    bucket, _ = request.getfixturevalue("s3_bucket")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return f"s3://{bucket}/run/ar", Storage(StorageConfig(endpoint_url=endpoint))
+
+
+def test_metrics_append_and_a_resume_drops_what_followed_its_checkpoint(stage_dir):
+    uri, storage = stage_dir
+    log = RunMetrics(storage, uri, "train-ar")
+    for step in range(1, 8):
+        log.write({"step": step, "loss": 1.0 / step})
+        if step in (3, 6):
+            log.checkpoint(step)
+    # Killed after step 7: the object store never received step 7 (no checkpoint after it).
+    expected = list(range(1, 8)) if uri.startswith("/") else list(range(1, 7))
+    assert [r["step"] for r in read_metrics(storage, uri)] == expected
+    resumed = RunMetrics(storage, uri, "train-ar", resume_step=3)  # from the checkpoint at 3
+    assert [r["step"] for r in read_metrics(storage, uri)] == [1, 2, 3]
+    for step in range(4, 7):
+        resumed.write({"step": step, "loss": 0.0})
+    resumed.checkpoint(6)
+    assert [r["step"] for r in read_metrics(storage, uri)] == [1, 2, 3, 4, 5, 6]
