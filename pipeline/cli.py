@@ -50,7 +50,10 @@ def _analysis(args: argparse.Namespace) -> int:
             depth.pop("counts")
         print(json.dumps(report, indent=2) if args.json else analysis.format_stats(report))
     elif args.command == "query":
-        print(analysis.query(storage, args.sql, args.codes).to_pandas().to_string(index=False))
+        if args.codes.lstrip().upper().startswith(SQL_WORDS):
+            raise ValueError(f"the tables come first, then the SQL: rqpipe query RUN "
+                             f"{json.dumps(args.codes)}")  # fmt: skip
+        print(analysis.query(storage, args.codes, args.sql).to_pandas().to_string(index=False))
     else:
         from PIL import Image
 
@@ -64,6 +67,7 @@ def _analysis(args: argparse.Namespace) -> int:
     return 0
 
 
+SQL_WORDS = ("SELECT", "WITH", "FROM", "DESCRIBE", "SUMMARIZE", "PIVOT")
 SAMPLE_FLAGS = ("num_samples", "labels", "temperature", "top_k", "top_p", "cfg_scale", "seed")
 
 
@@ -136,18 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--seed", type=int, help="same seed, same images")
     _add_stage_args(sample)
 
+    tables_help = "a run dir, its codes/ folder, or one .parquet code table"
     stats = commands.add_parser("stats", help="code usage, perplexity, duplicates of code tables")
-    stats.add_argument("codes", help="RUN/codes (a folder or prefix of tables) or one .parquet")
+    stats.add_argument("codes", help=tables_help)
     stats.add_argument("--top", type=int, default=10, help="most frequent codes to list")
     stats.add_argument("--plot", help="write per-depth usage histograms to this PNG")
     stats.add_argument("--json", action="store_true", help="print the report as JSON")
 
     query = commands.add_parser("query", help="DuckDB SQL over code tables (a view named codes)")
+    query.add_argument("codes", help=tables_help)
     query.add_argument("sql", help='e.g. "SELECT label, count(*) FROM codes GROUP BY label"')
-    query.add_argument("codes", help="RUN/codes or one .parquet")
 
     decode = commands.add_parser("decode", help="an image back from a stored code stack")
-    decode.add_argument("codes", help="RUN/codes or one .parquet")
+    decode.add_argument("codes", help=tables_help)
     decode.add_argument("--key", required=True)
     decode.add_argument("--depth", type=int, default=None, help="first d codes only (coarse)")
     decode.add_argument("--out", required=True, help="PNG to write")

@@ -72,13 +72,19 @@ def test_tables_read_as_is_everywhere(known_tables):
 
 
 def test_query_command(known_tables):
-    table = query(Storage(), "SELECT label, count(*) AS n FROM codes GROUP BY label ORDER BY label",
-                  str(known_tables))  # fmt: skip
+    table = query(Storage(), str(known_tables),
+                  "SELECT label, count(*) AS n FROM codes GROUP BY label ORDER BY label")  # fmt: skip
     assert table.to_pylist() == [{"label": 0, "n": 1}, {"label": 1, "n": 2},
                                  {"label": None, "n": 1}]  # fmt: skip
-    result = rqpipe("query", "SELECT key FROM codes WHERE codes[1] = 1 ORDER BY key",
-                    str(known_tables))  # fmt: skip
+    result = rqpipe("query", str(known_tables),
+                    "SELECT key FROM codes WHERE codes[1] = 1 ORDER BY key")  # fmt: skip
     assert result.returncode == 0 and result.stdout.split() == ["key", "b", "d"]
+    typo = rqpipe("query", str(known_tables), "SELEC key FROM codes")
+    assert typo.returncode == 1 and "Traceback" not in typo.stderr
+    assert typo.stderr.startswith("rqpipe query: SQL error: Parser Error: syntax error")
+    assert len(typo.stderr.strip().splitlines()) == 1
+    swapped = rqpipe("query", "SELECT key FROM codes", str(known_tables))
+    assert swapped.returncode == 1 and "the tables come first" in swapped.stderr
 
 
 def test_stats_command_with_plot(known_tables, tmp_path):
@@ -87,7 +93,28 @@ def test_stats_command_with_plot(known_tables, tmp_path):
     assert "exact duplicate code stacks: 1 group(s), 2 rows" in result.stdout
     assert Image.open(tmp_path / "usage.png").size[0] > 300
     missing = rqpipe("stats", str(tmp_path / "nowhere"))
-    assert missing.returncode == 1 and "no .parquet code tables" in missing.stderr
+    assert missing.returncode == 1 and "no rqpipe code tables" in missing.stderr
+
+
+def test_table_tools_take_a_run_dir_and_skip_other_parquet_files(known_tables):
+    import pyarrow as pa
+
+    from pipeline.core.manifest import Manifest, write_manifest
+
+    run = known_tables.parent
+    (run / "shards").mkdir()
+    rejects = pa.table({"source": ["x.png"], "reason": ["truncated"]})
+    pq.write_table(rejects, run / "shards" / "rejects.parquet")
+    pq.write_table(pa.table({"source": ["y.png"]}), known_tables / "notes.parquet")  # not a table
+    assert code_stats(read_codes(Storage(), str(known_tables)))["rows"] == 4
+    units = [{"name": f"train-00000{i}.parquet", "rows": 2, "bytes": 1} for i in (0, 1)]
+    write_manifest(Storage(), str(known_tables), Manifest("encode", 1, {}, {}, units))
+    for where in (run, known_tables):  # the run dir, or its codes/ folder
+        result = rqpipe("stats", str(where), "--json")
+        assert result.returncode == 0, result.stderr
+        assert '"rows": 4' in result.stdout
+    result = rqpipe("query", str(run), "SELECT count(*) AS n FROM codes")
+    assert result.returncode == 0 and result.stdout.split() == ["n", "4"]
 
 
 def test_decode_command_at_each_depth(tmp_path):

@@ -39,6 +39,14 @@ def test_launcher_yaml_validates_against_rays_schema(name):
     assert raw["file_mounts"] == {"~/rqpipe": "."}
 
 
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml", "kuberay.yaml"])
+def test_dashboard_and_its_job_api_listen_on_localhost_only(name):
+    text = (CLUSTER / name).read_text()
+    assert "0.0.0.0" not in text
+    hosts = re.findall(r"dashboard-host[=:]\s*(\S+)", text)
+    assert hosts == ["127.0.0.1"], hosts
+
+
 def test_schema_validation_catches_a_misspelt_key():
     broken = launcher("aws.yaml")
     broken["available_node_types"]["cpu-16"]["min_worker"] = 0  # a typo

@@ -114,7 +114,7 @@ def test_encode_on_s3(ray_local, demo_images, s3_bucket, s3_endpoint):
     assert got.keys() == expected.keys()
     assert all(np.array_equal(got[k], expected[k]) for k in expected)
 
-    counted = query(Storage(storage), "SELECT count(*) AS n FROM codes", f"{run}/codes")
+    counted = query(Storage(storage), run, "SELECT count(*) AS n FROM codes")
     assert counted.to_pylist() == [{"n": 48}]
     assert code_stats(read_codes(Storage(storage), f"{run}/codes"))["rows"] == 48
 

@@ -141,3 +141,21 @@ def test_unconditional_model_refuses_labels(sampled_run):
         run_sample_stage(str(sampled_run), sample_config(labels=[1]))
     run_sample_stage(str(sampled_run), sample_config(num_samples=3))
     assert (sampled_run / "samples" / "grid.png").exists()
+
+
+def test_class_names_cannot_escape_and_credentials_are_not_saved(sampled_run):
+    from pipeline.core.storage import StorageConfig
+
+    hostile = {"../../escaped": 0, ".hidden/../x": 1, "a b/c": 2, "": 3}
+    (sampled_run / "shards" / "labels.json").write_text(json.dumps(hostile))
+    storage = StorageConfig(endpoint_url="http://AKIAEXAMPLE:s3cr3t@127.0.0.1:9/")
+    run_sample_stage(str(sampled_run), sample_config(num_samples=4, storage=storage))
+    out = sampled_run / "samples"
+    grids = sorted(p.name for p in out.glob("grid-*.png"))
+    assert grids == ["grid-0-_.._escaped.png", "grid-1-hidden_.._x.png", "grid-2-a_b_c.png",
+                     "grid-3-_.png"], grids  # fmt: skip
+    assert not list(sampled_run.parent.glob("escaped*")) and not list(out.glob(".*"))
+    saved = (out / "config.yaml").read_text()
+    assert (
+        "s3cr3t" not in saved and "AKIAEXAMPLE" not in saved and "http://***@127.0.0.1:9/" in saved
+    )

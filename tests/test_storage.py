@@ -101,6 +101,8 @@ def test_a_finished_stage_is_extended_by_raising_steps(root):
 def test_redact_hides_credentials_in_urls():
     assert redact("http://AKIAXXXX:s3cr3t@minio:9000/x failed") == "http://***@minio:9000/x failed"
     assert redact("s3://bucket/key") == "s3://bucket/key"
+    config = StorageConfig(endpoint_url="http://AKIAXXXX:s3cr3t@minio:9000")
+    assert "s3cr3t" not in repr(config) and "s3cr3t" not in str({"storage": config})
 
 
 def test_unreachable_endpoint_is_recognised_and_named():

@@ -21,15 +21,26 @@ from fsspec.core import split_protocol
 from model.fileio import read_bytes, write_bytes_atomic
 
 
-@dataclass
+@dataclass(repr=False)
 class StorageConfig:
     endpoint_url: str | None = None  # S3-compatible endpoint, e.g. http://127.0.0.1:9000
     region: str | None = None
+
+    def __repr__(self) -> str:  # configs get printed (errors, Ray): never a URL's secret
+        endpoint = redact(self.endpoint_url) if self.endpoint_url else None
+        return f"StorageConfig(endpoint_url={endpoint!r}, region={self.region!r})"
 
 
 def redact(text: str) -> str:
     """Hide credentials that may sit in URLs (scheme://user:secret@host)."""
     return re.sub(r"(\w+://)[^/@\s]+:[^/@\s]+@", r"\1***@", text)
+
+
+def safe_file_name(text: str, limit: int = 64) -> str:
+    """A name from user data (a class name) that is safe as one file name: letters, digits,
+    `.-_` only, no leading dot, at most `limit` characters. `../x` cannot leave its folder."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip(".")[:limit]
+    return name or "_"
 
 
 def join(uri: str, *parts: str) -> str:

@@ -41,7 +41,7 @@ from pipeline.core.manifest import (
     write_manifest,
 )
 from pipeline.core.progress import Progress
-from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.storage import Storage, StorageConfig, absolute, join, safe_file_name
 from pipeline.formats.codes_table import codes_table, finished_table, to_parquet_bytes
 
 FORMAT_VERSION = 1
@@ -189,7 +189,8 @@ def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_
         tiles = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
         per_row = math.ceil(math.sqrt(len(tiles)))
         rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]
-        name = "grid.png" if label is None else f"grid-{label}-{label_names.get(label, label)}.png"
+        shown = safe_file_name(str(label_names.get(label, label)))  # class names are user data
+        name = "grid.png" if label is None else f"grid-{label}-{shown}.png"
         uri = join(out_dir, name)
         save_png(image_grid(rows, scale=max(1, 96 // tiles.shape[-1])), uri, storage.options(uri))
         written.append(uri)

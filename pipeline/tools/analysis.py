@@ -10,16 +10,37 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core.manifest import read_manifest
 from pipeline.core.storage import Storage, join
-from pipeline.formats.codes_table import codes_array, table_metadata
+from pipeline.formats.codes_table import METADATA_KEY, codes_array, table_metadata
+
+
+def codes_dir(storage: Storage, uri: str) -> str:
+    """Where the code tables of `uri` are: a run dir means its codes/ folder."""
+    uri = uri.rstrip("/")
+    if not uri.endswith(".parquet") and storage.exists(join(uri, "codes", "_manifest.json")):
+        return join(uri, "codes")
+    return uri
 
 
 def table_files(storage: Storage, codes_uri: str) -> list[str]:
+    """The code tables of a run dir, an encode output (its manifest's tables), one .parquet,
+    or any folder: there, only the Parquet files that are code tables (not rejects.parquet)."""
+    codes_uri = codes_dir(storage, codes_uri)
     if codes_uri.endswith(".parquet"):
         return [codes_uri]
-    files = [uri for uri, _ in storage.list_files(codes_uri) if uri.endswith(".parquet")]
+    manifest = read_manifest(storage, codes_uri)
+    if manifest is not None and manifest.stage == "encode":
+        return [join(codes_uri, unit["name"]) for unit in manifest.units]
+    files = []
+    for uri, _ in storage.list_files(codes_uri):
+        if uri.endswith(".parquet"):
+            filesystem, path = storage.arrow_fs(uri)
+            if METADATA_KEY in (pq.read_schema(path, filesystem=filesystem).metadata or {}):
+                files.append(uri)
     if not files:
-        raise FileNotFoundError(f"no .parquet code tables under {codes_uri}")
+        raise FileNotFoundError(f"no rqpipe code tables under {codes_uri}: give a run dir, its "
+                                f"codes/ folder or one .parquet table")  # fmt: skip
     return files
 
 
@@ -103,7 +124,7 @@ def plot_usage(stats: dict[str, Any], path: str, storage: Storage) -> None:
     storage.write_bytes(path, buffer.getvalue())
 
 
-def query(storage: Storage, sql: str, codes_uri: str) -> pa.Table:
+def query(storage: Storage, codes_uri: str, sql: str) -> pa.Table:
     """Run DuckDB SQL with a view `codes` over every table under codes_uri."""
     import duckdb
 
@@ -114,7 +135,14 @@ def query(storage: Storage, sql: str, codes_uri: str) -> pa.Table:
         connection.register_filesystem(fs)  # DuckDB cannot install httpfs offline
     listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
     connection.execute(f"CREATE VIEW codes AS SELECT * FROM read_parquet([{listed}])")
-    return connection.sql(sql).to_arrow_table()
+    try:
+        return connection.sql(sql).to_arrow_table()
+    except duckdb.Error as e:  # a user's typo: one line, not a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"SQL error: {first} (the view is named codes; columns: "
+            f"{', '.join(connection.sql('SELECT * FROM codes').columns)})"
+        ) from None
 
 
 def decode_key(storage: Storage, codes_uri: str, key: str, depth: int | None,
@@ -131,7 +159,7 @@ def decode_key(storage: Storage, codes_uri: str, key: str, depth: int | None,
     if len(row) == 0:
         raise KeyError(f"no row with key {key!r} in {codes_uri}")
     if vae_uri is None:
-        base = codes_uri.rstrip("/")
+        base = codes_dir(storage, codes_uri)
         run = base.rsplit("/", 2)[0] if base.endswith(".parquet") else base.rsplit("/", 1)[0]
         vae_uri = join(run, "vae", "model")
     expected = table_metadata(table.schema)["vae_fingerprint"]
