@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.core.ray_runtime import init_ray
             from pipeline.run import plan_pipeline, run_pipeline
 
-            plan = plan_pipeline(args.config, args.overrides)
+            plan = plan_pipeline(args.config, args.overrides, args.input)
             init_ray(args.ray_address)
             run_pipeline(args.input, args.run_dir, plan, args.overwrite)
             return 0

@@ -110,8 +110,10 @@ class PlannedStage:
     run: Callable[..., Manifest]
 
 
-def plan_pipeline(config_path: str | None = None, overrides: list[str] = ()) -> list[PlannedStage]:
-    """Every stage's config, loaded and checked before anything starts (Ray included)."""
+def plan_pipeline(config_path: str | None = None, overrides: list[str] = (),
+                  input_uri: str | None = None) -> list[PlannedStage]:  # fmt: skip
+    """Every stage's config, loaded and checked before anything starts (Ray included): the
+    input (when given) and every file a stage will need (weights, models it reads) exist."""
     planned = []
     for s in STAGES:
         config_class, run_stage = s.load()
@@ -121,6 +123,9 @@ def plan_pipeline(config_path: str | None = None, overrides: list[str] = ()) -> 
     for p in planned:  # the files each stage will need, before any stage starts
         if hasattr(p.config, "preflight"):
             p.config.preflight()
+    if input_uri is not None and not Storage(planned[0].config.storage).list_files(input_uri):
+        raise FileNotFoundError(f"--input {input_uri}: nothing there (a folder of images, a "
+                                f"CSV/Parquet listing or WebDataset tars)")  # fmt: skip
     return planned
 
 

@@ -20,6 +20,8 @@ from pipeline.formats.codes_table import codes_array
 from tests.conftest import free_port
 from tests.test_encode import expected_codes, prepared_run
 
+pytestmark = pytest.mark.slow  # end to end: whole stages on Ray (make test-fast skips them)
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

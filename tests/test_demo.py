@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from model.rqvae import RQVAE
@@ -58,6 +59,7 @@ def make_demo(clone: Path, venv: Path, *overrides: str) -> subprocess.CompletedP
                           cwd=clone, capture_output=True, text=True, timeout=400)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_reports_and_is_idempotent(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     clone = checkout_copy(repo, tmp_path / "clone")

@@ -119,6 +119,7 @@ def test_encode_on_s3(ray_local, demo_images, s3_bucket, s3_endpoint):
     assert code_stats(read_codes(Storage(storage), f"{run}/codes"))["rows"] == 48
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_without_duplicates(ray_local, demo_images, tmp_path):
     run = tmp_path / "run"
     prepared_run(demo_images, str(run), StorageConfig(), per_shard=2)

@@ -42,6 +42,7 @@ def fresh_run(shards: Path, tmp_path: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_extend_refuse_changes_finetune_and_track(shards, tmp_path):
     run = fresh_run(shards, tmp_path)
     run_train_vae_stage(str(run), vae_config())

@@ -98,3 +98,24 @@ def test_paper_config_checks_the_lpips_file_before_any_stage(weight_files, tmp_p
     vae = next(p.config for p in plan if p.stage.name == "train-vae")
     assert vae.loss.perceptual_weights_path == str(out)
     assert vae.loss.recon_loss == "mse" and vae.use_gpu  # the paper's loss; a GPU recipe
+
+
+def test_the_imagenet_recipe_plans_against_a_small_local_input(weight_files, tmp_path):
+    from pipeline.demo.data import write_demo_dataset
+
+    vgg, heads = weight_files
+    lpips = tmp_path / "lpips.safetensors"
+    assert main(["convert-lpips", "--vgg16", str(vgg), "--heads", str(heads), "--out",
+                 str(lpips)]) == 0  # fmt: skip
+    write_demo_dataset(tmp_path / "in", per_class=2)
+    weights = [f"train_vae.loss.perceptual_weights_path={lpips}"]
+    plan = plan_pipeline(PAPER_CONFIG, weights, str(tmp_path / "in"))
+    configs = {p.stage.name: p.config for p in plan}
+    assert list(configs) == ["shard", "train-vae", "encode", "train-ar", "sample"]
+    assert configs["train-vae"].use_gpu and configs["train-ar"].use_gpu
+    assert configs["encode"].gpus_per_actor == 1 and configs["sample"].gpus_per_actor == 1
+    assert configs["train-ar"].max_failures >= 3 and configs["train-vae"].max_failures >= 3
+    with pytest.raises(FileNotFoundError, match=r"--input .*nowhere: nothing there"):
+        plan_pipeline(PAPER_CONFIG, weights, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"train_ar.vae=.*: no exported model there"):
+        plan_pipeline(PAPER_CONFIG, [*weights, f"train_ar.vae={tmp_path}/vae"])

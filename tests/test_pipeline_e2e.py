@@ -16,6 +16,8 @@ from pipeline.core.storage import Storage, StorageConfig
 from pipeline.demo.data import write_demo_dataset
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow  # end to end: whole stages on Ray (make test-fast skips them)
+
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 12  # 48 images
 

@@ -181,6 +181,7 @@ def _stats_files(shards: Path) -> list[Path]:
     return list(shards.glob("*.stats.json")) if shards.exists() else []
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_to_the_same_shards(ray_local, tmp_path):
     source = tmp_path / "in"
     for i in range(120):
@@ -218,6 +219,7 @@ def test_killed_driver_resumes_to_the_same_shards(ray_local, tmp_path):
     assert clean.counts["shards"] == len(clean.units) > done_at_kill
 
 
+@pytest.mark.slow
 def test_cli_errors_are_actionable(tmp_path):
     missing = subprocess.run([sys.executable, str(REPO / "jobs" / "shard.py"), "--input",
                               str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "run")],

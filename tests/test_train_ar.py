@@ -39,6 +39,7 @@ def losses(ar_dir: Path) -> list[float]:
     return [m["loss"] for m in metrics(ar_dir) if "event" not in m]
 
 
+@pytest.mark.slow
 def test_two_workers_train_from_local_tables_then_noop(encoded_run, tmp_path):
     run = copy_run(encoded_run, tmp_path)
     manifest = run_train_ar_stage(str(run), ar_config())
@@ -63,6 +64,7 @@ def test_two_workers_train_from_local_tables_then_noop(encoded_run, tmp_path):
     assert (run / "ar" / "model" / "model.safetensors").stat().st_mtime_ns == weights
 
 
+@pytest.mark.slow
 def test_soft_targets_from_latents(encoded_run, tmp_path):
     run = copy_run(encoded_run, tmp_path)
     config = ar_config(targets="soft", num_workers=1, cpus_per_worker=1.0, steps=12,
@@ -102,6 +104,7 @@ def test_config_errors_name_the_key():
         load_config(TrainARConfig, None, ["model.widht=64"])
 
 
+@pytest.mark.slow
 def test_train_from_s3(encoded_run, s3_bucket, s3_endpoint, tmp_path):
     bucket, client = s3_bucket
     storage = StorageConfig(endpoint_url=s3_endpoint)
@@ -110,14 +113,18 @@ def test_train_from_s3(encoded_run, s3_bucket, s3_endpoint, tmp_path):
     run = f"s3://{bucket}/run"
     run_train_ar_stage(run, ar_config(steps=6, checkpoint_every=3, log_every=3, storage=storage))
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/ar/")["Contents"]}
-    assert {"run/ar/_manifest.json", "run/ar/metrics.jsonl", "run/ar/model/config.json",
+    assert {"run/ar/_manifest.json", "run/ar/metrics/part-000000003.jsonl", "run/ar/curves.png",
+            "run/ar/metrics/part-000000006.jsonl", "run/ar/model/config.json",
             "run/ar/model/model.safetensors", "run/ar/samples.png"} <= keys  # fmt: skip
+    logged = metrics(f"{run}/ar", Storage(storage))
+    assert [r["step"] for r in logged] == [3, 6] and "val_loss" in logged[-1]
     assert any("checkpoint_" in k and k.endswith("trainer.safetensors") for k in keys)
     uri = f"{run}/ar/model"
     model = RQTransformer.from_pretrained(uri, storage_options=Storage(storage).options(uri))
     assert model.config.num_classes == 4
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_the_step_count_then_noops(encoded_run, ray_local, tmp_path):
     run = copy_run(encoded_run, tmp_path)
     address = ray_local.get_runtime_context().gcs_address
@@ -145,6 +152,7 @@ def test_killed_driver_resumes_the_step_count_then_noops(encoded_run, ray_local,
     assert again.returncode == 0 and "up to date" in again.stdout
 
 
+@pytest.mark.slow
 def test_tables_without_labels_train_an_unconditional_model(encoded_run, tmp_path):
     run = copy_run(encoded_run, tmp_path)
     for path in (run / "codes").glob("*.parquet"):
@@ -196,7 +204,7 @@ def test_one_batch_of_class_sorted_tables_spans_the_classes(ray_local, tmp_path)
                           "label": pa.array([label] * 64, pa.int32())})  # fmt: skip
         paths.append(str(tmp_path / f"train-{i:06d}.parquet"))
         pq.write_table(table, paths[-1])
-    tables = CodeTables(paths, [], shape, 16, "fp", 4, False, 512)
+    tables = CodeTables(paths, [], shape, 16, "fp", 4, False, 512, 512)
     dataset = train_dataset(Storage(), tables, ["codes", "label"])
     config = ar_config(batch_size=64)
     first = next(iter(shuffled_batches(dataset, config.batch_size, config.shuffle_buffer, "cpu")))

@@ -19,6 +19,8 @@ from pipeline.stages.train_vae import TrainVAEConfig, run_train_vae_stage, valid
 from tests.train_helpers import capture, committed_checkpoints
 from tests.train_helpers import metrics as stage_metrics
 
+pytestmark = pytest.mark.slow  # end to end: whole stages on Ray (make test-fast skips them)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARDING = dict(image_size=32, samples_per_shard=32, val_fraction=0.1, cpus_per_task=0.5)
 

@@ -1,24 +1,55 @@
-"""Progress of a stage's units, printed for the person watching the job."""
+"""Progress of a stage's units (shards, tables, chunks), for the person watching the job.
+
+On a terminal: a tqdm bar over the items (images, samples) with rate and ETA. In a log (stdout
+is not a TTY: `ray job submit`, CI, `| tee`): one plain line every `every_s` seconds and at the
+end, with the percentage and the ETA, so a log never fills with carriage returns.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
+from typing import TextIO
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 class Progress:
-    """One line every `every_s` seconds and at the end: units, items, rate."""
-
-    def __init__(self, stage: str, total_units: int, every_s: float = 5.0) -> None:
-        self.stage, self.total, self.every_s = stage, total_units, every_s
+    def __init__(self, stage: str, total_units: int, total_items: int, unit: str = "images",
+                 every_s: float = 10.0, stream: TextIO | None = None) -> None:  # fmt: skip
+        self.stage, self.total, self.total_items, self.unit = stage, total_units, total_items, unit
+        self.every_s, self.stream = every_s, stream or sys.stdout
         self.done = self.items = 0
         self.start = self.last = time.time()
+        self.bar = None
+        if self.stream.isatty() and total_units > 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_items, desc=stage, unit=f" {unit}", file=self.stream,
+                            dynamic_ncols=True, smoothing=0.1)  # fmt: skip
 
     def update(self, items: int, extra: str = "") -> None:
+        """One unit finished with `items` items; `extra` is shown after the figures."""
         self.done += 1
         self.items += items
+        if self.bar is not None:
+            self.bar.update(items)
+            self.bar.set_postfix_str(f"{self.done}/{self.total} units{extra}", refresh=False)
+            if self.done == self.total:
+                self.bar.close()
+            return
         now = time.time()
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
-            rate = self.items / max(now - self.start, 1e-9)
-            print(f"{self.stage}: {self.done}/{self.total} units, {self.items:,} items, "
-                  f"{rate:,.1f} items/s{extra}", flush=True)  # fmt: skip
+            elapsed = max(now - self.start, 1e-9)
+            rate = self.items / elapsed
+            fraction = self.items / self.total_items if self.total_items else 1.0
+            eta = elapsed * (1 - fraction) / fraction if 0 < fraction < 1 else 0.0
+            print(f"{self.stage}: {self.done}/{self.total} units, {self.items:,}/"
+                  f"{self.total_items:,} {self.unit} ({100 * fraction:.0f}%), {rate:,.1f} "
+                  f"{self.unit}/s, elapsed {_duration(elapsed)}, ETA {_duration(eta)}{extra}",
+                  file=self.stream, flush=True)  # fmt: skip

@@ -1,19 +1,46 @@
-"""Connecting to Ray: a cluster address, RAY_ADDRESS (set under `ray job submit`), or local."""
+"""Connecting to Ray: a cluster address, RAY_ADDRESS (set under `ray job submit`), or local.
+
+The console shows rqpipe's lines and real errors; Ray's own chatter goes to its log files
+(`/tmp/ray/session_latest/logs/` on the node that runs the driver, or the job's logs in the
+dashboard):
+- Ray's Python loggers, in the driver and every worker, at WARNING; Ray Train's own logger too
+  (`train_run_config`), so "Requesting resources", "Checkpoint successfully created" and the
+  like stay in the files; on a local instance Ray Data's as well (`RAY_DATA_LOG_LEVEL`);
+- Ray Data's progress bars off: the training datasets stream endlessly, so their per-epoch
+  bars are noise (the stages print their own progress);
+- a local instance runs a dashboard on 127.0.0.1: Ray Train's placement-group cleaner asks the
+  state API (served by the dashboard) whether the controller lives, and without one it warns
+  every few seconds ("Failed to query Ray Train Controller actor state"). It also turns off
+  Ray Train's preemption watcher, which nothing preempts on one machine and whose actor makes
+  the core worker log an error-looking line, and DeprecationWarnings raised inside Ray.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 
 
 def init_ray(address: str | None = None) -> None:
     """Join `address` (or RAY_ADDRESS); without either, start a local Ray instance."""
     import ray
+    from ray.data import DataContext
 
     if ray.is_initialized():
         return
+    quiet = {"logging_level": logging.WARNING,
+             "logging_config": ray.LoggingConfig(log_level="WARNING")}  # fmt: skip
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **quiet)
     else:
-        # A fresh local instance, never someone else's cluster; no dashboard (1 GB, 10 s).
-        ray.init(address="local", include_dashboard=False)
+        # A fresh local instance, never someone else's cluster.
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # also "Progress bars disabled"
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                                           "RAY_DATA_LOG_LEVEL": "ERROR",
+                                           "PYTHONWARNINGS": "ignore::DeprecationWarning"}},
+                 **quiet)  # fmt: skip
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False

@@ -159,6 +159,14 @@ class Storage:
             fs.rm(path, recursive=True)
 
 
+def require_model_folders(storage: Storage, section: str, **uris: str | None) -> None:
+    """Plan-time check of the exported models a config names (`key=uri`, None: not given)."""
+    for key, uri in uris.items():
+        if uri and not storage.exists(join(absolute(uri), "config.json")):
+            raise FileNotFoundError(f"{section}.{key}={uri}: no exported model there (a folder "
+                                    f"with config.json and model.safetensors)")  # fmt: skip
+
+
 # What an unreachable endpoint looks like from botocore/s3fs and from pyarrow's S3 client (the
 # AWS SDK over curl). Not a bare "connection refused": Ray's own connections say that too.
 _UNREACHABLE = re.compile(r"Could not connect to the endpoint URL|Couldn't connect to server|"

@@ -4,6 +4,7 @@ Train plumbing (run config, checkpoint reporting) of the train-vae and train-ar 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,7 +60,10 @@ class RunMetrics:
             self.tracker.log(record)
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in record.items())  # fmt: skip
-        print(f"{self.prefix}: {shown}", flush=True)
+        # Not print(): Ray Train patches it in its workers into a log call that also tees to
+        # the stream, so each line reached the driver twice.
+        sys.__stdout__.write(f"{self.prefix}: {shown}\n")
+        sys.__stdout__.flush()
 
     def checkpoint(self, step: int, grids: list[str] = ()) -> None:
         """At the checkpoint of `step`: object stores get the records since the last one;
@@ -252,7 +256,7 @@ def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: in
     so that a re-submitted job resumes from the last committed checkpoint."""
     import os
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     from pipeline.core.storage import is_local
 
@@ -263,6 +267,7 @@ def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: in
         storage_filesystem=None if is_local(run_dir) else filesystem,
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+        logging_config=LoggingConfig(log_level="WARNING"),  # its INFO lines: Ray's log files
     )
 
 
@@ -270,9 +275,17 @@ def train_worker_setup(threads: int | None) -> tuple[int, int, Any]:
     """Inside a Ray Train loop: (rank, world size, torch device), after setting the torch
     threads. Ray gives a worker as many threads as it has whole CPUs (at least 1); on a small
     machine whose data pipeline is light, more threads than reserved CPUs pay."""
+    import logging
+
     import ray.train
     import ray.train.torch
 
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Ray Train logs each report ("Reporting training result N: ...", one line per checkpoint
+    # that says nothing metrics.jsonl does not) through a logger named after its file path,
+    # outside `ray.train`, so its own level setting misses it.
+    train_context.logger.setLevel(logging.WARNING)
     if threads is not None:
         import torch
 

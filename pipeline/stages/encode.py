@@ -163,7 +163,8 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
     )  # fmt: skip
     actors = [actor_class.remote(vae_uri, config.storage, config.gpus_per_actor > 0)
               for _ in range(min(config.num_actors, max(1, len(pending))))]  # fmt: skip
-    progress = Progress("encode", len(pending))
+    rows = {unit["name"].removesuffix(".tar"): int(unit["rows"]) for unit in shards.units}
+    progress = Progress("encode", len(pending), sum(rows[n] for n in pending))
     queue, in_flight = list(pending), []
     per_actor = 2  # one shard encoding, one decoded and waiting
     while queue or in_flight:

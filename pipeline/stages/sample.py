@@ -41,7 +41,14 @@ from pipeline.core.manifest import (
     write_manifest,
 )
 from pipeline.core.progress import Progress
-from pipeline.core.storage import Storage, StorageConfig, absolute, join, safe_file_name
+from pipeline.core.storage import (
+    Storage,
+    StorageConfig,
+    absolute,
+    join,
+    require_model_folders,
+    safe_file_name,
+)
 from pipeline.formats.codes_table import codes_table, finished_table, to_parquet_bytes
 
 FORMAT_VERSION = 1
@@ -72,6 +79,10 @@ class SampleConfig:
     cpus_per_actor: float = 1.0
     max_retries: int = 3
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def preflight(self) -> None:
+        """The models this stage will read, checked before any stage of a run starts."""
+        require_model_folders(Storage(self.storage), self.section, ar=self.ar, vae=self.vae)
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "chunk_size", "num_actors"):
@@ -251,7 +262,8 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
     )  # fmt: skip
     actors = [actor_class.remote(ar_uri, vae_uri, config.storage, config.gpus_per_actor > 0)
               for _ in range(min(config.num_actors, max(1, len(pending))))]  # fmt: skip
-    progress = Progress("sample", sum(end - first for _, first, end in pending))
+    progress = Progress("sample", len(pending), sum(end - first for _, first, end in pending),
+                        "samples")  # fmt: skip
     sampling_started, queue, in_flight = time.time(), list(pending), []
     while queue or in_flight:
         while queue and len(in_flight) < 2 * len(actors):

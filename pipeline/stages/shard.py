@@ -320,7 +320,7 @@ def run_shard_stage(
     task = ray.remote(write_shard).options(
         num_cpus=config.cpus_per_task, max_retries=config.max_retries, retry_exceptions=True
     )
-    progress = Progress("shard", len(pending))
+    progress = Progress("shard", len(pending), sum(len(u.sources) for u in pending), "inputs")
     rejected = 0
     in_flight: list = []
     queue = list(pending)

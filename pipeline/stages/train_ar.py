@@ -43,7 +43,13 @@ from pipeline.core.manifest import (
     vae_fingerprint,
     write_manifest,
 )
-from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.storage import (
+    Storage,
+    StorageConfig,
+    absolute,
+    join,
+    require_model_folders,
+)
 from pipeline.core.tracking import TrackingConfig, open_tracker
 from pipeline.core.training import (
     RESUMABLE_FIELDS,
@@ -118,6 +124,11 @@ class TrainARConfig:
                      "checkpoint_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def preflight(self) -> None:
+        """The models this stage will read, checked before any stage of a run starts."""
+        require_model_folders(Storage(self.storage), self.section, vae=self.vae,
+                              init_from=self.init_from)  # fmt: skip
 
     def model_config(
         self, code_shape: list[int], codebook_size: int, num_classes: int

@@ -33,7 +33,13 @@ from pipeline.core.manifest import (
     require_manifest,
     write_manifest,
 )
-from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.storage import (
+    Storage,
+    StorageConfig,
+    absolute,
+    join,
+    require_model_folders,
+)
 from pipeline.core.tracking import TrackingConfig, open_tracker
 from pipeline.core.training import (
     RESUMABLE_FIELDS,
@@ -102,6 +108,7 @@ class TrainVAEConfig:
             from model.losses import PerceptualLoss
 
             PerceptualLoss(self.loss.perceptual_weights_path or "")
+        require_model_folders(Storage(self.storage), self.section, init_from=self.init_from)
 
     def __post_init__(self) -> None:
         self.model_config()  # unknown presets or keys fail at load time, not mid-run
