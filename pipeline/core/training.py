@@ -279,7 +279,6 @@ def train_worker_setup(threads: int | None) -> tuple[int, int, Any]:
 
     import ray.train
     import ray.train.torch
-
     from ray.train.v2._internal.execution import context as train_context
 
     # Ray Train logs each report ("Reporting training result N: ...", one line per checkpoint
