@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rqpipe: configuration error: {e}", file=sys.stderr)
         return 2
-    except (StageConflict, StageBusy, FileNotFoundError, ValueError, KeyError) as e:
+    except (StageConflict, StageBusy, FileNotFoundError, ImportError, ValueError, KeyError) as e:
         if (endpoint := unreachable_endpoint(e, _configured_storage(args))) is None:
             print(f"rqpipe {args.command}: {redact(str(e))}", file=sys.stderr)
             return 1

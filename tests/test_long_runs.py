@@ -93,18 +93,31 @@ def test_extend_refuse_changes_finetune_and_track(shards, tmp_path):
                                        model={"codebook_size": 32}))  # fmt: skip
 
 
-def test_inputs_smaller_than_one_batch_are_refused_at_plan_time(ray_local, tmp_path):
-    write_demo_dataset(tmp_path / "in", per_class=2)  # 8 images
+def test_five_images_are_refused_by_both_training_stages_naming_the_numbers(ray_local,
+                                                                           tmp_path):  # fmt: skip
+    import torch
+
+    from model.rqvae import RQVAE, RQVAEConfig
+    from pipeline.stages.encode import EncodeConfig, run_encode_stage
+    from pipeline.stages.train_ar import TrainARConfig, run_train_ar_stage
+
+    write_demo_dataset(tmp_path / "in", per_class=2)
+    for extra in sorted((tmp_path / "in").rglob("*.png"))[5:]:
+        extra.unlink()  # 5 images
     run = tmp_path / "run"
-    run_shard_stage(str(tmp_path / "in"), str(run), ShardConfig(image_size=32, val_fraction=0.3))
-    train = json.loads((run / "shards" / "_manifest.json").read_text())["units"]
-    rows = sum(u["rows"] for u in train if u["name"].startswith("train-"))
-    assert 0 < rows < 16
-    with pytest.raises(ValueError, match=rf"train-vae: the train split has {rows} rows, fewer "
-                                         rf"than one global batch \(batch_size 16 x num_workers "
-                                         rf"1 = 16\): lower batch_size to at most {rows}"):  # fmt: skip
+    run_shard_stage(str(tmp_path / "in"), str(run), ShardConfig(image_size=32, val_fraction=0.0))
+    message = (r"{stage}: the train split has 5 rows, fewer than one global batch \(batch_size "
+               r"16 x num_workers 1 = 16\): lower batch_size to at most 5, or add data")  # fmt: skip
+    with pytest.raises(ValueError, match=message.format(stage="train-vae")):
         run_train_vae_stage(str(run), vae_config(batch_size=16))
-    assert not (run / "vae" / "_started.json").exists()
+    assert not (run / "vae" / "_started.json").exists()  # refused before anything was written
+
+    torch.manual_seed(0)
+    RQVAE(RQVAEConfig.preset("tiny")).save_pretrained(str(run / "vae" / "model"))
+    run_encode_stage(str(run), EncodeConfig(cpus_per_actor=0.5))
+    with pytest.raises(ValueError, match=message.format(stage="train-ar")):
+        run_train_ar_stage(str(run), TrainARConfig(batch_size=16, steps=4))
+    assert not (run / "ar" / "_started.json").exists() and not (run / "ar" / "_lease.json").exists()
 
 
 def test_an_epoch_without_a_full_batch_is_an_error_not_a_loop(ray_local):
@@ -146,3 +159,21 @@ def test_metrics_append_and_a_resume_drops_what_followed_its_checkpoint(stage_di
         resumed.write({"step": step, "loss": 0.0})
     resumed.checkpoint(6)
     assert [r["step"] for r in read_metrics(storage, uri)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_tracking_backends_are_checked_before_any_stage(capsys):
+    import importlib.util
+
+    from pipeline.cli import main
+    from pipeline.core.config import ConfigError, load_config
+    from pipeline.core.tracking import flat_params
+
+    if importlib.util.find_spec("wandb") is None:  # not a dependency: optional
+        argv = ["run", "--input", "nowhere", "--run-dir", "x", "--config", "configs/demo.yaml",
+                "train_ar.tracking.backend=wandb"]  # fmt: skip
+        assert main(argv) == 1
+        assert "tracking.backend=wandb needs the wandb package" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"tracking.backend='tensorboard': use one of"):
+        load_config(TrainVAEConfig, None, ["tracking.backend=tensorboard"])
+    params = flat_params({"lr": 0.1, "storage": {"endpoint_url": "http://k:s3cr3t@h:9"}})
+    assert params == {"lr": "0.1", "storage.endpoint_url": '"http://***@h:9"'}

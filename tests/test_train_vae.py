@@ -149,6 +149,12 @@ def test_killed_driver_resubmitted_resumes_then_noops(ray_local, demo_images, tm
     driver.wait()
     assert _checkpoints(run) and not (run / "vae" / "_manifest.json").exists()
 
+    # Another lr on the unfinished run is refused, naming it; the killed driver's lease is
+    # taken over at once (its pid is gone from this host).
+    changed = subprocess.run([*command, "lr=0.001"], capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 1, changed.stderr[-2000:]
+    assert "unfinished train-vae output made with another config: lr: 0.0004 -> 0.001" in (
+        changed.stderr)  # fmt: skip
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     events = [m for m in metrics(run) if m.get("event") == "resumed"]

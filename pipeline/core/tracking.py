@@ -40,6 +40,15 @@ class TrackingConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"tracking.backend={self.backend!r}: use one of {list(BACKENDS)}")
 
+    def preflight(self) -> None:
+        """Before any stage starts: the tracking library is installed."""
+        import importlib.util
+
+        if self.backend == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ImportError("tracking.backend=wandb needs the wandb package: pip install wandb "
+                              "(and WANDB_API_KEY in the workers' environment), or "
+                              "tracking.backend=mlflow")  # fmt: skip
+
 
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested config as MLflow parameters: dotted keys, string values, URLs redacted."""

@@ -129,6 +129,7 @@ class TrainARConfig:
         """The models this stage will read, checked before any stage of a run starts."""
         require_model_folders(Storage(self.storage), self.section, vae=self.vae,
                               init_from=self.init_from)  # fmt: skip
+        self.tracking.preflight()
 
     def model_config(
         self, code_shape: list[int], codebook_size: int, num_classes: int
@@ -375,6 +376,7 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
 
     started = time.time()
     run_dir = absolute(run_dir)  # before anything reaches a Ray worker (its own cwd)
+    config.preflight()
     storage = Storage(config.storage)
     codes_dir, ar_dir = join(run_dir, "codes"), join(run_dir, "ar")
     encoded = require_manifest(storage, codes_dir, "encode")

@@ -109,6 +109,7 @@ class TrainVAEConfig:
 
             PerceptualLoss(self.loss.perceptual_weights_path or "")
         require_model_folders(Storage(self.storage), self.section, init_from=self.init_from)
+        self.tracking.preflight()
 
     def __post_init__(self) -> None:
         self.model_config()  # unknown presets or keys fail at load time, not mid-run
