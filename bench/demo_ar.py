@@ -28,7 +28,8 @@ from model.training import ar_train_step, build_optimizer
 from pipeline.core.config import load_config
 from pipeline.demo.check import train_classifier
 from pipeline.demo.data import DEMO_CLASSES
-from pipeline.stages.train_ar import TrainARConfig, table_to_arrays
+from pipeline.formats.codes_table import table_to_arrays
+from pipeline.stages.train_ar import TrainARConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLINGS = {"top-k 16, cfg 3": dict(top_k=16, cfg_scale=3.0),

@@ -100,7 +100,8 @@ def _summary(manifest: Manifest) -> str:
 
 
 def _has_output(storage: Storage, directory: str) -> bool:
-    return bool(storage.list_files(directory))
+    """Unfinished output is there (a lease left by a refused or killed run is not output)."""
+    return any(not uri.endswith("/_lease.json") for uri, _ in storage.list_files(directory))
 
 
 @dataclass

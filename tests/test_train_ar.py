@@ -194,7 +194,8 @@ def test_one_batch_of_class_sorted_tables_spans_the_classes(ray_local, tmp_path)
     import numpy as np
 
     from pipeline.core.training import shuffled_batches
-    from pipeline.stages.train_ar import CodeTables, train_dataset
+    from pipeline.formats.codes_table import CodeTables
+    from pipeline.stages.train_ar import train_dataset
 
     shape, paths = [2, 2, 2], []
     for i in range(8):  # 2 tables per class, 64 rows each

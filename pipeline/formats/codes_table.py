@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from pipeline.core.storage import Storage, join
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"rqpipe"
@@ -102,3 +106,62 @@ def finished_table(storage: Any, uri: str, stage_fingerprint: str) -> dict[str, 
         return None
     size = filesystem.get_file_info(path).size
     return {"name": uri.rsplit("/", 1)[-1], "rows": metadata.num_rows, "bytes": size}
+
+
+# -- reading tables for training ------------------------------------------------------------------
+
+
+def table_to_arrays(batch: pa.Table, code_shape: list[int], null_label: int) -> dict[str, Any]:
+    """Ray Data map (pyarrow batches): code-table rows -> {"codes": (B, H, W, D) int32,
+    "label": (B,) int64 with missing labels as the null label, ["latents": (B, H, W, C)]}."""
+    h, w, d = code_shape
+    flat = batch.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    labels = batch.column("label").to_numpy(zero_copy_only=False)  # float with NaN for nulls
+    arrays = {
+        "codes": flat.astype(np.int32).reshape(len(batch), h, w, d),
+        "label": np.where(np.isnan(labels), null_label, labels).astype(np.int64),
+    }
+    if "latents" in batch.column_names:
+        latents = batch.column("latents").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        arrays["latents"] = latents.reshape(len(batch), h, w, -1)
+    return arrays
+
+
+@dataclass
+class CodeTables:
+    """What the driver learns from the tables before training."""
+
+    train: list[str]
+    val: list[str]
+    code_shape: list[int]
+    codebook_size: int
+    vae_fingerprint: str
+    num_classes: int
+    has_latents: bool
+    rows: int
+    train_rows: int
+
+
+def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]) -> CodeTables:
+    uris = [join(codes_dir, unit["name"]) for unit in units]
+    train = [u for u in uris if u.rsplit("/", 1)[-1].startswith("train-")]
+    val = [u for u in uris if u.rsplit("/", 1)[-1].startswith("val-")]
+    if not train:  # tables not made from a split shard set: train on all of them
+        train, val = uris, []
+    metas, max_label, has_latents = [], -1, True
+    for uri in uris:
+        filesystem, path = storage.arrow_fs(uri)
+        schema = pq.read_schema(path, filesystem=filesystem)
+        metas.append(table_metadata(schema))
+        has_latents = has_latents and "latents" in schema.names
+        labels = pq.read_table(path, filesystem=filesystem, columns=["label"]).column("label")
+        if labels.null_count < len(labels):
+            max_label = max(max_label, pc.max(labels).as_py())
+    shapes = {(tuple(m["code_shape"]), m["codebook_size"], m["vae_fingerprint"]) for m in metas}
+    if len(shapes) != 1:
+        raise ValueError(f"the tables in {codes_dir} come from different RQ-VAEs or code shapes "
+                         f"({sorted(shapes)}): re-run encode with --overwrite")  # fmt: skip
+    (shape, k, fp) = shapes.pop()
+    rows = {join(codes_dir, unit["name"]): int(unit["rows"]) for unit in units}
+    return CodeTables(train, val, list(shape), k, fp, max_label + 1, has_latents,
+                      sum(rows.values()), sum(rows[u] for u in train))  # fmt: skip
