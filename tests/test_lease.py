@@ -17,7 +17,7 @@ HOLDER = """
 import sys, time
 from pipeline.core.lease import Lease
 from pipeline.core.storage import Storage, StorageConfig
-lease = Lease(Storage(StorageConfig(endpoint_url=sys.argv[2] or None)), sys.argv[1], "train-vae",
+lease = Lease(Storage(StorageConfig(endpoint_url=sys.argv[2] or None)), sys.argv[1], sys.argv[4],
               ttl_s=float(sys.argv[3]))
 lease.acquire()
 print("held", flush=True)
@@ -33,8 +33,8 @@ def stage_dir(request, tmp_path):
     return f"s3://{bucket}/run/vae", request.getfixturevalue("s3_endpoint")
 
 
-def _hold(uri: str, endpoint: str, ttl_s: float) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, uri, endpoint, str(ttl_s)],
+def _hold(uri: str, endpoint: str, ttl_s: float, stage: str = "train-vae") -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, uri, endpoint, str(ttl_s), stage],
                               stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -78,3 +78,17 @@ def test_a_lease_from_another_host_is_taken_over_once_expired(stage_dir, capsys)
     assert "taking over the expired lease of host node-7 pid 1" in capsys.readouterr().out
     assert json.loads(storage.read_bytes(f"{uri}/_lease.json"))["owner"] == mine.owner
     mine.release()
+
+
+def test_a_stage_refuses_to_start_while_another_run_holds_its_directory(tmp_path):
+    from pipeline.stages.shard import ShardConfig, run_shard_stage
+
+    holder = _hold(str(tmp_path / "run" / "shards"), "", ttl_s=30, stage="shard")
+    try:
+        with pytest.raises(StageBusy, match=rf"run/shards is being written by another shard run "
+                                            rf"\(host \S+, pid {holder.pid}\)"):  # fmt: skip
+            run_shard_stage(str(tmp_path), str(tmp_path / "run"), ShardConfig())
+        assert not (tmp_path / "run" / "shards" / "_started.json").exists()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()

@@ -77,7 +77,9 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
     for grid in sorted((run / "samples").glob("grid-*.png")):
         print(f"  samples:         {grid}")
     print(f"  code stats:      {run / 'codes-stats.txt'}, {run / 'codes-usage.png'}")
-    print(f"  code tables:     {run / 'codes'}  (rqpipe query \"SELECT label, count(*) FROM "
-          f"codes GROUP BY label\" {run / 'codes'})")  # fmt: skip
+    print(f"  code tables:     {run / 'codes'}  (rqpipe query {run} \"SELECT label, count(*) "
+          f"FROM codes GROUP BY label\")")  # fmt: skip
+    print(f"  curves:          {run / 'vae' / 'curves.png'}, {run / 'ar' / 'curves.png'}  "
+          f"(and MLflow: mlflow ui --backend-store-uri sqlite:///{run / 'mlflow' / 'mlflow.db'})")  # fmt: skip
     print(f"  report:          {run / 'demo-report.json'}")
     return {"stages": records, "report": report}
