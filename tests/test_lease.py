@@ -92,3 +92,32 @@ def test_a_stage_refuses_to_start_while_another_run_holds_its_directory(tmp_path
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
+
+
+TAKER = """
+import sys, time
+from pipeline.core.lease import Lease, StageBusy
+from pipeline.core.storage import Storage, StorageConfig
+lease = Lease(Storage(StorageConfig(endpoint_url=sys.argv[2] or None)), sys.argv[1], "train-vae")
+while time.time() < float(sys.argv[3]):  # both takers start together
+    pass
+try:
+    lease._swap(take=True)  # the compare-and-swap alone, without the heartbeat thread
+    print("won")
+except StageBusy:
+    print("refused")
+"""
+
+
+def test_two_processes_racing_for_an_expired_lease_one_wins(stage_dir):
+    uri, endpoint = stage_dir
+    storage = Storage(StorageConfig(endpoint_url=endpoint or None))
+    for _ in range(2):
+        storage.write_bytes(f"{uri}/_lease.json", json.dumps({
+            "owner": "gone", "stage": "train-vae", "host": "node-7", "pid": 1,
+            "heartbeat": 0, "expires": 0, "expires_utc": "long ago"}).encode())  # fmt: skip
+        start = time.time() + 2.5  # after both have imported
+        takers = [subprocess.Popen([sys.executable, "-c", TAKER, uri, endpoint, str(start)],
+                                   stdout=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+        outcomes = sorted(t.communicate(timeout=60)[0].split()[-1] for t in takers)
+        assert outcomes == ["refused", "won"], outcomes

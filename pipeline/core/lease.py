@@ -63,7 +63,6 @@ class Lease:
         self.storage, self.stage, self.ttl_s = storage, stage, ttl_s
         self.uri = join(stage_dir, LEASE_NAME)
         self.owner = uuid.uuid4().hex
-        self._etag: str | None = None  # object stores: the version we wrote
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -111,6 +110,7 @@ class Lease:
 
     def _swap_object(self, take: bool) -> None:
         fs, path = self.storage.fs(self.uri)
+        fs.invalidate_cache(path)  # a listing's cached ETag may predate our last renewal
         try:
             info, holder = fs.info(path), json.loads(fs.cat_file(path))
         except FileNotFoundError:
@@ -118,14 +118,13 @@ class Lease:
         self._check(holder, take)
         condition = {"IfMatch": info["ETag"]} if info else {}
         try:
-            reply = fs.pipe_file(path, self._record(), mode="overwrite" if info else "create",
-                                 **condition)  # fmt: skip
+            fs.pipe_file(path, self._record(), mode="overwrite" if info else "create",
+                         **condition)  # fmt: skip
         except (FileExistsError, OSError) as e:  # 412: someone wrote between our read and PUT
             if "pre-condition" not in str(e) and not isinstance(e, FileExistsError):
                 raise
             fs.invalidate_cache(path)
             raise self._refuse(json.loads(fs.cat_file(path))) from None
-        self._etag = reply.get("ETag") if isinstance(reply, dict) else None
 
     def _check(self, holder: dict[str, Any] | None, take: bool) -> None:
         """Raise unless we may write: the lease is ours, absent, or expired (taking only)."""
