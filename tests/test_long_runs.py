@@ -161,19 +161,42 @@ def test_metrics_append_and_a_resume_drops_what_followed_its_checkpoint(stage_di
     assert [r["step"] for r in read_metrics(storage, uri)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_tracking_backends_are_checked_before_any_stage(capsys):
+def test_tracking_backends_are_checked_before_any_stage(capsys, monkeypatch):
     import importlib.util
 
     from pipeline.cli import main
     from pipeline.core.config import ConfigError, load_config
     from pipeline.core.tracking import flat_params
 
-    if importlib.util.find_spec("wandb") is None:  # not a dependency: optional
-        argv = ["run", "--input", "nowhere", "--run-dir", "x", "--config", "configs/demo.yaml",
-                "train_ar.tracking.backend=wandb"]  # fmt: skip
-        assert main(argv) == 1
-        assert "tracking.backend=wandb needs the wandb package" in capsys.readouterr().err
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # a machine without the optional package
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))  # fmt: skip
+    argv = ["run", "--input", "nowhere", "--run-dir", "x", "--config", "configs/demo.yaml",
+            "train_ar.tracking.backend=wandb"]  # fmt: skip
+    assert main(argv) == 1
+    assert "tracking.backend=wandb needs the wandb package" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"tracking.backend='tensorboard': use one of"):
         load_config(TrainVAEConfig, None, ["tracking.backend=tensorboard"])
     params = flat_params({"lr": 0.1, "storage": {"endpoint_url": "http://k:s3cr3t@h:9"}})
     assert params == {"lr": "0.1", "storage.endpoint_url": '"http://***@h:9"'}
+
+
+def test_wandb_tracker_offline(tmp_path, monkeypatch):
+    """The real wandb library in offline mode: what a worker logs reaches the run."""
+    from pipeline.core.tracking import TrackingConfig, open_tracker, plot_curves
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    params = {"lr": 0.1, "storage": {"endpoint_url": "http://k:s3cr3t@h:9"}}
+    tracker = open_tracker(TrackingConfig(backend="wandb", project="rqpipe-test"),
+                           str(tmp_path / "run"), "train-vae", params, Storage())  # fmt: skip
+    records = [{"step": 10, "loss": 1.0, "val_psnr": 20.0}, {"step": 20, "loss": 0.5}]
+    for record in records:
+        tracker.log(record)
+    tracker.artifact("curves.png", plot_curves(records, "test"))
+    assert tracker.run.summary["loss"] == 0.5 and tracker.run.summary["val_psnr"] == 20.0
+    assert tracker.run.config["lr"] == 0.1
+    assert "s3cr3t" not in str(dict(tracker.run.config))
+    tracker.close()
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/curves.png_*.png"))

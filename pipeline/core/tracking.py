@@ -157,7 +157,8 @@ def open_tracker(config: TrackingConfig, run_dir: str, stage: str, params: dict[
     experiment = config.experiment or run_dir.rstrip("/").rsplit("/", 1)[-1]
     stage_dir = join(run_dir, stage.replace("train-", ""))
     if config.backend == "wandb":
-        return WandbTracker(config.project, experiment, stage, params)
+        redacted = json.loads(redact(json.dumps(params)))  # W&B keeps types and nesting
+        return WandbTracker(config.project, experiment, stage, redacted)
     if config.backend == "none":
         return Tracker()
     if config.uri is None and not is_local(run_dir):
