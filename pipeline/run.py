@@ -134,7 +134,7 @@ def run_pipeline(
     input_uri: str, run_dir: str, plan: list[PlannedStage], overwrite: bool = False
 ) -> list[dict[str, Any]]:
     """Run the planned stages in order; returns one record per stage:
-    {"stage", "status" (ran / resumed / up to date), "seconds", "counts"}."""
+    {"stage", "status" (ran / resumed / extended / up to date), "seconds", "counts"}."""
     records = []
     for index, planned in enumerate(plan, start=1):
         s, config = planned.stage, planned.config
@@ -151,6 +151,8 @@ def run_pipeline(
         seconds = time.time() - started
         if before is not None and before.fingerprint == manifest.fingerprint:
             status = "up to date"
+        elif before is not None and not overwrite:  # a finished training stage, more steps
+            status = "extended"
         else:
             status = "resumed" if partial else "ran"
         records.append({"stage": s.name, "status": status, "seconds": round(seconds, 1),
