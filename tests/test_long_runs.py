@@ -59,6 +59,7 @@ def test_extend_refuse_changes_finetune_and_track(shards, tmp_path):
     started = json.loads((run / "vae" / "_started.json").read_text())
     assert started["history"][0]["changes"] == ["steps: 8 -> 16"]
     assert (run / "vae" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(r["model_tflops_per_s_per_worker"] > 0 for r in records if "loss" in r)
 
     # MLflow, in the run dir: params = the config, metrics = metrics.jsonl, the grids.
     from mlflow import MlflowClient

@@ -194,7 +194,8 @@ def plot_curves(records: list[dict[str, Any]], title: str) -> bytes:
         ("training loss", [k for k in keys if k in losses or k.startswith("loss_d")]),
         ("validation", [k for k in keys if k.startswith("val_")]),
         ("code use (perplexity by depth)", [k for k in keys if k.startswith("perplexity_d")]),
-        ("throughput", [k for k in keys if k.endswith("_per_s_per_worker")]),
+        ("throughput", [k for k in keys if k.endswith("_per_s_per_worker") and "flops" not in k]),
+        ("model TFLOP/s per worker", [k for k in keys if k == "model_tflops_per_s_per_worker"]),
     ]
     panels = [p for p in panels if p[1]] or [("no metrics yet", [])]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from model.flops import rqtransformer_flops_per_sample, throughput_terms
 from model.rqtransformer import RQTransformer, RQTransformerConfig
 from model.serialization import init_from_pretrained
 from model.training import ar_train_step, build_optimizer, soft_quantizer, validation_loss
@@ -268,8 +269,12 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
                               generator)  # fmt: skip
         return terms, sum(len(m["codes"]) for m in micro)
 
+    flops_per_row = rqtransformer_flops_per_sample(model_config, code_embeddings.shape[-1])
+
     def log(step: int, terms: dict[str, float]) -> None:
-        terms["tokens_per_s_per_worker"] = terms.pop("rows_per_s_per_worker") * tokens_per_row
+        rows_per_s = terms.pop("rows_per_s_per_worker")
+        terms["tokens_per_s_per_worker"] = rows_per_s * tokens_per_row
+        terms.update(throughput_terms(rows_per_s, flops_per_row, device))
         terms.update(validation_loss(model, val, conditional, quantizer, config))
         metrics.write({"step": step, **terms})
 

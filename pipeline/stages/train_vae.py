@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from model.flops import counted_flops, throughput_terms
 from model.losses import VAELossConfig
 from model.rqvae import RQVAE, RQVAEConfig
 from model.serialization import init_from_pretrained
@@ -280,8 +281,12 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
         images = [_to_model(batch["image"]) for batch in micro]
         return vae_train_step(state, images, step, config), sum(len(i) for i in images)
 
+    # Model FLOPs of one training image: 3 forwards of encoder, quantizer and decoder.
+    flops_per_image = 3 * counted_flops(state.model, val[:1]) if metrics is not None else 0.0
+
     def log(step: int, terms: dict[str, float]) -> None:
         terms["images_per_s_per_worker"] = terms.pop("rows_per_s_per_worker")
+        terms.update(throughput_terms(terms["images_per_s_per_worker"], flops_per_image, device))
         state.model.eval()
         terms["val_psnr"] = psnr(state.model, val)
         state.model.train()
