@@ -67,7 +67,7 @@ def vae_train_step(
     scale = warmup_cosine(step, config.steps, config.warmup_steps)
     for group in state.optimizer.param_groups:
         group["lr"] = config.lr * scale
-    forward = state.forward or state.model
+    forward = state.model if state.forward is None else state.forward
     use_gan = state.disc_optimizer is not None and state.loss.gan_active(step)
     n = len(micro_batches)
     terms: dict[str, float] = {}

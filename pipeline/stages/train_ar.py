@@ -74,7 +74,7 @@ DATA_FIELDS = ("code_shape", "codebook_size", "num_classes")  # set by the table
 class TrainARConfig:
     section: ClassVar[str] = "train_ar"
     execution_fields: ClassVar[tuple[str, ...]] = (
-        "vae", "use_gpu", "cpus_per_worker", "threads_per_worker", "log_every",
+        "vae", "use_gpu", "compile", "cpus_per_worker", "threads_per_worker", "log_every",
         "checkpoint_every", "num_to_keep", "max_failures", "val_rows", "preview_per_class",
         "storage", "tracking",
         "init_from",  # fingerprinted as the model's own fingerprint (upstream "init_from")
@@ -97,6 +97,7 @@ class TrainARConfig:
     grad_accum_steps: int = 1
     num_workers: int = 1
     bf16: bool = True  # autocast on GPU
+    compile: bool = False  # torch.compile the model's forward (and backward); off: eager
     vae: str | None = None  # the RQ-VAE whose codebook the tables use; default RUN/vae/model
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -244,6 +245,8 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     model.to(device)
     optimizer.load_state_dict(optimizer.state_dict())  # loaded state follows the parameters
     forward = ray.train.torch.prepare_model(model) if world > 1 else model
+    if config.compile:  # the forward and its backward through torch.compile (inductor)
+        forward = torch.compile(forward)
     quantizer = (
         soft_quantizer(code_embeddings, model_config.depth).to(device)
         if config.targets == "soft"

@@ -66,7 +66,7 @@ class TrainVAEConfig:
     section: ClassVar[str] = "train_vae"
     # Execution knobs: where and how fast, not what is learned (not fingerprinted).
     execution_fields: ClassVar[tuple[str, ...]] = (
-        "use_gpu", "cpus_per_worker", "threads_per_worker", "decode_cpus", "log_every",
+        "use_gpu", "compile", "cpus_per_worker", "threads_per_worker", "decode_cpus", "log_every",
         "checkpoint_every", "num_to_keep", "max_failures", "val_images", "storage", "tracking",
         "init_from",  # fingerprinted as the model's own fingerprint (upstream "init_from")
     )  # fmt: skip
@@ -87,6 +87,7 @@ class TrainVAEConfig:
     grad_accum_steps: int = 1
     num_workers: int = 1  # the global batch is batch_size x num_workers x grad_accum_steps
     bf16: bool = True  # autocast on GPU
+    compile: bool = False  # torch.compile the model's forward (and backward); off: eager
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     threads_per_worker: int | None = None  # torch threads; default: Ray's (whole CPUs)
@@ -268,6 +269,8 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
             state.loss.discriminator = ray.train.torch.prepare_model(
                 state.loss.discriminator, parallel_strategy_kwargs=kwargs
             )
+    if config.compile:  # the forward and its backward through torch.compile (inductor)
+        state.forward = torch.compile(state.model if state.forward is None else state.forward)
     val = _to_model(torch.tensor(loop_config["val_images"])).to(device)  # object store: read-only
 
     metrics = None
