@@ -1,5 +1,7 @@
-"""Pieces every training loop shares: the learning-rate schedule, metrics logs, and the Ray
-Train plumbing (run config, checkpoint reporting) of the train-vae and train-ar stages."""
+"""What the train-vae and train-ar stages share around the optimisation step: the step loop
+(`run_steps`), the plan-time batch check, the metrics log (`RunMetrics`), the shuffling and its
+seeds on resume, `init_from` checks, and the Ray Train plumbing (run config, worker setup,
+checkpoint reporting)."""
 
 from __future__ import annotations
 

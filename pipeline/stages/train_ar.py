@@ -11,9 +11,10 @@ each image's stored latents (encode with_latents=true) the codes are re-sampled 
 from q_d = softmax(-||r_{d-1} - e_k||^2 / soft_temperature), and q_d is the target.
 
 RUN/ar/ holds Ray Train's run (checkpoints), `metrics.jsonl` (loss overall and per depth,
-validation loss, tokens/s per worker), `samples.png` (a row of samples per class at each
-checkpoint, decoded with the VAE), `config.yaml`, and at the end `model/` (safetensors +
-config.json) and `_manifest.json`.
+validation loss, tokens/s and model TFLOP/s per worker; object stores: `metrics/part-*.jsonl`),
+`curves.png`, `samples.png` (a row of samples per class at each checkpoint, decoded with the
+VAE), `config.yaml`, and at the end `model/` (safetensors + config.json) and `_manifest.json`.
+Resume, extension and `init_from` work as in train-vae.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """The train-vae stage: the RQ-VAE trained on RUN/shards/ with Ray Train, written to RUN/vae/.
 
 RUN/vae/ holds Ray Train's run (checkpoints: model, discriminator, optimizers, step, codebook EMA
-state, all as safetensors + JSON), `metrics.jsonl`, `reconstructions.png` (originals above,
-depth 1..D below; one per checkpoint too), `config.yaml`, and at the end `model/`
-(save_pretrained) and `_manifest.json`. The Ray Train run is named after the run dir, so a
-re-submitted run resumes from its last checkpoint; FailureConfig restarts failed workers within
-a run from the last checkpoint.
+state, all as safetensors + JSON), `metrics.jsonl` (object stores: `metrics/part-*.jsonl`),
+`curves.png`, `reconstructions.png` (originals above, depth 1..D below; one per checkpoint too),
+`config.yaml`, and at the end `model/` (save_pretrained) and `_manifest.json`. The Ray Train run
+is named after the run dir, so a re-submitted run resumes from its last checkpoint, with the
+config it was started with (`steps` may rise: an extension); FailureConfig restarts failed
+workers within a run from the last checkpoint (`max_failures`, 3). `init_from` starts from an
+exported RQ-VAE instead of scratch.
 """
 
 from __future__ import annotations
