@@ -88,3 +88,15 @@ def encoded_run(ray_local, tmp_path_factory):
     RQVAE(RQVAEConfig.preset("tiny")).eval().save_pretrained(str(run / "vae" / "model"))
     run_encode_stage(str(run), EncodeConfig(with_latents=True, cpus_per_actor=0.5))
     return run
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request, tmp_path):
+    """(a root URI, its Storage): on local disk, then on the loopback S3 endpoint."""
+    from pipeline.core.storage import Storage, StorageConfig
+
+    if request.param == "local":
+        return str(tmp_path / "root"), Storage()
+    bucket, _ = request.getfixturevalue("s3_bucket")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return f"s3://{bucket}/root", Storage(StorageConfig(endpoint_url=endpoint))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.manifest import StageConflict
-from pipeline.core.storage import Storage, StorageConfig
+from pipeline.core.storage import Storage
 from pipeline.core.training import RunMetrics, read_metrics, run_steps
 from pipeline.demo.data import write_demo_dataset
 from pipeline.stages.shard import ShardConfig, run_shard_stage
@@ -135,17 +135,9 @@ def test_an_epoch_without_a_full_batch_is_an_error_not_a_loop(ray_local):
                   lambda s: None)  # fmt: skip
 
 
-@pytest.fixture(params=["local", "s3"])
-def stage_dir(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "ar"), Storage()
-    bucket, _ = request.getfixturevalue("s3_bucket")
-    endpoint = request.getfixturevalue("s3_endpoint")
-    return f"s3://{bucket}/run/ar", Storage(StorageConfig(endpoint_url=endpoint))
-
-
-def test_metrics_append_and_a_resume_drops_what_followed_its_checkpoint(stage_dir):
-    uri, storage = stage_dir
+def test_metrics_append_and_a_resume_drops_what_followed_its_checkpoint(storage_root):
+    root, storage = storage_root
+    uri = f"{root}/ar"
     log = RunMetrics(storage, uri, "train-ar")
     for step in range(1, 8):
         log.write({"step": step, "loss": 1.0 / step})

@@ -13,13 +13,9 @@ from pipeline.core.manifest import (
 from pipeline.core.storage import Storage, StorageConfig, redact
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "root"), Storage()
-    bucket, _ = request.getfixturevalue("s3_bucket")
-    endpoint = request.getfixturevalue("s3_endpoint")
-    return f"s3://{bucket}/root", Storage(StorageConfig(endpoint_url=endpoint))
+@pytest.fixture
+def root(storage_root):
+    return storage_root
 
 
 def test_write_read_list_glob_exists(root):
