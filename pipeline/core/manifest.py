@@ -99,7 +99,7 @@ def _clear(storage: Storage, stage_dir: str) -> None:
     """Remove a stage's output but not its lease, which the caller holds."""
     for uri, _ in storage.list_files(stage_dir):
         if uri.rsplit("/", 1)[-1] != "_lease.json":
-            storage.fs(uri)[0].rm_file(storage.fs(uri)[1])
+            storage.remove_file(uri)
 
 
 def _read_started(storage: Storage, stage_dir: str) -> tuple[Manifest | None, list[Any]]:
@@ -145,9 +145,7 @@ def begin_stage(
             history.append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             "from": what, "changes": changes})  # fmt: skip
             if finished is not None:
-                storage.fs(join(stage_dir, MANIFEST_NAME))[0].rm_file(
-                    storage.fs(join(stage_dir, MANIFEST_NAME))[1]
-                )
+                storage.remove_file(join(stage_dir, MANIFEST_NAME))
         else:
             allowed = f" (may change on resume: {', '.join(resumable)})" if resumable else ""
             raise StageConflict(

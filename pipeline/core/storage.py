@@ -153,6 +153,10 @@ class Storage:
         fs, path = self.fs(pattern)
         return sorted(self.uri_of(pattern, p) for p in fs.glob(path))
 
+    def remove_file(self, uri: str) -> None:
+        fs, path = self.fs(uri)
+        fs.rm_file(path)
+
     def remove_tree(self, uri: str) -> None:
         fs, path = self.fs(uri)
         if fs.exists(path):

@@ -49,7 +49,7 @@ class RunMetrics:
         else:
             for uri in _metric_parts(storage, stage_dir):
                 if _part_step(uri) > resume_step:
-                    storage.fs(uri)[0].rm_file(storage.fs(uri)[1])
+                    storage.remove_file(uri)
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
