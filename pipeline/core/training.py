@@ -23,7 +23,7 @@ class RunMetrics:
 
     - Local run dirs: `metrics.jsonl`, each record appended and flushed as it is logged.
     - Object stores, where nothing can be appended: `metrics/part-{step}.jsonl`, the records
-      since the previous checkpoint, written at each checkpoint (`flush`). Bytes uploaded grow
+      since the previous checkpoint, written at each `checkpoint`. Bytes uploaded grow
       with the run's length, not its square.
     A run resumed from step S first drops the records past S (logged after the checkpoint it
     resumes from), so the log holds each step once. `read_metrics` reads either layout.
@@ -33,19 +33,16 @@ class RunMetrics:
                  tracker: Any = None) -> None:  # fmt: skip
         from pipeline.core.storage import is_local, join
 
-        self.storage, self.stage_dir, self.prefix, self.tracker = (
-            storage,
-            stage_dir,
-            prefix,
-            tracker,
-        )
+        self.storage, self.stage_dir, self.prefix = storage, stage_dir, prefix
+        self.tracker = tracker
         self.local = is_local(stage_dir)
-        self.pending: list[str] = []
+        self.pending: list[str] = []  # object stores: the lines since the last checkpoint
+        # Every record so far, in memory: curves.png is drawn from it at each checkpoint.
+        self.records = [r for r in read_metrics(storage, stage_dir) if r["step"] <= resume_step]
         if self.local:
             self.path = storage.fs(join(stage_dir, "metrics.jsonl"))[1]
-            kept = [r for r in read_metrics(storage, stage_dir) if r["step"] <= resume_step]
             storage.write_bytes(join(stage_dir, "metrics.jsonl"),
-                                "".join(json.dumps(r) + "\n" for r in kept).encode())  # fmt: skip
+                                "".join(json.dumps(r) + "\n" for r in self.records).encode())  # fmt: skip
         else:
             for uri in _metric_parts(storage, stage_dir):
                 if _part_step(uri) > resume_step:
@@ -53,6 +50,7 @@ class RunMetrics:
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
+        self.records.append(record)
         if self.local:
             with open(self.path, "a") as f:
                 f.write(line)
@@ -77,8 +75,7 @@ class RunMetrics:
             self.storage.write_bytes(join(self.stage_dir, "metrics", f"part-{step:09d}.jsonl"),
                                      "".join(self.pending).encode())  # fmt: skip
             self.pending = []
-        curves = plot_curves(read_metrics(self.storage, self.stage_dir),
-                             f"{self.prefix}: {self.stage_dir}")  # fmt: skip
+        curves = plot_curves(self.records, f"{self.prefix}: {self.stage_dir}")
         self.storage.write_bytes(join(self.stage_dir, "curves.png"), curves)
         if self.tracker is not None:
             self.tracker.artifact("curves.png", curves)
