@@ -10,7 +10,10 @@ conv feature maps before calling in.
 The codebook is not learned by gradient descent: it follows the exponential moving average
 (EMA) of the vectors assigned to each code, with Laplace smoothing of the counts, and codes whose
 EMA count falls below `restart_threshold` are restarted from residuals of the current batch.
-All depths' assignments of one forward pass feed a single EMA update. Under torch.distributed,
+`ema_update` says when: "per_depth" (the paper's, the official RQBottleneck) updates the
+codebook after each depth's assignment, so depth d+1 already sees the moved codebook;
+"joint" (our earlier choice) feeds all depths' assignments of a forward pass to one update,
+after the whole stack is quantized. Under torch.distributed,
 counts and sums are all-reduced and restart vectors broadcast from rank 0, so every rank keeps a
 bit-identical codebook.
 """
@@ -25,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 DISTANCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EMA_UPDATES = ("per_depth", "joint")
 
 
 class QuantizerOutput(NamedTuple):
@@ -152,12 +156,16 @@ class ResidualQuantizer(nn.Module):
         kmeans_init: bool = False,
         distance_dtype: str = "float32",
         distance_chunk_mb: float = 128.0,
+        ema_update: str = "joint",
     ) -> None:
         super().__init__()
         if distance_dtype not in DISTANCE_DTYPES:
             raise ValueError(
                 f"distance_dtype={distance_dtype!r}: use one of {list(DISTANCE_DTYPES)}"
             )
+        if ema_update not in EMA_UPDATES:
+            raise ValueError(f"ema_update={ema_update!r}: use one of {list(EMA_UPDATES)}")
+        self.ema_update = ema_update
         self.dim, self.codebook_size, self.depth = dim, codebook_size, depth
         self.shared_codebook = shared_codebook
         self.decay, self.eps, self.restart_threshold = decay, eps, restart_threshold
@@ -186,21 +194,28 @@ class ResidualQuantizer(nn.Module):
         )
 
     def _quantize_flat(
-        self, z_flat: Tensor, keep_residuals: bool = False
-    ) -> tuple[Tensor, list[Tensor]]:
-        """Greedy residual quantization of (N, C) -> codes (N, D) and, when asked (the EMA
-        update needs them), the D residuals that were quantized."""
+        self, z_flat: Tensor, update: bool = False
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Greedy residual quantization of (N, C) -> codes (N, D), the code embeddings that
+        were subtracted (N, D, C) and the D residuals that were quantized. With update=True and
+        ema_update="per_depth" the codebook is EMA-updated after each depth, before its code
+        embedding is subtracted (the official order)."""
+        per_depth = update and self.ema_update == "per_depth"
         sq_norms = self.codebooks.pow(2).sum(-1)  # (books, K)
         residual = z_flat.detach().float().clone()
-        codes, residual_inputs = [], []
+        codes, embedded, residual_inputs = [], [], []
         for d in range(self.depth):
             book = self.book_of_depth(d)
             code = self._nearest(residual, book, sq_norms[book])  # (N,)
-            if keep_residuals:
-                residual_inputs.append(residual.clone())
-            residual -= self.codebooks[book][code]
+            residual_inputs.append(residual)  # never modified in place below
+            if per_depth:
+                self._ema_update_book(book, code, residual_inputs[-1])
+                sq_norms = self.codebooks.pow(2).sum(-1)
+            embedding = self.codebooks[book][code]  # (N, C)
+            residual = residual - embedding
             codes.append(code)
-        return torch.stack(codes, dim=1), residual_inputs
+            embedded.append(embedding)
+        return torch.stack(codes, dim=1), torch.stack(embedded, dim=1), residual_inputs
 
     def decode_codes(self, codes: Tensor, depth: int | None = None) -> Tensor:
         """(B, H, W, D) codes -> (B, H, W, C): the sum of the first `depth` code embeddings."""
@@ -212,7 +227,7 @@ class ResidualQuantizer(nn.Module):
     @torch.no_grad()
     def encode(self, z: Tensor) -> Tensor:
         """(B, H, W, C) -> codes (B, H, W, D) int64; deterministic, never updates the codebook."""
-        codes, _ = self._quantize_flat(z.reshape(-1, self.dim))
+        codes, _, _ = self._quantize_flat(z.reshape(-1, self.dim))
         return codes.reshape(*z.shape[:-1], self.depth)
 
     @torch.no_grad()
@@ -262,16 +277,15 @@ class ResidualQuantizer(nn.Module):
         if self.training and not bool(self.initialized):
             self._kmeans_initialize(z_flat.detach())
 
-        codes, residual_inputs = self._quantize_flat(z_flat, keep_residuals=self.training)
-        # (N, D, C): at depth d, the sum of the first d+1 code embeddings
-        partial = embed_codes(self.codebooks, codes).cumsum(dim=1)
+        codes, embedded, residual_inputs = self._quantize_flat(z_flat, update=self.training)
+        partial = embedded.cumsum(dim=1)  # (N, D, C): the sum of the first d+1 embeddings
         commitment = (z_flat.unsqueeze(1) - partial.detach()).pow(2).mean()
         quantized = partial[:, -1]
         # Straight-through: forward value is the quantized sum, gradient flows to z.
         quantized = z_flat + (quantized - z_flat).detach()
 
         perplexity, usage = self._usage_stats(codes)
-        if self.training:
+        if self.training and self.ema_update == "joint":
             self._ema_update(codes, residual_inputs)
         shape = z.shape[:-1]
         return QuantizerOutput(
@@ -294,19 +308,25 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, codes: Tensor, residual_inputs: list[Tensor]) -> None:
+        """The joint update: every depth's assignments of the pass, one update per book."""
         for book in range(self.codebooks.shape[0]):
             depths = range(self.depth) if self.shared_codebook else [book]
             assigned = torch.cat([codes[:, d] for d in depths])  # (M,)
             vectors = torch.cat([residual_inputs[d] for d in depths])  # (M, C)
-            counts = torch.bincount(assigned, minlength=self.codebook_size).float()
-            sums = torch.zeros_like(self.ema_sum[book]).index_add_(0, assigned, vectors)
-            if _distributed():
-                dist.all_reduce(counts)
-                dist.all_reduce(sums)
-            self.ema_count[book].mul_(self.decay).add_(counts, alpha=1 - self.decay)
-            self.ema_sum[book].mul_(self.decay).add_(sums, alpha=1 - self.decay)
-            self._restart_dead_codes(book, vectors)
-            self._refresh_codebook(book)
+            self._ema_update_book(book, assigned, vectors)
+
+    @torch.no_grad()
+    def _ema_update_book(self, book: int, assigned: Tensor, vectors: Tensor) -> None:
+        """One EMA step of one codebook from (M,) codes assigned to (M, C) vectors."""
+        counts = torch.bincount(assigned, minlength=self.codebook_size).float()
+        sums = torch.zeros_like(self.ema_sum[book]).index_add_(0, assigned, vectors)
+        if _distributed():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.ema_count[book].mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum[book].mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self._restart_dead_codes(book, vectors)
+        self._refresh_codebook(book)
 
     def _restart_dead_codes(self, book: int, vectors: Tensor) -> None:
         dead = self.ema_count[book] < self.restart_threshold  # identical on every rank

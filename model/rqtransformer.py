@@ -13,6 +13,13 @@ and one head (LayerNorm + Linear to K), shared across depths, predicts codes[t, 
 
 The code embeddings e(.) are the RQ-VAE's codebook, frozen. Sampling runs both transformers
 with KV caches: one spatial step per position, D depth steps within it.
+
+The paper presets reproduce the official architecture exactly (the official checkpoints import
+into them, model/official.py): no LayerNorm at the end of the spatial stack
+(`spatial_final_norm`), dropout on the residual branches (`dropout`, the official resid_pdrop
+0.1), none on attention weights (`attn_dropout`), and no learned no-label row
+(`null_label_embedding`), which only classifier-free guidance needs. The `tiny` preset keeps our
+earlier choices for each.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from model.serialization import ModelConfig, Pretrained
 # The paper's ImageNet 256x256 class-conditional models (8x8x4 codes, K = 16384). Every field
 # is spelled out, so that a change of a dataclass default never changes a paper preset.
 _IMAGENET256: dict[str, Any] = dict(
-    code_shape=[8, 8, 4], codebook_size=16384, width=1536, heads=24, mlp_ratio=4, dropout=0.0,
-    num_classes=1000, label_dropout=0.1,
+    code_shape=[8, 8, 4], codebook_size=16384, width=1536, heads=24, mlp_ratio=4, dropout=0.1,
+    attn_dropout=0.0, num_classes=1000, label_dropout=0.0, null_label_embedding=False,
+    spatial_final_norm=False,
 )  # fmt: skip
 RQTRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "imagenet256-480M": {**_IMAGENET256, "spatial_layers": 12, "depth_layers": 4},
@@ -57,9 +65,12 @@ class RQTransformerConfig(ModelConfig):
     spatial_layers: int = 42
     depth_layers: int = 6
     mlp_ratio: int = 4
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the attention output and the MLP output (the paper's place)
+    attn_dropout: float = 0.0  # on the attention weights
     num_classes: int = 1000  # 0: unconditional
     label_dropout: float = 0.1  # drop labels in training, for classifier-free guidance
+    null_label_embedding: bool = True  # a learned "no label" row (guidance); the paper: none
+    spatial_final_norm: bool = True  # LayerNorm after the spatial stack; the paper: none
 
     def __post_init__(self) -> None:
         self.code_shape = list(self.code_shape)
@@ -69,6 +80,16 @@ class RQTransformerConfig(ModelConfig):
             )
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.num_classes and not self.null_label_embedding and self.label_dropout > 0:
+            raise ValueError("label_dropout needs null_label_embedding: true (dropped labels "
+                             "become the no-label row)")  # fmt: skip
+
+    @property
+    def num_label_rows(self) -> int:
+        """Rows of the class embedding: the classes, plus the no-label row where there is one
+        (an unconditional model has only that row: its start token)."""
+        has_null = self.null_label_embedding or self.num_classes == 0
+        return self.num_classes + int(has_null)
 
     @property
     def num_positions(self) -> int:
@@ -95,34 +116,36 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float) -> None:
+    def __init__(self, width: int, heads: int, attn_dropout: float, dropout: float) -> None:
         super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(width, 3 * width)
+        self.heads, self.attn_dropout = heads, attn_dropout
+        self.qkv = nn.Linear(width, 3 * width)  # rows: query, key, value
         self.proj = nn.Linear(width, width)
+        self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         b, n, e = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, e // self.heads).permute(2, 0, 3, 1, 4)
         # q, k, v: (B, heads, n, head_dim)
         if cache is None:
-            p = self.dropout if self.training else 0.0
+            p = self.attn_dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
             if n != 1:
                 raise ValueError("cached attention takes one new position at a time")
             k, v = cache.append(k, v)  # the new position attends to itself and all before
             out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, e))
+        return self.resid_dropout(self.proj(out.transpose(1, 2).reshape(b, n, e)))
 
 
 class Block(nn.Module):
     """Pre-LN GPT block."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float) -> None:
+    def __init__(self, cfg: RQTransformerConfig) -> None:
         super().__init__()
+        width, mlp_ratio, dropout = cfg.width, cfg.mlp_ratio, cfg.dropout
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads, dropout)
+        self.attn = CausalSelfAttention(width, cfg.heads, cfg.attn_dropout, dropout)
         self.mlp = nn.Sequential(
             nn.Linear(width, mlp_ratio * width),
             nn.GELU(),
@@ -136,14 +159,12 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """Blocks followed by a final LayerNorm; with caches, one position at a time."""
+    """Blocks followed by a final LayerNorm (or none); with caches, one position at a time."""
 
-    def __init__(self, cfg: RQTransformerConfig, layers: int) -> None:
+    def __init__(self, cfg: RQTransformerConfig, layers: int, final_norm: bool = True) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(layers)
-        )
-        self.ln_f = nn.LayerNorm(cfg.width)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(cfg.width) if final_norm else nn.Identity()
 
     def forward(self, x: Tensor, caches: list[KVCache] | None = None) -> Tensor:
         for i, block in enumerate(self.blocks):
@@ -177,10 +198,10 @@ class RQTransformer(Pretrained, nn.Module):
         e, t, d = config.width, config.num_positions, config.depth
         self.proj_spatial = nn.Linear(c, e)
         self.proj_depth = nn.Linear(c, e)
-        self.class_embedding = nn.Embedding(config.num_classes + 1, e)  # last row: no label
+        self.class_embedding = nn.Embedding(config.num_label_rows, e)  # last row: no label
         self.pos_embedding = nn.Parameter(torch.zeros(t, e))
         self.depth_embedding = nn.Parameter(torch.zeros(d, e))
-        self.spatial = Stack(config, config.spatial_layers)
+        self.spatial = Stack(config, config.spatial_layers, config.spatial_final_norm)
         self.depth_transformer = Stack(config, config.depth_layers)
         self.head = nn.Linear(e, config.codebook_size)
         self.apply(self._init_weights)
@@ -204,10 +225,13 @@ class RQTransformer(Pretrained, nn.Module):
 
     def _start(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
         if labels is None:
+            if self.config.num_label_rows == self.config.num_classes:
+                raise ValueError("this RQ-Transformer has no no-label embedding "
+                                 "(null_label_embedding: false): give a label for every sample")  # fmt: skip
             labels = torch.full((batch,), self.null_label, device=device, dtype=torch.long)
         elif self.config.num_classes == 0:
             raise ValueError("this RQ-Transformer is unconditional: pass labels=None")
-        elif labels.min() < 0 or labels.max() > self.null_label:
+        elif labels.min() < 0 or labels.max() >= self.config.num_label_rows:
             raise ValueError(f"labels must be in [0, {self.config.num_classes}) (or the null "
                              f"label {self.null_label}), got {labels.tolist()[:8]}")  # fmt: skip
         return self.class_embedding(labels)  # (B, E)
@@ -279,6 +303,10 @@ class RQTransformer(Pretrained, nn.Module):
         if cfg_scale != 1.0:
             if labels is None:
                 raise ValueError("cfg_scale needs labels: guidance contrasts them with no label")
+            if not self.config.null_label_embedding:
+                raise ValueError("cfg_scale != 1 needs a model trained with a no-label row "
+                                 "(null_label_embedding: true, label_dropout > 0); this one has "
+                                 "none, like the paper's: sample with cfg_scale=1")  # fmt: skip
             labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
         depth = self.config.depth
         return SamplingPlan(batch, labels, temperature, one_per_depth(top_k, depth, "top_k"),

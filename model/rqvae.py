@@ -39,6 +39,7 @@ RQVAE_PRESETS: dict[str, dict[str, Any]] = {
         kmeans_init=False,
         commitment_weight=0.25,
         distance_dtype="float32",
+        ema_update="per_depth",
     ),
     # CPU-sized: 32x32 -> 8x8x4, for the demo and the tests.
     "tiny": dict(
@@ -76,6 +77,9 @@ class RQVAEConfig(ModelConfig):
     kmeans_init: bool = False
     commitment_weight: float = 0.25
     distance_dtype: str = "float32"
+    # When the codebook's EMA moves: after each depth (the paper's, the official code) or once
+    # per pass from all depths (our earlier choice; the demo's tiny model was tuned with it).
+    ema_update: str = "joint"
 
     @property
     def downsample_factor(self) -> int:
@@ -249,6 +253,7 @@ class RQVAE(Pretrained, nn.Module):
             restart_threshold=config.restart_threshold,
             kmeans_init=config.kmeans_init,
             distance_dtype=config.distance_dtype,
+            ema_update=config.ema_update,
         )
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
         self.decoder = Decoder(config)
