@@ -258,7 +258,7 @@ def rqtransformer_name_map(cfg: RQTransformerConfig) -> NameMap:
 
 def _dropped_rqvae(official: dict[str, Tensor], cfg: RQVAEConfig) -> dict[str, str]:
     dropped = {}
-    for d in range(cfg.code_depth):
+    for d in range(1 if cfg.shared_codebook else cfg.code_depth):
         name = f"quantizer.codebooks.{d}.weight"
         if name in official:
             dropped[f"{name}[{cfg.codebook_size}]"] = "padding row, never a code"

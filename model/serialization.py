@@ -12,6 +12,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from model.fileio import read_bytes, write_bytes_atomic
+from model.hub import download_model, hub_repo
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -43,7 +44,10 @@ def save_pretrained(
 def load_pretrained(
     uri: str, model_type: str, map_location: str = "cpu", storage_options: dict | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """-> (config dict, state dict) of a saved model, checking it is of `model_type`."""
+    """-> (config dict, state dict) of a saved model, checking it is of `model_type`. `uri`: a
+    folder path, an fsspec URI, or a Hugging Face Hub model (hf://org/name, model/hub.py)."""
+    if hub_repo(uri) is not None:
+        uri, storage_options = download_model(uri), None
     base = uri.rstrip("/")
     try:
         document = json.loads(read_bytes(f"{base}/{CONFIG_NAME}", storage_options))

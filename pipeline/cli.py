@@ -168,7 +168,24 @@ def main(argv: list[str] | None = None) -> int:
                             "installed lpips package)")  # fmt: skip
     lpips.add_argument("--out", required=True, help="the .safetensors file to write")
 
-    for sub in (stats, query, decode):
+    imported = commands.add_parser(
+        "import-official", help="an official RQ-VAE / RQ-Transformer checkpoint -> a model folder"
+    )
+    imported.add_argument("--kind", required=True, choices=["rqvae", "rqtransformer"])
+    imported.add_argument("--checkpoint", required=True, help="the official .pt file")
+    imported.add_argument("--config", required=True, help="its config.yaml (beside it)")
+    imported.add_argument("--out", required=True, help="the model folder to write (path or URI)")
+    imported.add_argument("--rqvae", default=None,
+                          help="rqtransformer: the imported RQ-VAE folder it was trained with")  # fmt: skip
+    imported.add_argument("--ema", action="store_true",
+                          help="import state_dict_ema instead of state_dict")  # fmt: skip
+
+    push = commands.add_parser("push", help="upload a model folder to the Hugging Face Hub")
+    push.add_argument("folder", help="a model folder (config.json + model.safetensors)")
+    push.add_argument("repo_id", help="org/name on the Hub (created if missing)")
+    push.add_argument("--private", action="store_true")
+
+    for sub in (stats, query, decode, imported, push):
         sub.add_argument("--endpoint-url", default=None,
                          help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")  # fmt: skip
 
@@ -183,6 +200,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: {counts['tensors']} tensors (VGG16 features + 5 LPIPS "
                   f"heads; dropped {counts['dropped']} classifier tensors); use it as "
                   f"train_vae.loss.perceptual_weights_path={args.out}")  # fmt: skip
+            return 0
+        if args.command == "import-official":
+            from pipeline.tools.official_import import import_official
+
+            storage = Storage(StorageConfig(endpoint_url=args.endpoint_url))
+            record = import_official(args.kind, args.checkpoint, args.config, args.out,
+                                     args.rqvae, args.ema, storage)  # fmt: skip
+            print(f"wrote {args.out}: {record['parameters']:,} parameters from "
+                  f"{record['tensors_imported']} tensors ({record['weights']})")  # fmt: skip
+            for name, why in {**record["left_out"], **record["dropped_tensors"]}.items():
+                print(f"  dropped {name}: {why}")
+            return 0
+        if args.command == "push":
+            from pipeline.tools.hub import push_model
+
+            storage = Storage(StorageConfig(endpoint_url=args.endpoint_url))
+            url = push_model(storage, args.folder, args.repo_id, private=args.private)
+            print(f"pushed {args.folder} to {url}")
             return 0
         if args.command == "demo":
             from pipeline.demo.run import run_demo
@@ -212,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rqpipe: configuration error: {e}", file=sys.stderr)
         return 2
-    except (StageConflict, StageBusy, FileNotFoundError, ImportError, ValueError, KeyError) as e:
+    except (StageConflict, StageBusy, FileNotFoundError, ImportError, ValueError, KeyError,
+            PermissionError, ConnectionError) as e:  # fmt: skip
         if (endpoint := unreachable_endpoint(e, _configured_storage(args))) is None:
             print(f"rqpipe {args.command}: {redact(str(e))}", file=sys.stderr)
             return 1

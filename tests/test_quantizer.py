@@ -191,3 +191,40 @@ def test_codebooks_identical_across_ranks(tmp_path):
     torch.manual_seed(0)
     initial = ResidualQuantizer(8, 32, depth=3).codebooks
     assert not torch.equal(a["codebooks"], initial)
+
+
+def test_per_depth_ema_updates_the_codebook_between_depths():
+    """ema_update="per_depth" (the official RQBottleneck's order): depth 0's codes move the
+    codebook before depth 1 is quantized against it. Reference written out step by step."""
+    torch.manual_seed(0)
+    k, dim, decay, eps = 8, 4, 0.9, 1e-5
+    rq = ResidualQuantizer(dim, k, depth=2, decay=decay, restart_threshold=0.0,
+                           ema_update="per_depth").train()  # fmt: skip
+    z = torch.randn(2, 3, 5, dim)
+    flat = z.reshape(-1, dim)
+    book, count, total = rq.codebooks[0].clone(), rq.ema_count[0].clone(), rq.ema_sum[0].clone()
+
+    def step(vectors, book, count, total):
+        codes = ((vectors[:, None] - book[None]) ** 2).sum(-1).argmin(1)
+        hits = torch.zeros(k).index_add_(0, codes, torch.ones(len(codes)))
+        sums = torch.zeros(k, dim).index_add_(0, codes, vectors)
+        count = decay * count + (1 - decay) * hits
+        total = decay * total + (1 - decay) * sums
+        n = count.sum()
+        return codes, total / ((count + eps) / (n + k * eps) * n)[:, None], count, total
+
+    codes0, book1, count, total = step(flat, book, count, total)
+    codes1, book2, count, total = step(flat - book1[codes0], book1, count, total)
+    out = rq(z)
+    assert torch.equal(out.codes.reshape(-1, 2), torch.stack([codes0, codes1], 1))
+    torch.testing.assert_close(rq.codebooks[0], book2)
+    torch.testing.assert_close(out.quantized.reshape(-1, dim), book1[codes0] + book2[codes1])
+
+    joint = ResidualQuantizer(dim, k, depth=2, decay=decay, restart_threshold=0.0,
+                              ema_update="joint").train()  # fmt: skip
+    joint.load_state_dict({**rq.state_dict(), "codebooks": book[None], "ema_count": 0 * count[None],
+                           "ema_sum": book[None].clone()})  # fmt: skip
+    joint(z)
+    assert not torch.allclose(joint.codebooks[0], book2)  # one update from both depths
+    with pytest.raises(ValueError, match="ema_update"):
+        ResidualQuantizer(dim, k, depth=2, ema_update="sometimes")

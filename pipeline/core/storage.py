@@ -165,8 +165,10 @@ class Storage:
 
 def require_model_folders(storage: Storage, section: str, **uris: str | None) -> None:
     """Plan-time check of the exported models a config names (`key=uri`, None: not given)."""
+    from model.hub import hub_repo
+
     for key, uri in uris.items():
-        if uri and not storage.exists(join(absolute(uri), "config.json")):
+        if uri and hub_repo(uri) is None and not storage.exists(join(absolute(uri), "config.json")):
             raise FileNotFoundError(f"{section}.{key}={uri}: no exported model there (a folder "
                                     f"with config.json and model.safetensors)")  # fmt: skip
 

@@ -7,7 +7,9 @@ state, all as safetensors + JSON), `metrics.jsonl` (object stores: `metrics/part
 is named after the run dir, so a re-submitted run resumes from its last checkpoint, with the
 config it was started with (`steps` may rise: an extension); FailureConfig restarts failed
 workers within a run from the last checkpoint (`max_failures`, 3). `init_from` starts from an
-exported RQ-VAE instead of scratch.
+exported RQ-VAE instead of scratch. `pretrained` trains nothing: the exported RQ-VAE it names
+(a folder, hf://org/name, or what `rqpipe import-official` wrote) becomes RUN/vae/model, with
+its reconstructions of the val split, so encode and train-ar run on it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from model.flops import counted_flops, throughput_terms
+from model.hub import download_model, hub_repo
 from model.losses import VAELossConfig
 from model.rqvae import RQVAE, RQVAEConfig
 from model.serialization import init_from_pretrained
@@ -33,6 +36,7 @@ from pipeline.core.lease import single_writer
 from pipeline.core.manifest import (
     Manifest,
     begin_stage,
+    model_fingerprint,
     require_manifest,
     write_manifest,
 )
@@ -70,12 +74,13 @@ class TrainVAEConfig:
     execution_fields: ClassVar[tuple[str, ...]] = (
         "use_gpu", "compile", "cpus_per_worker", "threads_per_worker", "decode_cpus", "log_every",
         "checkpoint_every", "num_to_keep", "max_failures", "val_images", "storage", "tracking",
-        "init_from",  # fingerprinted as the model's own fingerprint (upstream "init_from")
+        "init_from", "pretrained",  # fingerprinted as the model's fingerprint (upstream)
     )  # fmt: skip
 
     model_preset: str = "tiny"  # an RQVAEConfig preset ...
     model: dict[str, Any] = field(default_factory=dict)  # ... and field overrides on top of it
     init_from: str | None = None  # an exported RQ-VAE (model folder) to fine-tune from
+    pretrained: str | None = None  # an exported RQ-VAE to use as is: no training
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     steps: int = 1000
     batch_size: int = 32
@@ -112,11 +117,15 @@ class TrainVAEConfig:
             from model.losses import PerceptualLoss
 
             PerceptualLoss(self.loss.perceptual_weights_path or "")
-        require_model_folders(Storage(self.storage), self.section, init_from=self.init_from)
+        require_model_folders(Storage(self.storage), self.section, init_from=self.init_from,
+                              pretrained=self.pretrained)  # fmt: skip
         self.tracking.preflight()
 
     def __post_init__(self) -> None:
         self.model_config()  # unknown presets or keys fail at load time, not mid-run
+        if self.pretrained and self.init_from:
+            raise ValueError("give pretrained (use a model as is) or init_from (fine-tune "
+                             "it), not both")  # fmt: skip
         if self.loss.perceptual_weights_path:  # a local file, opened by the Ray Train workers
             self.loss.perceptual_weights_path = absolute(self.loss.perceptual_weights_path)
         for name in ("steps", "batch_size", "log_every", "grad_accum_steps", "num_workers",
@@ -329,10 +338,10 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
     shards_dir, vae_dir = join(run_dir, "shards"), join(run_dir, "vae")
     shards = require_manifest(storage, shards_dir, "shard")
     resolution = config.model_config().resolution
-    if shards.config.get("resize_mode") != "none" and shards.config["image_size"] < resolution:
-        raise ValueError(f"the shards hold {shards.config['image_size']}px images but the model "
-                         f"trains at {resolution}px: re-shard with image_size>={resolution}")  # fmt: skip
+    _check_shard_size(shards, resolution)
 
+    if config.pretrained:
+        return _adopt_pretrained(storage, config, run_dir, shards, overwrite)
     check_one_batch("train-vae", sum(int(u["rows"]) for u in shards.units
                                      if u["name"].startswith("train-")), config)  # fmt: skip
     upstream = {"shard": shards.fingerprint}
@@ -374,4 +383,44 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
     planned.counts = {"steps": config.steps}
     write_manifest(storage, vae_dir, planned)
     print(f"train-vae: done in {time.time() - started:.0f} s; model {model_uri}")
+    return planned
+
+
+def _check_shard_size(shards: Manifest, resolution: int) -> None:
+    if shards.config.get("resize_mode") != "none" and shards.config["image_size"] < resolution:
+        raise ValueError(f"the shards hold {shards.config['image_size']}px images but the model "
+                         f"works at {resolution}px: re-shard with image_size>={resolution}")  # fmt: skip
+
+
+def _adopt_pretrained(storage: Storage, config: TrainVAEConfig, run_dir: str,
+                      shards: Manifest, overwrite: bool) -> Manifest:  # fmt: skip
+    """train_vae.pretrained: the exported RQ-VAE becomes RUN/vae/model, as if trained here."""
+    vae_dir = join(run_dir, "vae")
+    source = download_model(config.pretrained) if hub_repo(config.pretrained) else absolute(
+        config.pretrained)  # fmt: skip
+    model = RQVAE.from_pretrained(source, storage_options=storage.options(source))
+    _check_shard_size(shards, model.config.resolution)
+    upstream = {"shard": shards.fingerprint,
+                "pretrained": model_fingerprint(storage, source, "train-vae")}  # fmt: skip
+    planned = Manifest("train-vae", FORMAT_VERSION, output_fields(config), upstream)
+    finished = begin_stage(storage, vae_dir, planned, overwrite)
+    if finished is not None:
+        return finished
+    write_resolved_config(
+        storage, join(vae_dir, "config.yaml"), {TrainVAEConfig.section: to_dict(config)}
+    )
+    model_uri = join(vae_dir, "model")
+    model.save_pretrained(model_uri, storage.options(model_uri))
+    if storage.exists(join(source, "import.json")):  # where its weights came from
+        storage.write_bytes(join(model_uri, "import.json"),
+                            storage.read_bytes(join(source, "import.json")))  # fmt: skip
+    images = _to_model(torch.from_numpy(validation_images(
+        storage, join(run_dir, "shards"), model.config.resolution, 16)))  # fmt: skip
+    reconstruction_grid(model, images, join(vae_dir, "reconstructions.png"),
+                        storage.options(vae_dir))  # fmt: skip
+    planned.units = [{"name": "model/model.safetensors", "rows": 0, "bytes": 0}]
+    planned.counts = {"steps": 0, "val_psnr_db": round(psnr(model, images), 2)}
+    write_manifest(storage, vae_dir, planned)
+    print(f"train-vae: using {config.pretrained} (no training): {planned.counts['val_psnr_db']} "
+          f"dB on {len(images)} val images; model {model_uri}")  # fmt: skip
     return planned
