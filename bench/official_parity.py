@@ -148,5 +148,6 @@ def check_rqtransformer(OfficialAR, path: Path, work: Path, vae, layers: int | N
           f"(rel {rel(our_logits, their_logits):.2e}), argmax equal {same_argmax:.4%}",
           flush=True)  # fmt: skip
 
+
 if __name__ == "__main__":
     main()

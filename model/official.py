@@ -250,7 +250,9 @@ def rqtransformer_name_map(cfg: RQTransformerConfig) -> NameMap:
                 _copy(names, f"{o}.{part}", f"{b}.{part}", ("weight", "bias"))
             for suffix in ("weight", "bias"):
                 names[f"{o}.attn.qkv.{suffix}"] = (
-                    [f"{b}.attn.{p}.{suffix}" for p in ("query", "key", "value")], _concat)
+                    [f"{b}.attn.{p}.{suffix}" for p in ("query", "key", "value")],
+                    _concat,
+                )
     _copy(names, "depth_transformer.ln_f", "classifier.layer_norm", ("weight", "bias"))
     _copy(names, "head", "classifier.linear", ("weight", "bias"))
     return names

@@ -36,6 +36,8 @@ def push_model(storage: Storage, folder: str, repo_id: str, private: bool = Fals
             api.upload_folder(folder_path=staging, repo_id=repo_id,
                               commit_message=f"rqpipe push {folder.rsplit('/', 1)[-1]}")  # fmt: skip
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as error:
-        raise ConnectionError(f"push to {repo_id} failed: {type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}") from None
+        raise ConnectionError(
+            f"push to {repo_id} failed: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}"
+        ) from None
     return str(url)
