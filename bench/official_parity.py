@@ -5,7 +5,7 @@ from the path you give, never copied) and `omegaconf`. For each published config
 builds the official model with random weights, saves an official-format checkpoint
 ({'state_dict', 'optimizer', ...}), imports it through the real `import_official`, and compares:
 the RQ-VAE's latents, codes and reconstructions; the RQ-Transformer's logits for the same codes
-and classes.
+and classes (or captions).
 
     git clone https://github.com/kakaobrain/rq-vae-transformer /tmp/official
     pip install --target /tmp/scratch-pkgs --no-deps omegaconf antlr4-python3-runtime==4.9.3
@@ -13,7 +13,7 @@ and classes.
         --official-repo /tmp/official [--layers 2]
 
 --layers N shortens every transformer stack to N layers (a quick check); without it the
-published sizes are built (480M and 350M parameters: about 12 GB of memory, a few minutes).
+published sizes are built (480M, 350M and 650M parameters: about 12 GB of memory, minutes).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ PAIRS = (  # (RQ-VAE config, RQ-Transformer config) as published together
      "configs/imagenet256/stage2/in256-rqtransformer-8x8x4-480M.yaml"),
     ("configs/ffhq/stage1/ffhq256-rqvae-8x8x4.yaml",  # unconditional, K 2048
      "configs/ffhq/stage2/ffhq256-rqtransformer-8x8x4-350M.yaml"),
+    # CC-3M's RQ-VAE config ships only with its checkpoint; it has the ImageNet shapes
+    ("configs/imagenet256/stage1/in256-rqvae-8x8x4.yaml",  # 32 caption tokens condition it
+     "configs/cc3m/cc3m-rqtransformer-8x8x4-650M.yaml"),
 )  # fmt: skip
 BLOCK_DEFAULTS = dict(mlp_bias=True, attn_bias=True, attn_pdrop=0.0, resid_pdrop=0.1, gelu="v1")
 ARCH_DEFAULTS = dict(vocab_size_cond=0, block_size_cond=0, input_embed_dim=None,
@@ -137,10 +140,16 @@ def check_rqtransformer(OfficialAR, path: Path, work: Path, vae, layers: int | N
                              str(work / "ar"), rqvae_uri=str(work / "rqvae"))  # fmt: skip
     ours = RQTransformer.from_pretrained(str(work / "ar"))
     codes = torch.randint(0, config.vocab_size, (2, 8, 8, 4))
-    classes = config.vocab_size_cond
-    labels = torch.randint(0, classes, (2,)) if classes > 1 else None
-    their_logits = theirs(codes, model_aux=vae, cond=labels)
-    our_logits = ours(codes, labels)
+    classes, length = config.vocab_size_cond, config.block_size_cond
+    cond = torch.randint(0, classes, (2, length)) if classes > 1 else None
+    if length > 1:  # a caption: both models also predict its next tokens
+        their_logits, their_text = theirs(codes, model_aux=vae, cond=cond)
+        our_logits, our_text = ours(codes, text=cond, return_text_logits=True)
+        print(f"  caption logits max abs diff {float((their_text - our_text).abs().max()):.2e} "
+              f"(rel {rel(our_text, their_text):.2e})")  # fmt: skip
+    else:
+        labels = None if cond is None else cond[:, 0]
+        their_logits, our_logits = theirs(codes, model_aux=vae, cond=labels), ours(codes, labels)
     same_argmax = float((their_logits.argmax(-1) == our_logits.argmax(-1)).float().mean())
     print(f"{path.stem}: {record['parameters'] / 1e6:.0f}M parameters, imported in "
           f"{time.time() - started:.1f} s, dropped {list(record['dropped_tensors'])}\n"

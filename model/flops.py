@@ -9,6 +9,8 @@ reports do), not halved for the causal mask.
       spatial: T * Ls * (2 E^2 (4 + 2r) + 4 T E) + (T - 1) * 2 C E
       depth:   T * D * Ld * (2 E^2 (4 + 2r) + 4 D E) + T * (D - 1) * 2 C E
       head:    T * D * 2 E K
+  A text-conditioned model (L caption tokens, vocabulary V) runs its spatial stack over
+  n = L - 1 + T positions (n for T in the spatial term) and adds (L - 1) * 2 E V for its text head.
   (per block and token: qkv 6E^2, output 2E^2, MLP 4rE^2; attention 4nE over n positions).
 - RQ-VAE: counted by torch's FLOP counter over one forward of the model the config builds
   (encoder, quantizer, decoder); the perceptual and discriminator networks are not counted.
@@ -39,7 +41,10 @@ def rqtransformer_flops_per_sample(config: Any, code_dim: int, training: bool = 
     h, w, d = config.code_shape
     t, e, k, r, c = h * w, config.width, config.codebook_size, config.mlp_ratio, code_dim
     block = 2 * e * e * (4 + 2 * r)
-    spatial = t * config.spatial_layers * (block + 4 * t * e) + (t - 1) * 2 * c * e
+    prefix = max(config.text_length, 1) - 1  # caption tokens before position 0
+    n = prefix + t  # positions the spatial stack runs over
+    spatial = n * config.spatial_layers * (block + 4 * n * e) + (t - 1) * 2 * c * e
+    spatial += prefix * 2 * e * config.text_vocab_size  # the text head
     depth = t * d * config.depth_layers * (block + 4 * d * e) + t * (d - 1) * 2 * c * e
     head = t * d * 2 * e * k
     forward = spatial + depth + head

@@ -16,8 +16,10 @@ Layout (official -> ours), the RQ-VAE:
     quantizer.codebooks.{d}.cluster_size_ema / embed_ema -> quantizer.ema_count / ema_sum
 The RQ-Transformer (the published configs all set input_emb_vqvae, head_emb_vqvae,
 cumsum_depth_ctx, shared_tok_emb and shared_cls_emb):
-    cond_emb                          -> class_embedding
-    pos_emb_cond[0], pos_emb_hw[:T-1] -> pos_embedding[0], pos_embedding[1:] (the official
+    cond_emb                          -> class_embedding (text models: text_embedding)
+    pos_emb_cond[:L-1]                -> text_pos (text models, L = block_size_cond caption
+                                         tokens), cond_classifier -> text_head
+    pos_emb_cond[L-1], pos_emb_hw[:T-1] -> pos_embedding[0], pos_embedding[1:] (the official
                                          position embedding labels the code's own position,
                                          ours the position it predicts; pos_emb_hw[T-1] is
                                          never read and is dropped)
@@ -110,12 +112,7 @@ def rqtransformer_config(document: dict[str, Any]) -> RQTransformerConfig:
     _require(arch, "scaled_head_emb_vqvae", False, "arch")
     _require(arch, "use_padding_emb", False, "arch")
     _require(arch, "embd_pdrop", 0.0, "arch")
-    if int(arch.get("block_size_cond", 0)) > 1:
-        raise OfficialFormatError(
-            f"block_size_cond = {arch['block_size_cond']}: a text-conditioned RQ-Transformer "
-            f"(CC-3M); rqpipe's RQ-Transformer is class-conditional or unconditional, text "
-            f"conditioning is not there yet"
-        )
+    text_length = int(arch.get("block_size_cond", 0))  # > 1: caption tokens (CC-3M)
     blocks = {}
     for stack in ("body", "head"):
         block = dict(arch.get(stack, {}).get("block", {}))
@@ -135,14 +132,16 @@ def rqtransformer_config(document: dict[str, Any]) -> RQTransformerConfig:
             raise OfficialFormatError(f"vocab_size {vocab}: one codebook size for all depths only")
         vocab = vocab[0]
     classes = int(arch.get("vocab_size_cond", 0))
+    text = text_length > 1
     return RQTransformerConfig(
         code_shape=list(arch["block_size"]), codebook_size=int(vocab),
         width=int(arch["embed_dim"]), heads=int(blocks["body"]["n_head"]),
         spatial_layers=int(arch["body"]["n_layer"]), depth_layers=int(arch["head"]["n_layer"]),
         mlp_ratio=4, dropout=float(blocks["body"].get("resid_pdrop", 0.1)),
         attn_dropout=float(blocks["body"].get("attn_pdrop", 0.0)),
-        num_classes=classes if classes > 1 else 0, label_dropout=0.0,
+        num_classes=classes if classes > 1 and not text else 0, label_dropout=0.0,
         null_label_embedding=False, spatial_final_norm=False,
+        text_vocab_size=classes if text else 0, text_length=text_length if text else 0,
     )  # fmt: skip
 
 
@@ -234,9 +233,18 @@ def rqvae_name_map(cfg: RQVAEConfig) -> NameMap:
 def rqtransformer_name_map(cfg: RQTransformerConfig) -> NameMap:
     names: NameMap = {}
     depth, positions = cfg.depth, cfg.num_positions
-    names["class_embedding.weight"] = (["cond_emb.weight"], _same)
+    prefix = max(cfg.text_length, 1) - 1  # caption tokens before position 0
+    if cfg.text_vocab_size:
+        names["text_embedding.weight"] = (["cond_emb.weight"], _same)
+        names["text_pos"] = (["pos_emb_cond"], lambda ps: ps[0][0, :prefix])
+        _copy(names, "text_head.0", "cond_classifier.layer_norm", ("weight", "bias"))
+        _copy(names, "text_head.1", "cond_classifier.linear", ("weight", "bias"))
+    else:
+        names["class_embedding.weight"] = (["cond_emb.weight"], _same)
+    # position 0 holds the last condition token (the class, or the caption's last token)
     names["pos_embedding"] = (["pos_emb_cond", "pos_emb_hw"],
-                              lambda ps: torch.cat([ps[0][0, :1], ps[1][0, : positions - 1]]))  # fmt: skip
+                              lambda ps: torch.cat([ps[0][0, prefix : prefix + 1],
+                                                    ps[1][0, : positions - 1]]))  # fmt: skip
     names["depth_embedding"] = (["pos_emb_d"], lambda ps: ps[0][0])
     names["proj_spatial.weight"] = (["input_mlp.weight"], _same)
     # sum_d (W e_d + b) = W (sum_d e_d) + D b: the official applies input_mlp before the sum

@@ -5,7 +5,9 @@ C code-embedding width (the RQ-VAE's), E model width.
 
 Spatial transformer (causal over T): the input at position t is
     proj_spatial( sum_d e(codes[t-1, d]) ) + pos[t],       and class (or start) embedding at t=0
-and its output h_t summarises everything before position t.
+and its output h_t summarises everything before position t. A text-conditioned model reads a
+caption of L tokens instead of the class: tokens 0..L-2 (+ text_pos) come first, token L-1 takes
+the class's place at t=0, and a text head predicts each next caption token (the text loss).
 Depth transformer (causal over D, run for each position independently): the input at depth d is
     h_t + depth[0]                                          for d = 0
     proj_depth( sum_{i<d} e(codes[t, i]) ) + depth[d]       for d > 0
@@ -37,15 +39,34 @@ from model.serialization import ModelConfig, Pretrained
 
 # The paper's ImageNet 256x256 class-conditional models (8x8x4 codes, K = 16384). Every field
 # is spelled out, so that a change of a dataclass default never changes a paper preset.
-_IMAGENET256: dict[str, Any] = dict(
-    code_shape=[8, 8, 4], codebook_size=16384, width=1536, heads=24, mlp_ratio=4, dropout=0.1,
-    attn_dropout=0.0, num_classes=1000, label_dropout=0.0, null_label_embedding=False,
-    spatial_final_norm=False,
+# The released models' shapes (the official configs/*/stage2/*.yaml; tests check each against
+# its published config): the official architecture, with residual dropout 0.1.
+_PAPER: dict[str, Any] = dict(
+    code_shape=[8, 8, 4], codebook_size=16384, mlp_ratio=4, dropout=0.1, attn_dropout=0.0,
+    label_dropout=0.0, null_label_embedding=False, spatial_final_norm=False, text_vocab_size=0,
+    text_length=0,
 )  # fmt: skip
+_IMAGENET256 = {**_PAPER, "width": 1536, "heads": 24, "num_classes": 1000}
+_UNCONDITIONAL = {**_PAPER, "num_classes": 0}
+_W1024 = {**_UNCONDITIONAL, "width": 1024, "heads": 16, "spatial_layers": 24, "depth_layers": 4}
+_W1280 = {**_UNCONDITIONAL, "width": 1280, "heads": 20, "spatial_layers": 26, "depth_layers": 4}
 RQTRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "imagenet256-480M": {**_IMAGENET256, "spatial_layers": 12, "depth_layers": 4},
     "imagenet256-821M": {**_IMAGENET256, "spatial_layers": 24, "depth_layers": 4},
     "imagenet256-1.4B": {**_IMAGENET256, "spatial_layers": 42, "depth_layers": 6},
+    "imagenet256-3.8B": {
+        **_IMAGENET256,
+        "width": 2560,
+        "heads": 40,
+        "spatial_layers": 42,
+        "depth_layers": 6,
+    },
+    "ffhq256-350M": {**_W1024, "codebook_size": 2048},
+    "lsun-church256-350M": _W1024,
+    "lsun-cat256-600M": _W1280,
+    "lsun-bedroom256-600M": _W1280,
+    # Text-to-image: 32 BPE tokens of a 16,384-word vocabulary condition the model.
+    "cc3m-650M": {**_W1280, "text_vocab_size": 16384, "text_length": 32},
     # CPU-sized, for the demo and the tests (codebook size and classes come from the data).
     "tiny": dict(
         width=128, heads=4, spatial_layers=3, depth_layers=2, codebook_size=256, num_classes=4
@@ -71,6 +92,8 @@ class RQTransformerConfig(ModelConfig):
     label_dropout: float = 0.1  # drop labels in training, for classifier-free guidance
     null_label_embedding: bool = True  # a learned "no label" row (guidance); the paper: none
     spatial_final_norm: bool = True  # LayerNorm after the spatial stack; the paper: none
+    text_vocab_size: int = 0  # > 0: conditioned on captions of text_length tokens, not classes
+    text_length: int = 0
 
     def __post_init__(self) -> None:
         self.code_shape = list(self.code_shape)
@@ -80,6 +103,9 @@ class RQTransformerConfig(ModelConfig):
             )
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.text_vocab_size and (self.num_classes or self.text_length < 1):
+            raise ValueError("a text-conditioned model needs text_length >= 1 and num_classes: 0 "
+                             f"(got {self.text_length}, {self.num_classes})")  # fmt: skip
         if self.num_classes and not self.null_label_embedding and self.label_dropout > 0:
             raise ValueError("label_dropout needs null_label_embedding: true (dropped labels "
                              "become the no-label row)")  # fmt: skip
@@ -131,10 +157,10 @@ class CausalSelfAttention(nn.Module):
             p = self.attn_dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
-            if n != 1:
-                raise ValueError("cached attention takes one new position at a time")
+            if n != 1 and cache.length:
+                raise ValueError("cached attention takes a prefix, then one position at a time")
             k, v = cache.append(k, v)  # the new position attends to itself and all before
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1)  # n > 1: a prefix
         return self.resid_dropout(self.proj(out.transpose(1, 2).reshape(b, n, e)))
 
 
@@ -198,7 +224,12 @@ class RQTransformer(Pretrained, nn.Module):
         e, t, d = config.width, config.num_positions, config.depth
         self.proj_spatial = nn.Linear(c, e)
         self.proj_depth = nn.Linear(c, e)
-        self.class_embedding = nn.Embedding(config.num_label_rows, e)  # last row: no label
+        if config.text_vocab_size:
+            self.text_embedding = nn.Embedding(config.text_vocab_size, e)
+            self.text_pos = nn.Parameter(torch.zeros(config.text_length - 1, e))
+            self.text_head = nn.Sequential(nn.LayerNorm(e), nn.Linear(e, config.text_vocab_size))
+        else:
+            self.class_embedding = nn.Embedding(config.num_label_rows, e)  # last row: no label
         self.pos_embedding = nn.Parameter(torch.zeros(t, e))
         self.depth_embedding = nn.Parameter(torch.zeros(d, e))
         self.spatial = Stack(config, config.spatial_layers, config.spatial_final_norm)
@@ -207,6 +238,8 @@ class RQTransformer(Pretrained, nn.Module):
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_embedding, std=0.02)
         nn.init.normal_(self.depth_embedding, std=0.02)
+        if config.text_vocab_size:
+            nn.init.normal_(self.text_pos, std=0.02)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -236,10 +269,34 @@ class RQTransformer(Pretrained, nn.Module):
                              f"label {self.null_label}), got {labels.tolist()[:8]}")  # fmt: skip
         return self.class_embedding(labels)  # (B, E)
 
+    def _condition(self, labels: Tensor | None, text: Tensor | None, batch: int,
+                   device: torch.device) -> tuple[Tensor | None, Tensor]:  # fmt: skip
+        """-> (the prefix before position 0: (B, L-1, E) caption tokens, or None for a class
+        model; the start token at position 0: (B, E), the class or the caption's last token)."""
+        cfg = self.config
+        if not cfg.text_vocab_size:
+            if text is not None:
+                raise ValueError("this RQ-Transformer is not text-conditioned: pass labels")
+            return None, self._start(labels, batch, device)
+        if text is None or labels is not None:
+            raise ValueError("this RQ-Transformer is text-conditioned: pass text (B, "
+                             f"{cfg.text_length}) token ids, not labels")  # fmt: skip
+        if (
+            text.shape[1:] != (cfg.text_length,)
+            or text.min() < 0
+            or text.max() >= cfg.text_vocab_size
+        ):
+            raise ValueError(f"text must be (B, {cfg.text_length}) ids in [0, "
+                             f"{cfg.text_vocab_size}), got {tuple(text.shape)}")  # fmt: skip
+        tokens = self.text_embedding(text)  # (B, L, E)
+        return tokens[:, :-1] + self.text_pos, tokens[:, -1]
+
     # -- training forward -----------------------------------------------------------------------
 
-    def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
-        """codes (B, H, W, D) int64, labels (B,) or None -> logits (B, H, W, D, K)."""
+    def forward(self, codes: Tensor, labels: Tensor | None = None, text: Tensor | None = None,
+                return_text_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
+        """codes (B, H, W, D) int64, labels (B,) or None (or text (B, L)) -> logits
+        (B, H, W, D, K); with return_text_logits, also (B, L-1, V): each next caption token."""
         b, h, w, d = codes.shape
         if [h, w, d] != self.config.code_shape:
             raise ValueError(f"codes of shape {[h, w, d]} != config code_shape "
@@ -251,17 +308,22 @@ class RQTransformer(Pretrained, nn.Module):
         # (B, T, D, C): at depth d, the sum of the first d+1 code embeddings
         partial = embed_codes(self.code_embeddings, flat).cumsum(dim=2)
 
-        start = self._start(labels, b, codes.device).unsqueeze(1)  # (B, 1, E)
+        prefix, start = self._condition(labels, text, b, codes.device)
         shifted = self.proj_spatial(partial[:, :-1, -1])  # (B, T-1, E): full sums of t-1
-        x = torch.cat([start, shifted], dim=1) + self.pos_embedding  # (B, T, E)
-        h_t = self.spatial(x)  # (B, T, E)
+        x = torch.cat([start.unsqueeze(1), shifted], dim=1) + self.pos_embedding  # (B, T, E)
+        if prefix is not None:
+            x = torch.cat([prefix, x], dim=1)  # (B, L-1+T, E)
+        out = self.spatial(x)
+        h_t = out[:, -h * w :]  # (B, T, E)
 
         depth_in = torch.cat(
             [h_t.unsqueeze(2), self.proj_depth(partial[:, :, :-1])], dim=2
         )  # (B, T, D, E)
         depth_in = (depth_in + self.depth_embedding).reshape(b * h * w, d, -1)
-        out = self.depth_transformer(depth_in)  # (B*T, D, E)
-        return self.head(out).reshape(b, h, w, d, -1)  # (B, H, W, D, K)
+        logits = self.head(self.depth_transformer(depth_in)).reshape(b, h, w, d, -1)
+        if return_text_logits:  # (B, H, W, D, K), (B, L-1, V)
+            return logits, self.text_head(out[:, : -h * w])
+        return logits  # (B, H, W, D, K)
 
     @staticmethod
     def loss(
@@ -291,9 +353,16 @@ class RQTransformer(Pretrained, nn.Module):
         top_p: float | list[float | None] | None,
         cfg_scale: float,
         generator: torch.Generator | None,
+        text: Tensor | None = None,
     ) -> SamplingPlan:
         device = self.pos_embedding.device
-        if labels is not None:
+        if text is not None:
+            text = torch.as_tensor(text, dtype=torch.long, device=device)
+            if cfg_scale != 1.0:
+                raise ValueError("classifier-free guidance of text-conditioned models is not "
+                                 "supported yet: sample with cfg_scale=1")  # fmt: skip
+            batch = text.shape[0]
+        elif labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long, device=device)
             batch = labels.shape[0]
         elif num_samples is None:
@@ -310,7 +379,7 @@ class RQTransformer(Pretrained, nn.Module):
             labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
         depth = self.config.depth
         return SamplingPlan(batch, labels, temperature, one_per_depth(top_k, depth, "top_k"),
-                             one_per_depth(top_p, depth, "top_p"), cfg_scale, generator)  # fmt: skip
+                            one_per_depth(top_p, depth, "top_p"), cfg_scale, generator, text)  # fmt: skip
 
     @torch.no_grad()
     def generate(
@@ -323,6 +392,7 @@ class RQTransformer(Pretrained, nn.Module):
         cfg_scale: float = 1.0,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        text: Tensor | None = None,
     ) -> Tensor:
         """Sample code stacks (B, H, W, D).
 
@@ -332,7 +402,7 @@ class RQTransformer(Pretrained, nn.Module):
         cached sampler is tested against.
         """
         plan = self._sampling_plan(num_samples, labels, temperature, top_k, top_p, cfg_scale,
-                                   generator)  # fmt: skip
+                                   generator, text)  # fmt: skip
         return self._generate_cached(plan) if use_cache else self._generate_uncached(plan)
 
     def _generate_cached(self, plan: SamplingPlan) -> Tensor:
@@ -342,8 +412,12 @@ class RQTransformer(Pretrained, nn.Module):
         device = self.pos_embedding.device
         codes = torch.zeros(batch, h * w, d, dtype=torch.long, device=device)
 
-        x = (self._start(plan.labels, rows, device) + self.pos_embedding[0]).unsqueeze(1)
-        spatial_caches = self.spatial.new_caches(rows, h * w, x)  # x: (R, 1, E)
+        prefix, start = self._condition(plan.labels, plan.text, rows, device)
+        x = (start + self.pos_embedding[0]).unsqueeze(1)  # (R, 1, E)
+        prefix_length = 0 if prefix is None else prefix.shape[1]
+        spatial_caches = self.spatial.new_caches(rows, prefix_length + h * w, x)
+        if prefix_length:
+            self.spatial(prefix, spatial_caches)  # fills the caches with the caption
         per_depth_books = self.code_embeddings.shape[0] > 1  # else one book shared by all depths
         for t in range(h * w):
             h_t = self.spatial(x, spatial_caches)  # (R, 1, E)
@@ -369,7 +443,7 @@ class RQTransformer(Pretrained, nn.Module):
         codes = torch.zeros(plan.rows, h, w, d, dtype=torch.long, device=self.pos_embedding.device)
         for t in range(h * w):
             for depth in range(d):
-                logits = self(codes, plan.labels)[:, t // w, t % w, depth]  # causal: rest unused
+                logits = self(codes, plan.labels, plan.text)[:, t // w, t % w, depth]  # causal
                 code = plan.pick(logits, depth)
                 codes[:, t // w, t % w, depth] = code.repeat(plan.rows // plan.batch)
         return codes[: plan.batch]

@@ -41,6 +41,8 @@ RQVAE_PRESETS: dict[str, dict[str, Any]] = {
         distance_dtype="float32",
         ema_update="per_depth",
     ),
+    # FFHQ's released RQ-VAE: a smaller codebook, attention one level up.
+    "ffhq256-8x8x4": dict(),  # filled in below from the ImageNet model
     # CPU-sized: 32x32 -> 8x8x4, for the demo and the tests.
     "tiny": dict(
         resolution=32,
@@ -53,6 +55,13 @@ RQVAE_PRESETS: dict[str, dict[str, Any]] = {
         codebook_size=256,
     ),
 }
+
+
+RQVAE_PRESETS["ffhq256-8x8x4"] = {
+    **RQVAE_PRESETS["imagenet256-8x8x4"],
+    "codebook_size": 2048,
+    "attn_resolutions": [16],
+}  # LSUN church, cat and bedroom use the ImageNet shapes
 
 
 @dataclass

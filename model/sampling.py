@@ -54,6 +54,7 @@ class SamplingPlan:
     top_ps: list[float | None]
     cfg_scale: float
     generator: torch.Generator | None
+    text: Tensor | None = None  # (batch, L) caption token ids, for a text-conditioned model
 
     @property
     def rows(self) -> int:

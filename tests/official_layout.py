@@ -25,14 +25,39 @@ PUBLISHED_RQVAE_IN256 = {"arch": {
 }}  # fmt: skip
 
 
-def published_rqtransformer(body_layers: int, head_layers: int) -> dict:
-    return {"dataset": {"type": "imagenet", "vocab_size": 16384}, "arch": {
-        "type": "rq-transformer", "block_size": [8, 8, 4], "embed_dim": 1536,
+def published_rqvae(codebook_size: int, attn_resolutions: list[int]) -> dict:
+    document = {"arch": {**PUBLISHED_RQVAE_IN256["arch"]}}
+    document["arch"]["hparams"] = {**document["arch"]["hparams"], "n_embed": codebook_size}
+    document["arch"]["ddconfig"] = {**document["arch"]["ddconfig"],
+                                    "attn_resolutions": attn_resolutions}  # fmt: skip
+    return document
+
+
+# preset -> (dataset.vocab_size, embed_dim, n_head, body n_layer, head n_layer,
+# vocab_size_cond, block_size_cond) of each published stage-2 config
+PUBLISHED_RQTRANSFORMERS = {
+    "imagenet256-480M": (16384, 1536, 24, 12, 4, 1000, 1),  # in256-...-480M.yaml
+    "imagenet256-821M": (16384, 1536, 24, 24, 4, 1000, 1),  # in256-...-800M.yaml
+    "imagenet256-1.4B": (16384, 1536, 24, 42, 6, 1000, 1),
+    "imagenet256-3.8B": (16384, 2560, 40, 42, 6, 1000, 1),
+    "ffhq256-350M": (2048, 1024, 16, 24, 4, 1, 1),
+    "lsun-church256-350M": (16384, 1024, 16, 24, 4, 1, 1),  # ...-sqgan-8x8x4-350M-simp.yaml
+    "lsun-cat256-600M": (16384, 1280, 20, 26, 4, 1, 1),
+    "lsun-bedroom256-600M": (16384, 1280, 20, 26, 4, 1, 1),
+    "cc3m-650M": (16384, 1280, 20, 26, 4, 16384, 32),
+}
+# preset -> (n_embed, attn_resolutions) of the published stage-1 configs (LSUN: ImageNet's)
+PUBLISHED_RQVAES = {"imagenet256-8x8x4": (16384, [8]), "ffhq256-8x8x4": (2048, [16])}
+
+
+def published_rqtransformer(vocab, embed, heads, body, head, cond_vocab, cond_length) -> dict:
+    return {"dataset": {"vocab_size": vocab}, "arch": {
+        "type": "rq-transformer", "block_size": [8, 8, 4], "embed_dim": embed,
         "input_embed_dim": 256, "shared_tok_emb": True, "shared_cls_emb": True,
         "input_emb_vqvae": True, "head_emb_vqvae": True, "cumsum_depth_ctx": True,
-        "vocab_size_cond": 1000, "block_size_cond": 1,
-        "body": {"n_layer": body_layers, "block": {"n_head": 24}},
-        "head": {"n_layer": head_layers, "block": {"n_head": 24}},
+        "vocab_size_cond": cond_vocab, "block_size_cond": cond_length,
+        "body": {"n_layer": body, "block": {"n_head": heads}},
+        "head": {"n_layer": head, "block": {"n_head": heads}},
     }}  # fmt: skip
 
 
@@ -48,12 +73,13 @@ SMALL_RQVAE = {"arch": {
 }}  # fmt: skip
 
 
-def small_rqtransformer(classes: int, depth: int = 3, vocab: int = 32) -> dict:
+def small_rqtransformer(classes: int, depth: int = 3, vocab: int = 32, text_length: int = 1):
+    """classes: vocab_size_cond (the caption vocabulary when text_length > 1, as in CC-3M)."""
     return {"dataset": {"vocab_size": vocab}, "arch": {
         "type": "rq-transformer", "block_size": [4, 4, depth], "embed_dim": 32,
         "input_embed_dim": 16, "shared_tok_emb": True, "shared_cls_emb": True,
         "input_emb_vqvae": True, "head_emb_vqvae": True, "cumsum_depth_ctx": True,
-        "vocab_size_cond": classes, "block_size_cond": 1,
+        "vocab_size_cond": classes, "block_size_cond": text_length,
         "body": {"n_layer": 2, "block": {"n_head": 4}},
         "head": {"n_layer": 2, "block": {"n_head": 4}},
     }}  # fmt: skip
@@ -160,6 +186,12 @@ def official_rqtransformer_state(document: dict, seed: int = 0) -> dict[str, tor
             sd[f"{p}.mlp.2.weight"], sd[f"{p}.mlp.2.bias"] = rand(e, 4 * e), rand(e)
     sd["classifier.layer_norm.weight"], sd["classifier.layer_norm.bias"] = 1 + rand(e), rand(e)
     sd["classifier.linear.weight"], sd["classifier.linear.bias"] = rand(vocab, e), rand(vocab)
+    if arch["block_size_cond"] > 1:  # predicts the next caption token
+        cond_vocab = arch["vocab_size_cond"]
+        sd["cond_classifier.layer_norm.weight"] = 1 + rand(e)
+        sd["cond_classifier.layer_norm.bias"] = rand(e)
+        sd["cond_classifier.linear.weight"] = rand(cond_vocab, e)
+        sd["cond_classifier.linear.bias"] = rand(cond_vocab)
     return sd
 
 
@@ -259,20 +291,28 @@ def _ref_stack(sd, name, layers, heads, x):
 def reference_rqtransformer(sd: dict, document: dict, codes: torch.Tensor,
                             cond: torch.Tensor | None, codebook: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """Logits (B, H, W, D, K) of the official forward for codes (B, H, W, D), cond (B,) or
-    None, with the RQ-VAE's (K, C) codebook as code embeddings."""
+    None (a caption: (B, L)), with the RQ-VAE's (K, C) codebook as code embeddings; a caption
+    model also returns the caption logits (B, L-1, V)."""
     arch = document["arch"]
     b, h, w, d = codes.shape
     e, heads = arch["embed_dim"], arch["body"]["block"]["n_head"]
+    length = max(arch["block_size_cond"], 1)
     xs = codes.reshape(b, h * w, d)
     per_depth = codebook[xs]  # (B, T, D, C)
-    cond = torch.zeros(b, 1, dtype=torch.long) if cond is None else cond.reshape(b, 1)
-    start = sd["cond_emb.weight"][cond] + sd["pos_emb_cond"][:, :1]  # (B, 1, E)
+    cond = torch.zeros(b, 1, dtype=torch.long) if cond is None else cond.reshape(b, length)
+    start = sd["cond_emb.weight"][cond] + sd["pos_emb_cond"][:, :length]  # (B, L, E)
     xs_emb = _ref_linear(sd, "input_mlp", per_depth).sum(-2) + sd["pos_emb_hw"]  # (B, T, E)
     latents = torch.cat([start, xs_emb[:, :-1]], dim=1)
-    spatial = _ref_stack(sd, "body_transformer", arch["body"]["n_layer"], heads, latents)
+    latents = _ref_stack(sd, "body_transformer", arch["body"]["n_layer"], heads, latents)
+    spatial = latents[:, length - 1 :]
     depth_ctx = _ref_linear(sd, "head_mlp", per_depth.cumsum(-2))  # (B, T, D, E)
     full = torch.cat([spatial.unsqueeze(2), depth_ctx[:, :, :-1]], dim=2).reshape(b * h * w, d, e)
     out = _ref_stack(sd, "head_transformer", arch["head"]["n_layer"], heads, full + sd["pos_emb_d"])
     out = F.layer_norm(out, (e,), sd["classifier.layer_norm.weight"],
                        sd["classifier.layer_norm.bias"])  # fmt: skip
-    return _ref_linear(sd, "classifier.linear", out).reshape(b, h, w, d, -1)
+    logits = _ref_linear(sd, "classifier.linear", out).reshape(b, h, w, d, -1)
+    if length == 1:
+        return logits
+    text = F.layer_norm(latents[:, : length - 1], (e,), sd["cond_classifier.layer_norm.weight"],
+                        sd["cond_classifier.layer_norm.bias"])  # fmt: skip
+    return logits, _ref_linear(sd, "cond_classifier.linear", text)

@@ -18,11 +18,14 @@ from model.rqtransformer import RQTransformer, RQTransformerConfig
 from model.rqvae import RQVAE, RQVAEConfig
 from pipeline.cli import main
 from tests.official_layout import (
+    PUBLISHED_RQTRANSFORMERS,
     PUBLISHED_RQVAE_IN256,
+    PUBLISHED_RQVAES,
     SMALL_RQVAE,
     official_rqtransformer_state,
     official_rqvae_state,
     published_rqtransformer,
+    published_rqvae,
     reference_rqtransformer,
     reference_rqvae,
     small_rqtransformer,
@@ -54,10 +57,13 @@ def imported_vae(tmp_path, capsys):
 
 
 def test_published_configs_are_the_paper_presets():
+    """Every released model's config imports to the rqpipe preset of the same name."""
     assert official.rqvae_config(PUBLISHED_RQVAE_IN256) == RQVAEConfig.preset("imagenet256-8x8x4")
-    for (body, head), preset in (((12, 4), "480M"), ((24, 4), "821M"), ((42, 6), "1.4B")):
-        imported = official.rqtransformer_config(published_rqtransformer(body, head))
-        assert imported == RQTransformerConfig.preset(f"imagenet256-{preset}"), preset
+    for preset, shape in PUBLISHED_RQVAES.items():
+        assert official.rqvae_config(published_rqvae(*shape)) == RQVAEConfig.preset(preset)
+    for preset, shape in PUBLISHED_RQTRANSFORMERS.items():
+        imported = official.rqtransformer_config(published_rqtransformer(*shape))
+        assert imported == RQTransformerConfig.preset(preset), preset
 
 
 def test_rqvae_import_computes_what_the_official_model_computes(imported_vae):
@@ -128,11 +134,39 @@ def test_wrong_shape_unknown_and_missing_tensors_are_refused_by_name(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+def test_caption_conditioned_import_gives_the_official_logits(imported_vae, tmp_path):
+    """The CC-3M form: a caption of L tokens conditions the model and is itself predicted."""
+    _, vae_dir = imported_vae
+    document = small_rqtransformer(50, text_length=5)
+    state = official_rqtransformer_state(document)
+    checkpoint, config = write_official(tmp_path, "t2i", document, state)
+    assert main(["import-official", "--kind", "rqtransformer", "--checkpoint", checkpoint,
+                 "--config", config, "--out", str(tmp_path / "t2i"), "--rqvae",
+                 str(vae_dir)]) == 0  # fmt: skip
+    ours = RQTransformer.from_pretrained(str(tmp_path / "t2i"))
+    assert (ours.config.text_vocab_size, ours.config.text_length) == (50, 5)
+    codebook = RQVAE.from_pretrained(str(vae_dir)).quantizer.codebooks[0]
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 32, (2, 4, 4, 3), generator=g)
+    text = torch.randint(0, 50, (2, 5), generator=g)
+    logits, text_logits = reference_rqtransformer(state, document, codes, text, codebook)
+    ours_logits, ours_text = ours(codes, text=text, return_text_logits=True)
+    torch.testing.assert_close(ours_logits, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours_text, text_logits, rtol=1e-4, atol=1e-4)
+    # The cached sampler (caption prefilled into the KV caches) draws what the uncached does
+    cached = ours.generate(text=text, top_k=8, generator=torch.Generator().manual_seed(0))
+    uncached = ours.generate(text=text, top_k=8, generator=torch.Generator().manual_seed(0),
+                             use_cache=False)  # fmt: skip
+    assert torch.equal(cached, uncached)
+    with pytest.raises(ValueError, match="text-conditioned"):
+        ours(codes, torch.tensor([0, 1]))
+
+
 def test_unsupported_configs_and_wrong_kinds_are_refused(tmp_path):
-    text = small_rqtransformer(16384)
-    text["arch"]["block_size_cond"] = 32  # the CC-3M text-to-image model
-    with pytest.raises(official.OfficialFormatError, match="text"):
-        official.rqtransformer_config(text)
+    per_depth_heads = copy.deepcopy(small_rqtransformer(10))
+    per_depth_heads["arch"]["shared_cls_emb"] = False
+    with pytest.raises(official.OfficialFormatError, match="shared_cls_emb"):
+        official.rqtransformer_config(per_depth_heads)
     gelu2 = copy.deepcopy(small_rqtransformer(10))
     gelu2["arch"]["body"]["block"]["gelu"] = "v2"
     with pytest.raises(official.OfficialFormatError, match="gelu"):
