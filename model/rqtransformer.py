@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.quantizer import embed_codes
-from model.sampling import SamplingPlan, one_per_depth
+from model.sampling import SamplingPlan, generate_cached, generate_uncached, one_per_depth
 from model.serialization import ModelConfig, Pretrained
 
 # The paper's ImageNet 256x256 class-conditional models (8x8x4 codes, K = 16384). Every field
@@ -269,7 +269,7 @@ class RQTransformer(Pretrained, nn.Module):
                              f"label {self.null_label}), got {labels.tolist()[:8]}")  # fmt: skip
         return self.class_embedding(labels)  # (B, E)
 
-    def _condition(self, labels: Tensor | None, text: Tensor | None, batch: int,
+    def condition(self, labels: Tensor | None, text: Tensor | None, batch: int,
                    device: torch.device) -> tuple[Tensor | None, Tensor]:  # fmt: skip
         """-> (the prefix before position 0: (B, L-1, E) caption tokens, or None for a class
         model; the start token at position 0: (B, E), the class or the caption's last token)."""
@@ -308,7 +308,7 @@ class RQTransformer(Pretrained, nn.Module):
         # (B, T, D, C): at depth d, the sum of the first d+1 code embeddings
         partial = embed_codes(self.code_embeddings, flat).cumsum(dim=2)
 
-        prefix, start = self._condition(labels, text, b, codes.device)
+        prefix, start = self.condition(labels, text, b, codes.device)
         shifted = self.proj_spatial(partial[:, :-1, -1])  # (B, T-1, E): full sums of t-1
         x = torch.cat([start.unsqueeze(1), shifted], dim=1) + self.pos_embedding  # (B, T, E)
         if prefix is not None:
@@ -403,50 +403,7 @@ class RQTransformer(Pretrained, nn.Module):
         """
         plan = self._sampling_plan(num_samples, labels, temperature, top_k, top_p, cfg_scale,
                                    generator, text)  # fmt: skip
-        return self._generate_cached(plan) if use_cache else self._generate_uncached(plan)
-
-    def _generate_cached(self, plan: SamplingPlan) -> Tensor:
-        """KV caches in both transformers: one spatial step per position, D depth steps in it."""
-        batch, rows = plan.batch, plan.rows
-        h, w, d = self.config.code_shape
-        device = self.pos_embedding.device
-        codes = torch.zeros(batch, h * w, d, dtype=torch.long, device=device)
-
-        prefix, start = self._condition(plan.labels, plan.text, rows, device)
-        x = (start + self.pos_embedding[0]).unsqueeze(1)  # (R, 1, E)
-        prefix_length = 0 if prefix is None else prefix.shape[1]
-        spatial_caches = self.spatial.new_caches(rows, prefix_length + h * w, x)
-        if prefix_length:
-            self.spatial(prefix, spatial_caches)  # fills the caches with the caption
-        per_depth_books = self.code_embeddings.shape[0] > 1  # else one book shared by all depths
-        for t in range(h * w):
-            h_t = self.spatial(x, spatial_caches)  # (R, 1, E)
-            depth_caches = self.depth_transformer.new_caches(rows, d, x)
-            u = h_t + self.depth_embedding[0]
-            partial = None
-            for depth in range(d):
-                out = self.depth_transformer(u, depth_caches)  # (R, 1, E)
-                code = plan.pick(self.head(out[:, 0]), depth)  # (B,)
-                codes[:, t, depth] = code
-                embedding = self.code_embeddings[depth if per_depth_books else 0][code]  # (B, C)
-                if rows != batch:
-                    embedding = embedding.repeat(rows // batch, 1)  # same code for both halves
-                partial = embedding if partial is None else partial + embedding  # (R, C)
-                if depth + 1 < d:
-                    u = (self.proj_depth(partial) + self.depth_embedding[depth + 1]).unsqueeze(1)
-            if t + 1 < h * w:
-                x = (self.proj_spatial(partial) + self.pos_embedding[t + 1]).unsqueeze(1)
-        return codes.reshape(batch, h, w, d)
-
-    def _generate_uncached(self, plan: SamplingPlan) -> Tensor:
-        h, w, d = self.config.code_shape
-        codes = torch.zeros(plan.rows, h, w, d, dtype=torch.long, device=self.pos_embedding.device)
-        for t in range(h * w):
-            for depth in range(d):
-                logits = self(codes, plan.labels, plan.text)[:, t // w, t % w, depth]  # causal
-                code = plan.pick(logits, depth)
-                codes[:, t // w, t % w, depth] = code.repeat(plan.rows // plan.batch)
-        return codes[: plan.batch]
+        return generate_cached(self, plan) if use_cache else generate_uncached(self, plan)
 
     # -- artifacts ------------------------------------------------------------------------------
 
@@ -457,10 +414,3 @@ class RQTransformer(Pretrained, nn.Module):
     @classmethod
     def _build(cls, config: RQTransformerConfig, state: dict[str, Tensor]) -> RQTransformer:
         return cls(config, state["code_embeddings"])
-
-
-def flops_per_token(config: RQTransformerConfig) -> float:
-    """Approximate forward FLOPs per code token (for throughput reporting): 2 * params touched."""
-    block = 12 * config.width**2  # attention (4 E^2) + MLP (8 E^2) weights per block
-    spatial_share = config.spatial_layers * block / config.depth  # spatial runs once per D tokens
-    return 2 * (spatial_share + config.depth_layers * block + config.width * config.codebook_size)

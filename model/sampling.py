@@ -1,5 +1,6 @@
 """How a code is drawn from logits: temperature, top-k and nucleus (top-p) filtering, each
-settable per depth, and classifier-free guidance. Used by RQTransformer.generate."""
+settable per depth, and classifier-free guidance; and the two sampling loops over an
+RQTransformer (`model`), with KV caches and without. Used by RQTransformer.generate."""
 
 from __future__ import annotations
 
@@ -67,3 +68,50 @@ class SamplingPlan:
             logits = uncond + self.cfg_scale * (cond - uncond)
         return sample_logits(logits, self.temperature, self.top_ks[depth], self.top_ps[depth],
                              self.generator)  # fmt: skip
+
+
+def generate_cached(model: Any, plan: SamplingPlan) -> Tensor:
+    """KV caches in both transformers: one spatial step per position, D depth steps in it."""
+    batch, rows = plan.batch, plan.rows
+    h, w, d = model.config.code_shape
+    device = model.pos_embedding.device
+    codes = torch.zeros(batch, h * w, d, dtype=torch.long, device=device)
+
+    prefix, start = model.condition(plan.labels, plan.text, rows, device)
+    x = (start + model.pos_embedding[0]).unsqueeze(1)  # (R, 1, E)
+    prefix_length = 0 if prefix is None else prefix.shape[1]
+    spatial_caches = model.spatial.new_caches(rows, prefix_length + h * w, x)
+    if prefix_length:
+        model.spatial(prefix, spatial_caches)  # fills the caches with the caption
+    per_depth_books = model.code_embeddings.shape[0] > 1  # else one book shared by all depths
+    for t in range(h * w):
+        h_t = model.spatial(x, spatial_caches)  # (R, 1, E)
+        depth_caches = model.depth_transformer.new_caches(rows, d, x)
+        u = h_t + model.depth_embedding[0]
+        partial = None
+        for depth in range(d):
+            out = model.depth_transformer(u, depth_caches)  # (R, 1, E)
+            code = plan.pick(model.head(out[:, 0]), depth)  # (B,)
+            codes[:, t, depth] = code
+            embedding = model.code_embeddings[depth if per_depth_books else 0][code]  # (B, C)
+            if rows != batch:
+                embedding = embedding.repeat(rows // batch, 1)  # same code for both halves
+            partial = embedding if partial is None else partial + embedding  # (R, C)
+            if depth + 1 < d:
+                u = (model.proj_depth(partial) + model.depth_embedding[depth + 1]).unsqueeze(1)
+        if t + 1 < h * w:
+            x = (model.proj_spatial(partial) + model.pos_embedding[t + 1]).unsqueeze(1)
+    return codes.reshape(batch, h, w, d)
+
+
+def generate_uncached(model: Any, plan: SamplingPlan) -> Tensor:
+    """Every token costs a full forward pass: the slow reference the cached sampler is tested
+    against."""
+    h, w, d = model.config.code_shape
+    codes = torch.zeros(plan.rows, h, w, d, dtype=torch.long, device=model.pos_embedding.device)
+    for t in range(h * w):
+        for depth in range(d):
+            logits = model(codes, plan.labels, plan.text)[:, t // w, t % w, depth]  # causal
+            code = plan.pick(logits, depth)
+            codes[:, t // w, t % w, depth] = code.repeat(plan.rows // plan.batch)
+    return codes[: plan.batch]

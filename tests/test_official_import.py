@@ -250,3 +250,40 @@ def test_pipeline_from_an_imported_rqvae(imported_vae, tmp_path):
     statuses = [line for line in again.stdout.splitlines() if line.startswith("rqpipe run: ")]
     assert again.returncode == 0 and len(statuses) == 5
     assert all("up to date" in line for line in statuses), statuses
+
+
+@pytest.mark.slow
+def test_rqpipe_sample_draws_from_imported_models(imported_vae, ray_local, tmp_path):
+    """The paper's models through the sample stage: an imported class-conditional
+    RQ-Transformer and its RQ-VAE, given as sample.ar / sample.vae; a caption model is refused
+    with what to do instead."""
+    from pipeline.stages.sample import SampleConfig, run_sample_stage
+
+    _, vae_dir = imported_vae
+    for name, document in (("cin", small_rqtransformer(10)),
+                           ("t2i", small_rqtransformer(50, text_length=5))):  # fmt: skip
+        document["arch"]["block_size"] = [8, 8, 3]  # the small RQ-VAE's code shape
+        checkpoint, config = write_official(tmp_path, name, document,
+                                            official_rqtransformer_state(document))  # fmt: skip
+        assert main(["import-official", "--kind", "rqtransformer", "--checkpoint", checkpoint,
+                     "--config", config, "--out", str(tmp_path / name), "--rqvae",
+                     str(vae_dir)]) == 0  # fmt: skip
+    config = SampleConfig(num_samples=4, labels=[3, 7], chunk_size=2, grid_size=2, top_k=8,
+                          ar=str(tmp_path / "cin"), vae=str(vae_dir), cpus_per_actor=0.5)  # fmt: skip
+    manifest = run_sample_stage(str(tmp_path / "run"), config)
+    assert manifest.counts["samples"] == 4
+    pngs = sorted((tmp_path / "run" / "samples").rglob("*.png"))
+    assert len(pngs) >= 4
+    config.ar = str(tmp_path / "t2i")
+    with pytest.raises(ValueError, match="text-conditioned"):
+        run_sample_stage(str(tmp_path / "run2"), config)
+
+
+def test_pretrained_and_init_from_exclude_each_other():
+    from pipeline.stages.train_vae import TrainVAEConfig
+
+    with pytest.raises(ValueError, match="not both"):
+        TrainVAEConfig(pretrained="models/a", init_from="models/b")
+    TrainVAEConfig(pretrained="hf://org/rqvae").preflight()  # a Hub model is fetched at run time
+    with pytest.raises(FileNotFoundError, match="train_vae.pretrained="):
+        TrainVAEConfig(pretrained="/nonexistent/model").preflight()

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from model.hub import download_model, hub_repo
 from pipeline.core.config import output_fields, to_dict, write_resolved_config
 from pipeline.core.lease import single_writer
 from pipeline.core.manifest import (
@@ -208,6 +209,13 @@ def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_
     return written
 
 
+def _model_uri(uri: str) -> tuple[str, str]:
+    """-> (the model's URI for the actors, where this process reads its files)."""
+    if hub_repo(uri):
+        return uri, download_model(uri)
+    return absolute(uri), absolute(uri)
+
+
 @single_writer("sample", lambda run_dir, config: config.out or join(run_dir, "samples"))
 def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False) -> Manifest:
     import ray
@@ -215,26 +223,31 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
     started = time.time()
     run_dir = absolute(run_dir)  # before anything reaches a Ray worker (its own cwd)
     storage = Storage(config.storage)
-    ar_uri = absolute(config.ar or join(run_dir, "ar", "model"))
-    vae_uri = absolute(config.vae or join(run_dir, "vae", "model"))
+    # hf://org/name models: the actors fetch them; the driver reads a copy in its HF cache
+    ar_uri, ar_files = _model_uri(config.ar or join(run_dir, "ar", "model"))
+    vae_uri, vae_files = _model_uri(config.vae or join(run_dir, "vae", "model"))
     out_dir = absolute(config.out or join(run_dir, "samples"))
     for what, uri, stage in (
-        ("RQ-Transformer", ar_uri, "train-ar"),
-        ("RQ-VAE", vae_uri, "train-vae"),
+        ("RQ-Transformer", ar_files, "train-ar"),
+        ("RQ-VAE", vae_files, "train-vae"),
     ):
         if not storage.exists(join(uri, "config.json")):
             raise FileNotFoundError(f"no {what} at {uri}: run the {stage} stage first "
                                     f"(jobs/{stage.replace('-', '_')}.py) or pass its folder")  # fmt: skip
-    ar_config = json.loads(storage.read_bytes(join(ar_uri, "config.json")))["config"]
+    ar_config = json.loads(storage.read_bytes(join(ar_files, "config.json")))["config"]
+    if ar_config.get("text_vocab_size"):
+        raise ValueError(f"the RQ-Transformer at {ar_uri} is text-conditioned (a CC-3M model): "
+                         f"`rqpipe sample` draws class-conditional and unconditional models; "
+                         f"from Python, RQTransformer.generate(text=token_ids) samples it")  # fmt: skip
     names_uri = join(run_dir, "shards", "labels.json")
     names = json.loads(storage.read_bytes(names_uri)) if storage.exists(names_uri) else {}
     cycle = resolve_labels(config, ar_config["num_classes"], names)
     if config.cfg_scale != 1.0 and not cycle:
         raise ValueError("cfg_scale needs a class-conditional model; leave it at 1")
 
-    vae_fp = vae_fingerprint(storage, vae_uri)
+    vae_fp = vae_fingerprint(storage, vae_files)
     planned = Manifest("sample", FORMAT_VERSION, output_fields(config),
-                       {"train-ar": model_fingerprint(storage, ar_uri, "train-ar"),
+                       {"train-ar": model_fingerprint(storage, ar_files, "train-ar"),
                         "vae": vae_fp})  # fmt: skip
     finished = begin_stage(storage, out_dir, planned, overwrite)
     if finished is not None:
