@@ -285,5 +285,5 @@ def test_pretrained_and_init_from_exclude_each_other():
     with pytest.raises(ValueError, match="not both"):
         TrainVAEConfig(pretrained="models/a", init_from="models/b")
     TrainVAEConfig(pretrained="hf://org/rqvae").preflight()  # a Hub model is fetched at run time
-    with pytest.raises(FileNotFoundError, match="train_vae.pretrained="):
+    with pytest.raises(FileNotFoundError, match=r"train_vae\.pretrained="):
         TrainVAEConfig(pretrained="/nonexistent/model").preflight()
