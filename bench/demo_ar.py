@@ -76,7 +76,7 @@ def main() -> None:
         for step in range(config.steps):
             pick = torch.randint(len(codes), (config.batch_size,), generator=g)
             batch = {"codes": codes[pick], "label": labels[pick]}
-            terms = ar_train_step(model, optimizer, [batch], step, config, True, None)
+            terms = ar_train_step(model, optimizer, [batch], step, config, "class", None)
         seconds = time.time() - started
         model.eval()
         checks = " | ".join(f"{class_check(model, **s):.0%}" for s in SAMPLINGS.values())

@@ -56,7 +56,7 @@ def demo_images(count: int, seed: int, size: int = 32) -> torch.Tensor:
     pixels = []
     for i in range(count):
         buffer = io.BytesIO()
-        demo_image(DEMO_CLASSES[i % len(DEMO_CLASSES)], rng, 64).save(buffer, "PNG")
+        demo_image(DEMO_CLASSES[i % len(DEMO_CLASSES)], rng, 64)[0].save(buffer, "PNG")
         pixels.append(np.asarray(decode_image(buffer.getvalue(), size, "center_crop").image))
     return to_model_tensor(np.stack(pixels))
 

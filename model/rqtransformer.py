@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from model.quantizer import embed_codes
 from model.sampling import SamplingPlan, generate_cached, generate_uncached, one_per_depth
 from model.serialization import ModelConfig, Pretrained
+from model.text import PAD_ID
 
 # The paper's ImageNet 256x256 class-conditional models (8x8x4 codes, K = 16384). Every field
 # is spelled out, so that a change of a dataclass default never changes a paper preset.
@@ -358,10 +359,9 @@ class RQTransformer(Pretrained, nn.Module):
         device = self.pos_embedding.device
         if text is not None:
             text = torch.as_tensor(text, dtype=torch.long, device=device)
-            if cfg_scale != 1.0:
-                raise ValueError("classifier-free guidance of text-conditioned models is not "
-                                 "supported yet: sample with cfg_scale=1")  # fmt: skip
             batch = text.shape[0]
+            if cfg_scale != 1.0:  # guidance contrasts each caption with the empty one
+                text = torch.cat([text, torch.full_like(text, PAD_ID)])
         elif labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long, device=device)
             batch = labels.shape[0]
@@ -369,7 +369,7 @@ class RQTransformer(Pretrained, nn.Module):
             raise ValueError("give num_samples (unconditional) or labels (class-conditional)")
         else:
             batch = num_samples
-        if cfg_scale != 1.0:
+        if cfg_scale != 1.0 and text is None:
             if labels is None:
                 raise ValueError("cfg_scale needs labels: guidance contrasts them with no label")
             if not self.config.null_label_embedding:

@@ -59,7 +59,11 @@ class SamplingPlan:
 
     @property
     def rows(self) -> int:
-        return self.labels.shape[0] if self.labels is not None else self.batch
+        """Rows the model runs: the batch, doubled under guidance (conditions, then none)."""
+        for condition in (self.text, self.labels):
+            if condition is not None:
+                return condition.shape[0]
+        return self.batch
 
     def pick(self, logits: Tensor, depth: int) -> Tensor:
         """(rows, K) logits -> (batch,) codes, guided when cfg_scale != 1."""

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from model.losses import VAELoss
 from model.quantizer import ResidualQuantizer
 from model.rqtransformer import RQTransformer
 from model.rqvae import RQVAE
+from model.text import PAD_ID
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> float:
@@ -136,40 +138,72 @@ def soft_quantizer(code_embeddings: torch.Tensor, depth: int) -> ResidualQuantiz
     return quantizer.eval()
 
 
+def _condition(batch: dict[str, torch.Tensor], condition: str, config: Any,
+               generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """The forward's conditioning keywords for a batch: labels, or caption tokens with caption
+    dropout (in training, when a generator is given) to the empty caption."""
+    if condition == "class":
+        return {"labels": batch["label"].long()}
+    if condition != "text":
+        return {}
+    text = batch["text"].long()  # (B, L)
+    if generator is not None and config.text.caption_dropout > 0:
+        drop = torch.rand(text.shape[0], generator=generator, device=text.device)
+        text = text.masked_fill((drop < config.text.caption_dropout)[:, None], PAD_ID)
+    return {"text": text, "return_text_logits": True}
+
+
+def _ar_loss(forward: Any, codes: torch.Tensor, targets: torch.Tensor | None,
+             kwargs: dict[str, torch.Tensor], config: Any, bf16: bool) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """-> (loss, per-depth image loss (D,), image loss, caption loss or None). A caption
+    model's loss is (1 - w) image + w caption (the paper's 0.9 / 0.1)."""
+    with torch.autocast(codes.device.type, torch.bfloat16, enabled=bf16):
+        out = forward(codes, **kwargs)  # (B, H, W, D, K) [, (B, L-1, V)]
+    logits, text_logits = out if isinstance(out, tuple) else (out, None)
+    image, depth_loss = RQTransformer.loss(logits, codes, targets)
+    if text_logits is None:
+        return image, depth_loss, image, None
+    text = kwargs["text"]
+    caption = F.cross_entropy(text_logits.float().flatten(0, 1), text[:, 1:].flatten())
+    w = config.text.loss_weight
+    return (1 - w) * image + w * caption, depth_loss, image, caption
+
+
 def ar_train_step(
     forward: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     micro_batches: list[dict[str, torch.Tensor]],
     step: int,
     config: Any,
-    conditional: bool,
+    condition: str,
     quantizer: ResidualQuantizer | None,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """One optimisation step over micro-batches of {"codes" (B, H, W, D), "label" (B,),
-    ["latents" (B, H, W, C)]} -> scalar metrics."""
+    ["latents" (B, H, W, C)], ["text" (B, L)]} -> scalar metrics. condition: "class",
+    "text" or "none"."""
     scale = warmup_cosine(step, config.steps, config.warmup_steps)
     for group in optimizer.param_groups:
         group["lr"] = config.lr * scale
     optimizer.zero_grad(set_to_none=True)
-    n, total, per_depth = len(micro_batches), 0.0, None
+    n, sums, per_depth = len(micro_batches), {}, None
     for batch in micro_batches:
         codes, targets = batch["codes"].long(), None
         if quantizer is not None:
             codes, targets = quantizer.soft_codes(batch["latents"].float(),
                                                   config.soft_temperature, generator=generator)  # fmt: skip
-        labels = batch["label"].long() if conditional else None
-        on_gpu = codes.device.type == "cuda"
-        with torch.autocast(codes.device.type, torch.bfloat16, enabled=on_gpu and config.bf16):
-            logits = forward(codes, labels)  # (B, H, W, D, K)
-        loss, depth_loss = RQTransformer.loss(logits, codes, targets)
+        kwargs = _condition(batch, condition, config, generator)
+        bf16 = codes.device.type == "cuda" and config.bf16
+        loss, depth_loss, image, caption = _ar_loss(forward, codes, targets, kwargs, config, bf16)
         (loss / n).backward()
-        total += loss.item() / n
+        for name, value in (("loss", loss), ("loss_image", image), ("loss_text", caption)):
+            if value is not None and (name == "loss" or caption is not None):
+                sums[name] = sums.get(name, 0.0) + value.item() / n
         depth_loss = depth_loss.detach() / n
         per_depth = depth_loss if per_depth is None else per_depth + depth_loss
     grad_norm = torch.nn.utils.clip_grad_norm_(forward.parameters(), config.grad_clip)
     optimizer.step()
-    terms = {"loss": total, "lr": config.lr * scale, "grad_norm": float(grad_norm)}
+    terms = {**sums, "lr": config.lr * scale, "grad_norm": float(grad_norm)}
     for d, value in enumerate(per_depth.tolist()):
         terms[f"loss_d{d + 1}"] = value
     return terms
@@ -179,30 +213,36 @@ def ar_train_step(
 def validation_loss(
     model: RQTransformer,
     val: dict[str, torch.Tensor],
-    conditional: bool,
+    condition: str,
     quantizer: ResidualQuantizer | None,
     config: Any,
 ) -> dict[str, float]:
-    """The held-out loss on the targets training uses: {"val_loss"}; with soft targets also
-    {"val_loss_hard"}, the NLL of the stored (argmin) codes. Soft codes are drawn with a fixed
-    seed, so the figure moves only when the model does."""
+    """The held-out loss of the image codes on the targets training uses: {"val_loss"}; with
+    soft targets also {"val_loss_hard"}, the NLL of the stored (argmin) codes; a caption
+    model also {"val_loss_text"}. Soft codes are drawn with a fixed seed, so the figure moves
+    only when the model does."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(val["codes"].device).manual_seed(0)
-    sums = {"val_loss": 0.0, "val_loss_hard": 0.0}
+    sums = {"val_loss": 0.0, "val_loss_hard": 0.0, "val_loss_text": 0.0}
     for start in range(0, len(val["codes"]), 64):
-        codes = val["codes"][start : start + 64].long()
-        labels = val["label"][start : start + 64] if conditional else None
-        hard = RQTransformer.loss(model(codes, labels), codes)[0]
+        batch = {k: v[start : start + 64] for k, v in val.items()}
+        codes = batch["codes"].long()
+        kwargs = _condition(batch, condition, config, None)
+        _, _, hard, caption = _ar_loss(model, codes, None, kwargs, config, False)
         sums["val_loss_hard"] += hard.item() * len(codes)
+        if caption is not None:
+            sums["val_loss_text"] += caption.item() * len(codes)
         if quantizer is not None:
-            latents = val["latents"][start : start + 64].float()
-            soft_codes, targets = quantizer.soft_codes(latents, config.soft_temperature,
+            soft_codes, targets = quantizer.soft_codes(batch["latents"].float(),
+                                                       config.soft_temperature,
                                                        generator=generator)  # fmt: skip
-            loss = RQTransformer.loss(model(soft_codes, labels), soft_codes, targets)[0]
+            loss = _ar_loss(model, soft_codes, targets, kwargs, config, False)[2]
             sums["val_loss"] += loss.item() * len(codes)
     model.train(was_training)
     out = {k: v / len(val["codes"]) for k, v in sums.items()}
+    if condition != "text":
+        out.pop("val_loss_text")
     if quantizer is None:
         out["val_loss"] = out.pop("val_loss_hard")  # the same targets as training: one figure
     return out

@@ -68,7 +68,8 @@ def _analysis(args: argparse.Namespace) -> int:
 
 
 SQL_WORDS = ("SELECT", "WITH", "FROM", "DESCRIBE", "SUMMARIZE", "PIVOT")
-SAMPLE_FLAGS = ("num_samples", "labels", "temperature", "top_k", "top_p", "cfg_scale", "seed")
+SAMPLE_FLAGS = ("num_samples", "labels", "prompts", "prompts_file", "temperature", "top_k",
+                "top_p", "cfg_scale", "seed")  # fmt: skip
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     sample = commands.add_parser("sample", help="generate images with RUN/ar/model + RUN/vae/model")
     sample.add_argument("--num-samples", type=int, help="images to generate")
     sample.add_argument("--labels", nargs="+", help="class indices or names (default: all)")
+    sample.add_argument("--prompt", dest="prompts", action="append",
+                        help="a caption, for a text-conditioned model (repeatable; cycled)")  # fmt: skip
+    sample.add_argument("--prompts-file",
+                        help="prompts one a line, or a CSV/Parquet file's prompts_column")  # fmt: skip
     sample.add_argument("--temperature", type=float)
     sample.add_argument("--top-k", type=int)
     sample.add_argument("--top-p", type=float)
@@ -180,12 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     imported.add_argument("--ema", action="store_true",
                           help="import state_dict_ema instead of state_dict")  # fmt: skip
 
+    clip = commands.add_parser("clip-score", help="CLIP score of a caption model's samples")
+    clip.add_argument("samples", help="a sample stage's output (RUN/samples) or its run dir")
+    clip.add_argument("--clip", required=True,
+                      help="a CLIP folder in the transformers layout (openai/clip-vit-base-patch32)")  # fmt: skip
+
     push = commands.add_parser("push", help="upload a model folder to the Hugging Face Hub")
     push.add_argument("folder", help="a model folder (config.json + model.safetensors)")
     push.add_argument("repo_id", help="org/name on the Hub (created if missing)")
     push.add_argument("--private", action="store_true")
 
-    for sub in (stats, query, decode, imported, push):
+    for sub in (stats, query, decode, imported, push, clip):
         sub.add_argument("--endpoint-url", default=None,
                          help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")  # fmt: skip
 
@@ -211,6 +221,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{record['tensors_imported']} tensors ({record['weights']})")  # fmt: skip
             for name, why in {**record["left_out"], **record["dropped_tensors"]}.items():
                 print(f"  dropped {name}: {why}")
+            return 0
+        if args.command == "clip-score":
+            from pipeline.tools.clip_score import clip_score
+
+            storage = Storage(StorageConfig(endpoint_url=args.endpoint_url))
+            samples = args.samples.rstrip("/")
+            if storage.exists(f"{samples}/samples/_manifest.json"):
+                samples = f"{samples}/samples"
+            report = clip_score(storage, samples, args.clip)
+            print(f"CLIP score {report['clip_score']:.4f} (mean cosine similarity of "
+                  f"{report['samples']} samples with their prompts; {samples}/clip_score.json)")  # fmt: skip
             return 0
         if args.command == "push":
             from pipeline.tools.hub import push_model

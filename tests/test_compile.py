@@ -26,7 +26,7 @@ def test_compiled_rqtransformer_steps_match_eager():
         model = RQTransformer(config, codebook)
         optimizer = build_optimizer(model, train)
         forward = torch.compile(model) if compiled else model
-        losses[compiled] = [ar_train_step(forward, optimizer, [batch], step, train, True, None)
+        losses[compiled] = [ar_train_step(forward, optimizer, [batch], step, train, "class", None)
                             ["loss"] for step in range(3)]  # fmt: skip
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-4)
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)  # Adam amplifies float noise

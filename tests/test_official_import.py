@@ -224,7 +224,7 @@ def test_pipeline_from_an_imported_rqvae(imported_vae, tmp_path):
     _, vae_dir = imported_vae
     write_demo_dataset(tmp_path / "in", per_class=6)
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "pipeline.cli", "run", "--input", str(tmp_path / "in"),
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--input", str(tmp_path / "in.csv"),
                "--run-dir", str(run), "--config", "configs/demo.yaml",
                f"train_vae.pretrained={vae_dir}", "shard.val_fraction=0.2",
                "train_ar.steps=2", "train_ar.batch_size=4", "train_ar.log_every=1",

@@ -1,6 +1,9 @@
 """The whole pipeline under failure, on the S3 endpoint: a driver SIGKILLed during encode, the
-endpoint going away mid-stage, a re-run after success, and two Ray nodes."""
+endpoint going away mid-stage, a re-run after success, and two Ray nodes. The input is the
+demo's captioned listing, so these runs take the caption path (tokenizer, caption-conditioned
+RQ-Transformer, prompts) on S3 end to end."""
 
+import io
 import json
 import os
 import signal
@@ -13,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.storage import Storage, StorageConfig
-from pipeline.demo.data import write_demo_dataset
+from pipeline.demo.data import demo_listing, write_demo_dataset
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow  # end to end: whole stages on Ray (make test-fast skips them)
@@ -37,11 +40,13 @@ FAST = [
 
 @pytest.fixture
 def s3_input(s3_bucket, tmp_path):
-    """The demo images as class folders under s3://bucket/in/."""
+    """The demo images as class folders under s3://bucket/in/, listed with their captions in
+    s3://bucket/in.csv (the input of the runs below)."""
     bucket, client = s3_bucket
     for path in write_demo_dataset(tmp_path / "in", per_class=PER_CLASS):
         key = f"in/{path.parent.name}/{path.name}"
         client.upload_file(str(path), bucket, key)
+    client.upload_file(str(demo_listing(tmp_path / "in")), bucket, "in.csv")
     return bucket, client
 
 
@@ -89,7 +94,7 @@ def test_killed_driver_lost_endpoint_resume_and_noop(ray_local, s3_input, s3_end
     proxy = Proxy(s3_endpoint)
     proxy.start()
     address = ray_local.get_runtime_context().gcs_address
-    command = [sys.executable, str(REPO / "jobs" / "run.py"), "--input", f"s3://{bucket}/in",
+    command = [sys.executable, str(REPO / "jobs" / "run.py"), "--input", f"s3://{bucket}/in.csv",
                "--run-dir", f"s3://{bucket}/run", "--config", str(REPO / "configs" / "demo.yaml"),
                "--ray-address", address, *FAST, f"storage.endpoint_url={proxy.url}"]  # fmt: skip
     tables = lambda: object_count(client, bucket, "run/codes/", ".parquet")  # noqa: E731
@@ -178,7 +183,7 @@ def test_whole_pipeline_on_s3_across_two_nodes(s3_input, s3_endpoint, tmp_path):
                  "encode.num_actors=2", "sample.num_actors=2",
                  f"storage.endpoint_url={s3_endpoint}"]  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-c", TWO_NODES, f"s3://{bucket}/in", f"s3://{bucket}/run",
+        [sys.executable, "-c", TWO_NODES, f"s3://{bucket}/in.csv", f"s3://{bucket}/run",
          s3_endpoint, str(REPO / "configs" / "demo.yaml"), json.dumps(overrides)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -190,5 +195,12 @@ def test_whole_pipeline_on_s3_across_two_nodes(s3_input, s3_endpoint, tmp_path):
     assert [r["status"] for r in report["second"]] == ["up to date"] * 5
     assert report["first"][2]["counts"]["rows"] == 4 * PER_CLASS
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]}
-    assert {"run/ar/model/model.safetensors", "run/samples/_manifest.json",
-            "run/vae/reconstructions.png", "run/samples/grid-0-circle.png"} <= keys  # fmt: skip
+    assert {"run/ar/model/model.safetensors", "run/ar/model/tokenizer.json",
+            "run/samples/_manifest.json", "run/vae/reconstructions.png",
+            "run/samples/grid-000-a_large_red_circle.png"} <= keys  # fmt: skip
+    assert report["first"][3]["counts"]["text_vocab_size"] > 0  # a caption model
+    table = pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=next(
+        k for k in keys if k.startswith("run/samples/codes/")))["Body"].read()))  # fmt: skip
+    assert table.column("caption").to_pylist() == [
+        "a large red circle", "a large green circle", "a large blue circle",
+        "a large yellow circle"][: table.num_rows]  # each sample records its prompt

@@ -1,11 +1,13 @@
 """The README's first command: the whole pipeline on the bundled demo dataset.
 
-Generates the labelled demo images (real PNGs in class folders) under RUN/demo-data/, starts
-a local Ray instance (or joins --ray-address) and runs shard -> train-vae -> encode -> train-ar
--> sample with configs/demo.yaml. Then it reports on what came out: the code tables' stats
-(RUN/codes-stats.txt, RUN/codes-usage.png) and whether the class-conditional samples look like
-their class (pipeline/demo_check.py), in RUN/demo-report.json. A second run finds every stage
-up to date and the report current, and rewrites nothing.
+Generates the labelled, captioned demo images (real PNGs in class folders, listed with their
+captions in RUN/demo-data.csv), starts a local Ray instance (or joins --ray-address) and runs
+shard -> train-vae -> encode -> train-ar -> sample with configs/demo.yaml: a caption-conditioned
+RQ-Transformer, sampled from prompts. Then it reports on what came out: the code tables' stats
+(RUN/codes-stats.txt, RUN/codes-usage.png) and whether the samples show the shape and colour
+their prompt asks for, for seen and unseen combinations (or, for a class model, their class:
+pipeline/demo/check.py), in RUN/demo-report.json. A second run finds every stage up to date and
+the report current, and rewrites nothing.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from typing import Any
 
 from pipeline.core.manifest import read_manifest
 from pipeline.core.storage import Storage, absolute
-from pipeline.demo.data import DEMO_CLASSES, write_demo_dataset
+from pipeline.demo.data import DEMO_CLASSES, demo_listing, write_demo_dataset
 from pipeline.run import plan_pipeline, run_pipeline
 
 
 def _report(run: Path) -> dict[str, Any]:
-    """Stats and the class check, recomputed only when the codes or samples changed."""
-    from pipeline.demo.check import score_samples
+    """Stats and the prompt (or class) check, recomputed only when codes or samples changed."""
+    from pipeline.demo.check import score_prompts, score_samples
     from pipeline.tools import analysis
 
     storage = Storage()
@@ -40,10 +42,12 @@ def _report(run: Path) -> dict[str, Any]:
     report = {
         "upstream": upstream,
         "code_perplexity_per_depth": [round(d["perplexity"], 1) for d in stats["depths"]],
-        "class_check": score_samples(
-            storage, str(run / "samples"), json.loads((run / "shards" / "labels.json").read_text())
-        ),
     }
+    if (run / "ar" / "model" / "tokenizer.json").exists():  # a caption model
+        report["prompt_check"] = score_prompts(storage, str(run / "samples"))
+    else:
+        labels = json.loads((run / "shards" / "labels.json").read_text())
+        report["class_check"] = score_samples(storage, str(run / "samples"), labels)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -57,28 +61,45 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
     started = time.time()
     plan = plan_pipeline(config_path, overrides)
     paths = write_demo_dataset(run / "demo-data")
-    print(f"demo data: {len(paths)} images in {len(DEMO_CLASSES)} classes under "
-          f"{run / 'demo-data'}")  # fmt: skip
+    listing = demo_listing(run / "demo-data")
+    print(f"demo data: {len(paths)} captioned images in {len(DEMO_CLASSES)} classes under "
+          f"{run / 'demo-data'}, listed in {listing}")  # fmt: skip
     init_ray(ray_address)
-    records = run_pipeline(str(run / "demo-data"), run_dir, plan, overwrite)
+    records = run_pipeline(str(listing), run_dir, plan, overwrite)
     report = _report(run)
-    check = report["class_check"]
     vae_metrics = [json.loads(line) for line in (run / "vae" / "metrics.jsonl").open()]
     psnr = next((m["val_psnr"] for m in reversed(vae_metrics) if "val_psnr" in m), None)
 
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     print(f"  RQ-VAE validation PSNR: {psnr:.2f} dB" if psnr is not None else "", end="")
     print(f"; code perplexity per depth: {report['code_perplexity_per_depth']}")
-    print(f"  class check: {check['accuracy']:.0%} of {check['samples']} samples classified as "
-          f"the class they were sampled for (chance {check['chance']:.0%}; the classifier "
-          f"scores {check['classifier_accuracy_on_real_images']:.0%} on real images)")  # fmt: skip
+    if "prompt_check" in report:
+        check = report["prompt_check"]
+        for group in ("seen", "unseen"):
+            if group in check:
+                c = check[group]
+                print(f"  prompt check, {group} shape-colour combinations ({c['samples']} "
+                      f"samples): shape {c['shape']:.0%}, colour {c['colour']:.0%}, both "
+                      f"{c['both']:.0%} as the prompt asked (chance {check['chance']['shape']:.0%}"
+                      f" / {check['chance']['colour']:.0%})")  # fmt: skip
+        print(f"  (the shape classifier scores {check['classifier_accuracy_on_real_images']:.0%}"
+              f", the colour rule {check['colour_rule_accuracy_on_real_images']:.0%} on real "
+              f"images)")  # fmt: skip
+    else:
+        check = report["class_check"]
+        print(f"  class check: {check['accuracy']:.0%} of {check['samples']} samples classified "
+              f"as the class they were sampled for (chance {check['chance']:.0%}; the classifier "
+              f"scores {check['classifier_accuracy_on_real_images']:.0%} on real images)")  # fmt: skip
     print("where to look:")
     print(f"  reconstructions: {run / 'vae' / 'reconstructions.png'}  (originals, then depth 1..4)")
-    for grid in sorted((run / "samples").glob("grid-*.png")):
+    grids = sorted((run / "samples").glob("grid*.png"))
+    for grid in grids[:6]:
         print(f"  samples:         {grid}")
+    if len(grids) > 6:
+        print(f"                   ... and {len(grids) - 6} more grids in {run / 'samples'}")
     print(f"  code stats:      {run / 'codes-stats.txt'}, {run / 'codes-usage.png'}")
-    print(f"  code tables:     {run / 'codes'}  (rqpipe query {run} \"SELECT label, count(*) "
-          f"FROM codes GROUP BY label\")")  # fmt: skip
+    print(f"  code tables:     {run / 'codes'}  (rqpipe query {run} \"SELECT caption, count(*) "
+          f"FROM codes GROUP BY caption ORDER BY 2 DESC LIMIT 5\")")  # fmt: skip
     print(f"  curves:          {run / 'vae' / 'curves.png'}, {run / 'ar' / 'curves.png'}  "
           f"(and MLflow: mlflow ui --backend-store-uri sqlite:///{run / 'mlflow' / 'mlflow.db'})")  # fmt: skip
     print(f"  report:          {run / 'demo-report.json'}")

@@ -111,9 +111,12 @@ def finished_table(storage: Any, uri: str, stage_fingerprint: str) -> dict[str, 
 # -- reading tables for training ------------------------------------------------------------------
 
 
-def table_to_arrays(batch: pa.Table, code_shape: list[int], null_label: int) -> dict[str, Any]:
+def table_to_arrays(batch: pa.Table, code_shape: list[int], null_label: int,
+                    text: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Ray Data map (pyarrow batches): code-table rows -> {"codes": (B, H, W, D) int32,
-    "label": (B,) int64 with missing labels as the null label, ["latents": (B, H, W, C)]}."""
+    "label": (B,) int64 with missing labels as the null label, ["latents": (B, H, W, C)],
+    ["text": (B, L) int64 caption token ids]}. `text`: encode_captions' keyword arguments
+    (tokenizer_json, context_length, bpe_dropout), when the model reads captions."""
     h, w, d = code_shape
     flat = batch.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     labels = batch.column("label").to_numpy(zero_copy_only=False)  # float with NaN for nulls
@@ -124,6 +127,10 @@ def table_to_arrays(batch: pa.Table, code_shape: list[int], null_label: int) -> 
     if "latents" in batch.column_names:
         latents = batch.column("latents").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         arrays["latents"] = latents.reshape(len(batch), h, w, -1)
+    if text is not None:
+        from model.text import encode_captions
+
+        arrays["text"] = encode_captions(captions=batch.column("caption").to_pylist(), **text)
     return arrays
 
 
@@ -140,6 +147,7 @@ class CodeTables:
     has_latents: bool
     rows: int
     train_rows: int
+    captioned_rows: int = 0  # rows with a non-empty caption
 
 
 def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]) -> CodeTables:
@@ -148,15 +156,17 @@ def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]
     val = [u for u in uris if u.rsplit("/", 1)[-1].startswith("val-")]
     if not train:  # tables not made from a split shard set: train on all of them
         train, val = uris, []
-    metas, max_label, has_latents = [], -1, True
+    metas, max_label, has_latents, captioned = [], -1, True, 0
     for uri in uris:
         filesystem, path = storage.arrow_fs(uri)
         schema = pq.read_schema(path, filesystem=filesystem)
         metas.append(table_metadata(schema))
         has_latents = has_latents and "latents" in schema.names
-        labels = pq.read_table(path, filesystem=filesystem, columns=["label"]).column("label")
+        read = pq.read_table(path, filesystem=filesystem, columns=["label", "caption"])
+        labels, captions = read.column("label"), read.column("caption")
         if labels.null_count < len(labels):
             max_label = max(max_label, pc.max(labels).as_py())
+        captioned += pc.sum(pc.greater(pc.utf8_length(captions), 0)).as_py() or 0
     shapes = {(tuple(m["code_shape"]), m["codebook_size"], m["vae_fingerprint"]) for m in metas}
     if len(shapes) != 1:
         raise ValueError(f"the tables in {codes_dir} come from different RQ-VAEs or code shapes "
@@ -164,4 +174,14 @@ def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]
     (shape, k, fp) = shapes.pop()
     rows = {join(codes_dir, unit["name"]): int(unit["rows"]) for unit in units}
     return CodeTables(train, val, list(shape), k, fp, max_label + 1, has_latents,
-                      sum(rows.values()), sum(rows[u] for u in train))  # fmt: skip
+                      sum(rows.values()), sum(rows[u] for u in train), captioned)  # fmt: skip
+
+
+def read_captions(storage: Storage, uris: list[str]) -> list[str]:
+    """Every caption of the tables (missing ones as ""), in table and row order."""
+    captions: list[str] = []
+    for uri in uris:
+        filesystem, path = storage.arrow_fs(uri)
+        column = pq.read_table(path, filesystem=filesystem, columns=["caption"]).column("caption")
+        captions += [c or "" for c in column.to_pylist()]
+    return captions

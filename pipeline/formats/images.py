@@ -158,3 +158,20 @@ def save_png(image: Image.Image, uri: str, storage_options: dict | None = None) 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     write_bytes_atomic(uri, buffer.getvalue(), storage_options)
+
+
+def titled(image: Image.Image, title: str, width_chars: int | None = None) -> Image.Image:
+    """The image under a white bar holding `title` (wrapped), e.g. a sample grid's prompt."""
+    import textwrap
+
+    from PIL import ImageDraw
+
+    chars = width_chars or max(16, image.width // 7)
+    lines = textwrap.wrap(title, chars) or [""]
+    bar = 6 + 12 * len(lines)
+    canvas = Image.new("RGB", (image.width, image.height + bar), (255, 255, 255))
+    canvas.paste(image, (0, bar))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, 3 + 12 * i), line, fill=(0, 0, 0))  # PIL's default bitmap font
+    return canvas

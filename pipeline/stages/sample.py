@@ -61,10 +61,14 @@ class SampleConfig:
     execution_fields: ClassVar[tuple[str, ...]] = (
         "ar", "vae", "out", "num_actors", "gpus_per_actor", "cpus_per_actor", "max_retries",
         "storage",
+        "prompts_file", "prompts_column",  # fingerprinted as the prompts they hold (upstream)
     )  # fmt: skip
 
     num_samples: int = 64
     labels: list[int | str] | None = None  # class indices or names; default: every class
+    prompts: list[str] | None = None  # captions, for a text-conditioned model (cycled)
+    prompts_file: str | None = None  # more: one a line, or a CSV/Parquet column ...
+    prompts_column: str = "caption"  # ... of this name
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -95,6 +99,8 @@ class SampleConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.labels is not None and not self.labels:
             raise ValueError("labels is empty: give class indices or names, or leave it unset")
+        if self.labels is not None and (self.prompts or self.prompts_file):
+            raise ValueError("give labels (a class model) or prompts (a caption model), not both")
 
 
 def sample_key(index: int) -> str:
@@ -134,18 +140,21 @@ class ChunkSampler:
         self.vae.eval()
 
     def sample(self, chunk: int, first: int, labels: list[int] | None, count: int,
-               config: SampleConfig, out_dir: str, vae_fp: str, stage_fp: str) -> dict[str, Any]:  # fmt: skip
+               config: SampleConfig, out_dir: str, vae_fp: str, stage_fp: str,
+               prompts: list[tuple[str, list[int]]] | None = None) -> dict[str, Any]:  # fmt: skip
+        """prompts: (caption, token ids) per sample, for a caption model (labels None)."""
         import torch
 
         from pipeline.formats.images import to_uint8
 
         started = time.time()
         generator = torch.Generator(self.device).manual_seed(chunk_seed(config.seed, chunk))
+        text = torch.tensor([ids for _, ids in prompts], device=self.device) if prompts else None
         with torch.no_grad():
             codes = self.ar.generate(
-                num_samples=None if labels else count, labels=labels,
+                num_samples=None if labels or prompts else count, labels=labels,
                 temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                cfg_scale=config.cfg_scale, generator=generator,
+                cfg_scale=config.cfg_scale, generator=generator, text=text,
             )  # (B, H, W, D)  # fmt: skip
             images = to_uint8(self.vae.decode_codes(codes))  # (B, R, R, 3)
         seconds = time.time() - started
@@ -154,7 +163,8 @@ class ChunkSampler:
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, format="PNG")
             self.storage.write_bytes(join(out_dir, "images", f"{key}.png"), buffer.getvalue())
-        table = codes_table(keys, labels or [None] * count, [None] * count, codes.cpu().numpy(),
+        captions = [caption for caption, _ in prompts] if prompts else [None] * count
+        table = codes_table(keys, labels or [None] * count, captions, codes.cpu().numpy(),
                             self.ar.config.codebook_size, vae_fp, stage_fingerprint=stage_fp)  # fmt: skip
         data = to_parquet_bytes(table)  # last: a finished chunk is one whose table exists
         name = f"chunk-{chunk:05d}.parquet"
@@ -183,12 +193,35 @@ def resolve_labels(config: SampleConfig, num_classes: int, names: dict[str, int]
     return resolved
 
 
+def resolve_prompts(config: SampleConfig, storage: Storage) -> list[str]:
+    """config.prompts, then config.prompts_file's: one a line (.txt), or a column of a CSV or
+    Parquet file (prompts_column)."""
+    prompts = list(config.prompts or [])
+    uri = config.prompts_file and absolute(config.prompts_file)
+    if uri and uri.endswith((".csv", ".parquet")):
+        import pyarrow.csv as pa_csv
+        import pyarrow.parquet as pq
+
+        data = io.BytesIO(storage.read_bytes(uri))
+        table = pq.read_table(data) if uri.endswith(".parquet") else pa_csv.read_csv(data)
+        if config.prompts_column not in table.column_names:
+            raise ValueError(f"prompts_file {uri} has no column {config.prompts_column!r} (it "
+                             f"has {table.column_names}): set prompts_column")  # fmt: skip
+        prompts += [p for p in table.column(config.prompts_column).to_pylist() if p]
+    elif uri:
+        prompts += [line.strip() for line in storage.read_bytes(uri).decode().splitlines()
+                    if line.strip()]  # fmt: skip
+    return prompts
+
+
 def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_names: dict[int, str],
-                grid_size: int) -> list[str]:  # fmt: skip
-    """grid-{label}.png per label (grid.png when unconditional): its first grid_size samples."""
+                grid_size: int, prompts: list[str] | None = None) -> list[str]:  # fmt: skip
+    """grid-{label}-{name}.png per label (grid.png when unconditional), of its first grid_size
+    samples; for a caption model `labels` index `prompts`, and each grid is titled by its
+    prompt."""
     import torch
 
-    from pipeline.formats.images import image_grid, save_png
+    from pipeline.formats.images import image_grid, save_png, titled
 
     written = []
     for label in sorted(set(labels), key=lambda v: -1 if v is None else v):
@@ -201,12 +234,32 @@ def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_
         tiles = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
         per_row = math.ceil(math.sqrt(len(tiles)))
         rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]
-        shown = safe_file_name(str(label_names.get(label, label)))  # class names are user data
-        name = "grid.png" if label is None else f"grid-{label}-{shown}.png"
+        grid = image_grid(rows, scale=max(1, 96 // tiles.shape[-1]))
+        if prompts is not None:
+            shown = safe_file_name(prompts[label])[:48]
+            name, grid = f"grid-{label:03d}-{shown}.png", titled(grid, prompts[label])
+        else:
+            shown = safe_file_name(str(label_names.get(label, label)))  # user data
+            name = "grid.png" if label is None else f"grid-{label}-{shown}.png"
         uri = join(out_dir, name)
-        save_png(image_grid(rows, scale=max(1, 96 // tiles.shape[-1])), uri, storage.options(uri))
+        save_png(grid, uri, storage.options(uri))
         written.append(uri)
     return written
+
+
+def prompt_tokens(storage: Storage, ar_files: str, ar_uri: str, prompts: list[str],
+                  context_length: int) -> np.ndarray:  # fmt: skip
+    """(P, L) token ids of the prompts, with the tokenizer saved beside the model."""
+    from model.text import encode_captions
+
+    if not prompts:
+        raise ValueError(f"the RQ-Transformer at {ar_uri} is text-conditioned: give prompts "
+                         f"(--prompt TEXT, repeatable, or --prompts-file FILE)")  # fmt: skip
+    if not storage.exists(join(ar_files, "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer.json beside the RQ-Transformer at {ar_uri}: put "
+                                f"the tokenizer it was trained with there")  # fmt: skip
+    tokenizer_json = storage.read_bytes(join(ar_files, "tokenizer.json")).decode()
+    return encode_captions(tokenizer_json, prompts, context_length)
 
 
 def _model_uri(uri: str) -> tuple[str, str]:
@@ -235,20 +288,26 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
             raise FileNotFoundError(f"no {what} at {uri}: run the {stage} stage first "
                                     f"(jobs/{stage.replace('-', '_')}.py) or pass its folder")  # fmt: skip
     ar_config = json.loads(storage.read_bytes(join(ar_files, "config.json")))["config"]
-    if ar_config.get("text_vocab_size"):
-        raise ValueError(f"the RQ-Transformer at {ar_uri} is text-conditioned (a CC-3M model): "
-                         f"`rqpipe sample` draws class-conditional and unconditional models; "
-                         f"from Python, RQTransformer.generate(text=token_ids) samples it")  # fmt: skip
     names_uri = join(run_dir, "shards", "labels.json")
     names = json.loads(storage.read_bytes(names_uri)) if storage.exists(names_uri) else {}
-    cycle = resolve_labels(config, ar_config["num_classes"], names)
+    prompts = resolve_prompts(config, storage)
+    tokens = None
+    if ar_config.get("text_vocab_size"):  # a caption model: the label cycle indexes prompts
+        tokens = prompt_tokens(storage, ar_files, ar_uri, prompts, ar_config["text_length"])
+        cycle = list(range(len(prompts)))
+    elif prompts:
+        raise ValueError(f"the RQ-Transformer at {ar_uri} is not text-conditioned: prompts need "
+                         f"a model trained with train_ar.conditioning=text")  # fmt: skip
+    else:
+        cycle = resolve_labels(config, ar_config["num_classes"], names)
     if config.cfg_scale != 1.0 and not cycle:
-        raise ValueError("cfg_scale needs a class-conditional model; leave it at 1")
+        raise ValueError("cfg_scale needs a class- or caption-conditional model; leave it at 1")
 
     vae_fp = vae_fingerprint(storage, vae_files)
-    planned = Manifest("sample", FORMAT_VERSION, output_fields(config),
-                       {"train-ar": model_fingerprint(storage, ar_files, "train-ar"),
-                        "vae": vae_fp})  # fmt: skip
+    upstream = {"train-ar": model_fingerprint(storage, ar_files, "train-ar"), "vae": vae_fp}
+    if tokens is not None:
+        upstream["prompts"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:32]
+    planned = Manifest("sample", FORMAT_VERSION, output_fields(config), upstream)
     finished = begin_stage(storage, out_dir, planned, overwrite)
     if finished is not None:
         return finished
@@ -281,10 +340,13 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
     while queue or in_flight:
         while queue and len(in_flight) < 2 * len(actors):
             c, first, end = queue.pop(0)
-            chunk_labels = labels[first:end] if cycle else None
+            chunk_labels = labels[first:end] if cycle and tokens is None else None
+            chunk_prompts = [(prompts[i], tokens[i].tolist()) for i in labels[first:end]] \
+                if tokens is not None else None  # fmt: skip
             actor = actors[c % len(actors)]
             in_flight.append(actor.sample.remote(c, first, chunk_labels, end - first, config,
-                                                 out_dir, vae_fp, planned.fingerprint))  # fmt: skip
+                                                 out_dir, vae_fp, planned.fingerprint,
+                                                 chunk_prompts))  # fmt: skip
         ready, in_flight = ray.wait(in_flight, num_returns=1)
         result = ray.get(ready[0])
         results[result["chunk"]] = result
@@ -294,7 +356,8 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
         ray.kill(actor)
 
     label_names = {index: name for name, index in names.items()}
-    grids = write_grids(storage, out_dir, labels, label_names, config.grid_size)
+    grids = write_grids(storage, out_dir, labels, label_names, config.grid_size,
+                        prompts if tokens is not None else None)  # fmt: skip
     sampled = sum(results[c].get("rows", 0) for c in results if "seconds" in results[c])
     report = {"samples": n, "sampled_now": sampled, "seconds": round(seconds, 3),
               "samples_per_s": round(sampled / seconds, 3) if sampled else None,
@@ -304,5 +367,6 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
     planned.counts = {"samples": n, "chunks": len(chunks)}
     write_manifest(storage, out_dir, planned)
     rate = f", {report['samples_per_s']} samples/s" if sampled else ""
-    print(f"sample: {n} images in {time.time() - started:.1f} s{rate}; grids: {', '.join(grids)}")
+    shown = ", ".join(grids) if len(grids) <= 4 else f"{len(grids)} in {out_dir}"
+    print(f"sample: {n} images in {time.time() - started:.1f} s{rate}; grids: {shown}")
     return planned

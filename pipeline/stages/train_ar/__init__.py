@@ -1,0 +1,234 @@
+"""The train-ar stage: the RQ-Transformer trained on RUN/codes/ with Ray Train, written to RUN/ar/.
+
+This module holds the config and the driver; `data.py` the tables, captions and codebook;
+`worker.py` the Ray Train loop.
+
+Data: Ray Data streams the code tables (`train-*.parquet`; `val-*` rows score the validation
+loss) to the workers through `get_dataset_shard`. The frozen code embeddings are the codebook
+of the RQ-VAE that made the tables: the tables record its fingerprint, and a different VAE is
+refused. Labels make the model class-conditional (with label dropout, for classifier-free
+guidance); tables without labels train an unconditional model. `conditioning: text` trains a
+caption-conditioned model instead (the paper's CC-3M setup, model/text.py): a BPE tokenizer is
+trained on the train tables' captions (or `text.tokenizer` is used), written to
+RUN/ar/tokenizer.json and RUN/ar/model/tokenizer.json, and its hash is part of the fingerprint;
+captions are tokenized with BPE dropout in the data pipeline, dropped to the empty caption with
+`text.caption_dropout` (guidance), and the loss is (1 - w) image + w caption, w = 0.1.
+
+Targets: `hard` trains on the stored codes. `soft` follows the paper's stochastic codes: from
+each image's stored latents (encode with_latents=true) the codes are re-sampled every step
+from q_d = softmax(-||r_{d-1} - e_k||^2 / soft_temperature), and q_d is the target.
+
+RUN/ar/ holds Ray Train's run (checkpoints), `metrics.jsonl` (loss overall and per depth,
+validation loss, tokens/s and model TFLOP/s per worker; object stores: `metrics/part-*.jsonl`),
+`curves.png`, `samples.png` (a row of samples per class, or per val caption, at each
+checkpoint, decoded with the VAE; `samples.txt` names a caption model's rows), `config.yaml`,
+and at the end `model/` (safetensors + config.json, + tokenizer.json) and `_manifest.json`.
+Resume, extension and `init_from` work as in train-vae.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from model.rqtransformer import RQTransformerConfig
+from model.text import TextConfig, check_tokenizer
+from pipeline.core.config import output_fields, to_dict, write_resolved_config
+from pipeline.core.lease import single_writer
+from pipeline.core.manifest import Manifest, begin_stage, require_manifest, write_manifest
+from pipeline.core.storage import Storage, StorageConfig, absolute, join, require_model_folders
+from pipeline.core.tracking import TrackingConfig
+from pipeline.core.training import (
+    RESUMABLE_FIELDS,
+    check_one_batch,
+    init_from_fingerprint,
+    latest_checkpoint_step,
+    resume_seed,
+    train_run_config,
+)
+from pipeline.formats.codes_table import inspect_tables
+from pipeline.stages.train_ar.data import (
+    caption_tokenizer,
+    load_code_embeddings,
+    preview_prompts,
+    train_dataset,
+    validation_rows,
+)
+from pipeline.stages.train_ar.worker import SamplePreview, train_ar_worker
+
+__all__ = ["SamplePreview", "TrainARConfig", "run_train_ar_stage", "train_dataset",
+           "validation_rows"]  # fmt: skip
+
+FORMAT_VERSION = 1
+TARGETS = ("hard", "soft")
+CONDITIONINGS = ("class", "text")
+# set by the tables (and the tokenizer), not the user
+DATA_FIELDS = ("code_shape", "codebook_size", "num_classes", "text_vocab_size", "text_length")
+
+
+@dataclass
+class TrainARConfig:
+    section: ClassVar[str] = "train_ar"
+    execution_fields: ClassVar[tuple[str, ...]] = (
+        "vae", "use_gpu", "compile", "cpus_per_worker", "threads_per_worker", "log_every",
+        "checkpoint_every", "num_to_keep", "max_failures", "val_rows", "preview_per_class",
+        "storage", "tracking",
+        "init_from",  # fingerprinted as the model's own fingerprint (upstream "init_from")
+    )  # fmt: skip
+
+    model_preset: str = "tiny"  # an RQTransformerConfig preset ...
+    model: dict[str, Any] = field(default_factory=dict)  # ... and field overrides on top of it
+    init_from: str | None = None  # an exported RQ-Transformer (model folder) to fine-tune from
+    conditioning: str = "class"  # labels where the tables have them; or "text": captions
+    text: TextConfig = field(default_factory=TextConfig)  # the captions, when "text"
+    targets: str = "hard"  # or "soft": stochastic codes from the tables' latents column
+    soft_temperature: float = 0.5  # the paper's value
+    steps: int = 2000
+    batch_size: int = 64  # per worker
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 1e-4  # matrices only (the official value); not embeddings, norms, biases
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    shuffle_buffer: int = 4096  # rows; tables come in a new order each epoch (shuffled_batches)
+    seed: int = 0
+    grad_accum_steps: int = 1
+    num_workers: int = 1
+    bf16: bool = True  # autocast on GPU
+    compile: bool = False  # torch.compile the model's forward (and backward); off: eager
+    vae: str | None = None  # the RQ-VAE whose codebook the tables use; default RUN/vae/model
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int | None = None  # torch threads; default: Ray's (whole CPUs)
+    log_every: int = 50
+    checkpoint_every: int = 500
+    num_to_keep: int = 2
+    max_failures: int = 3  # worker failures within a run, each resumed from the last checkpoint
+    val_rows: int = 256
+    preview_per_class: int = 8  # samples per class in samples.png at each checkpoint; 0: none
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets={self.targets!r}: use one of {list(TARGETS)}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning={self.conditioning!r}: use one of "
+                             f"{list(CONDITIONINGS)}")  # fmt: skip
+        if self.soft_temperature <= 0:
+            raise ValueError(f"soft_temperature must be > 0, got {self.soft_temperature}")
+        fixed = sorted(set(self.model) & set(DATA_FIELDS))
+        if fixed:
+            raise ValueError(f"model.{fixed[0]} comes from the code tables and cannot be set")
+        self.model_config([1, 1, 1], 2, 0)  # unknown presets or keys fail at load time
+        for name in ("steps", "batch_size", "log_every", "grad_accum_steps", "num_workers",
+                     "checkpoint_every"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def preflight(self) -> None:
+        """The models this stage will read, checked before any stage of a run starts."""
+        require_model_folders(Storage(self.storage), self.section, vae=self.vae,
+                              init_from=self.init_from)  # fmt: skip
+        self.tracking.preflight()
+
+    def model_config(self, code_shape: list[int], codebook_size: int, num_classes: int,
+                     text_vocab_size: int = 0) -> RQTransformerConfig:  # fmt: skip
+        data = dict(code_shape=code_shape, codebook_size=codebook_size, num_classes=num_classes,
+                    text_vocab_size=text_vocab_size,
+                    text_length=self.text.context_length if text_vocab_size else 0)  # fmt: skip
+        return RQTransformerConfig.preset(self.model_preset, **{**self.model, **data})
+
+
+@single_writer("train-ar", "ar")
+def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = False) -> Manifest:
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.time()
+    run_dir = absolute(run_dir)  # before anything reaches a Ray worker (its own cwd)
+    config.preflight()
+    storage = Storage(config.storage)
+    codes_dir, ar_dir = join(run_dir, "codes"), join(run_dir, "ar")
+    encoded = require_manifest(storage, codes_dir, "encode")
+    tables = inspect_tables(storage, codes_dir, encoded.units)
+    check_one_batch("train-ar", tables.train_rows, config)
+    upstream = {"encode": encoded.fingerprint}
+    tokenizer_json, text_vocab_size = None, 0
+    if config.conditioning == "text":
+        tokenizer_json = caption_tokenizer(storage, config, tables, codes_dir)
+        text_vocab_size = check_tokenizer(tokenizer_json)
+        upstream["tokenizer"] = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:32]
+    num_classes = 0 if tokenizer_json else tables.num_classes
+    model_config = config.model_config(tables.code_shape, tables.codebook_size, num_classes,
+                                       text_vocab_size)  # fmt: skip
+    if config.init_from:
+        config.init_from = absolute(config.init_from)
+        upstream["init_from"] = init_from_fingerprint(storage, config.init_from, model_config,
+                                                      "train-ar")  # fmt: skip
+    planned = Manifest("train-ar", FORMAT_VERSION, output_fields(config), upstream)
+    finished = begin_stage(storage, ar_dir, planned, overwrite, RESUMABLE_FIELDS)
+    if finished is not None:
+        return finished
+
+    if config.targets == "soft" and not tables.has_latents:
+        raise ValueError(f"targets=soft needs the latents column in {codes_dir}: re-run encode "
+                         f"with with_latents=true (and --overwrite), or use targets=hard")  # fmt: skip
+    vae_uri = absolute(config.vae or join(run_dir, "vae", "model"))
+    code_embeddings = load_code_embeddings(storage, vae_uri, tables)
+    write_resolved_config(
+        storage,
+        join(ar_dir, "config.yaml"),
+        {TrainARConfig.section: to_dict(config), "model": dataclasses.asdict(model_config)},
+    )
+    columns = ["codes", "label"] + (["latents"] if config.targets == "soft" else [])
+    text = prompts = None
+    if tokenizer_json:
+        storage.write_bytes(join(ar_dir, "tokenizer.json"), tokenizer_json.encode())
+        columns.append("caption")
+        text = {"tokenizer_json": tokenizer_json, "context_length": config.text.context_length}
+        prompts = preview_prompts(storage, tables, text, config.preview_per_class, ar_dir)
+    val = validation_rows(storage, tables, config.val_rows, columns, text)
+    train_text = text and {**text, "bpe_dropout": config.text.bpe_dropout}
+    trainer = TorchTrainer(
+        train_ar_worker,
+        train_loop_config={
+            "config": config,
+            "model_config": model_config,
+            "run_dir": run_dir,
+            "vae_uri": vae_uri,
+            "code_embeddings": code_embeddings,
+            "val": val,
+            "tokenizer_json": tokenizer_json,
+            "preview_prompts": prompts,
+        },
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=train_run_config(run_dir, "ar", config.max_failures, config.num_to_keep,
+                                    storage),
+        datasets={"train": train_dataset(storage, tables, columns,
+                                         resume_seed(config.seed, latest_checkpoint_step(storage, ar_dir)),
+                                         train_text)},
+    )  # fmt: skip
+    kind = f"{tables.num_classes} classes" if tables.num_classes else "unconditional"
+    if tokenizer_json:
+        kind = f"captions of {config.text.context_length} tokens, vocabulary {text_vocab_size}"
+    print(f"train-ar: {config.steps} steps on {config.num_workers} worker(s), {tables.rows:,} "
+          f"code stacks {tables.code_shape} (K={tables.codebook_size}, {kind}, "
+          f"{config.targets} targets), writing {ar_dir}", flush=True)  # fmt: skip
+    trainer.fit()
+
+    weights = join(ar_dir, "model", "model.safetensors")
+    fs, path = storage.fs(weights)
+    planned.units = [{"name": "model/model.safetensors", "rows": config.steps,
+                      "bytes": int(fs.size(path))}]  # fmt: skip
+    planned.counts = {"steps": config.steps, "num_classes": num_classes,
+                      "train_rows": tables.rows}  # fmt: skip
+    if tokenizer_json:
+        planned.counts["text_vocab_size"] = text_vocab_size
+    write_manifest(storage, ar_dir, planned)
+    print(f"train-ar: done in {time.time() - started:.0f} s; model {join(ar_dir, 'model')}")
+    return planned

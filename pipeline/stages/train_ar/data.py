@@ -1,0 +1,88 @@
+"""train-ar's data: the code tables as a streaming Ray Dataset, the validation rows, the caption
+tokenizer and the RQ-VAE codebook the tables were encoded with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from model.text import encode_captions, train_tokenizer
+from pipeline.core.manifest import vae_fingerprint
+from pipeline.core.storage import Storage, absolute, join
+from pipeline.core.training import epoch_file_order
+from pipeline.formats.codes_table import CodeTables, read_captions, table_to_arrays
+
+
+def train_dataset(storage: Storage, tables: CodeTables, columns: list[str], seed: int = 0,
+                  text: dict[str, Any] | None = None):  # fmt: skip
+    """Streaming Ray Dataset of the train tables as arrays, the tables in a new seeded order
+    each epoch (the seed includes a resumed run's step: core/training.py); the workers'
+    shuffle buffer mixes rows across tables (shuffled_batches)."""
+    import ray.data
+
+    filesystem, _ = storage.arrow_fs(tables.train[0])
+    dataset = ray.data.read_parquet([storage.arrow_fs(u)[1] for u in tables.train],
+                                    filesystem=filesystem, shuffle=epoch_file_order(seed))  # fmt: skip
+    return dataset.select_columns(columns).map_batches(
+        table_to_arrays, batch_format="pyarrow", batch_size=1024,
+        fn_kwargs={"code_shape": tables.code_shape, "null_label": tables.num_classes,
+                   "text": text},
+    )  # fmt: skip
+
+
+def validation_rows(storage: Storage, tables: CodeTables, count: int, columns: list[str],
+                    text: dict[str, Any] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Up to `count` held-out rows (the val tables; the first train table if there are none),
+    with the columns training reads: codes, label and, for soft targets, latents; for a
+    caption model the caption tokens (no BPE dropout)."""
+    arrays: list[dict[str, np.ndarray]] = []
+    for uri in tables.val or tables.train[:1]:
+        filesystem, path = storage.arrow_fs(uri)
+        table = pq.read_table(path, filesystem=filesystem, columns=columns)
+        arrays.append(table_to_arrays(table, tables.code_shape, tables.num_classes, text))
+        if sum(len(a["label"]) for a in arrays) >= count:
+            break
+    return {k: np.concatenate([a[k] for a in arrays])[:count] for k in arrays[0]}
+
+
+def caption_tokenizer(storage: Storage, config: Any, tables: CodeTables,
+                      codes_dir: str) -> str:  # fmt: skip
+    """The tokenizer.json text: the user's (text.tokenizer), or a BPE trained on the train
+    tables' captions (deterministic: a re-run trains the same one)."""
+    if not tables.captioned_rows:
+        raise ValueError(f"conditioning=text needs captions, and the tables in {codes_dir} have "
+                         f"none: give the shard stage a listing with a caption column (or "
+                         f"WebDataset .txt members), or use conditioning=class")  # fmt: skip
+    if config.text.tokenizer:
+        return storage.read_bytes(absolute(config.text.tokenizer)).decode()
+    return train_tokenizer(read_captions(storage, tables.train), config.text.vocab_size)
+
+
+def preview_prompts(storage: Storage, tables: CodeTables, text: dict[str, Any], count: int,
+                    ar_dir: str) -> np.ndarray | None:  # fmt: skip
+    """Up to 8 distinct val captions for samples.png (their token ids), named in samples.txt."""
+    if count <= 0:
+        return None
+    captions = list(dict.fromkeys(c for c in read_captions(storage, tables.val or
+                                                           tables.train[:1]) if c))[:8]  # fmt: skip
+    storage.write_bytes(join(ar_dir, "samples.txt"), "\n".join(
+        f"row {i + 1}: {c}" for i, c in enumerate(captions)).encode() + b"\n")  # fmt: skip
+    return encode_captions(captions=captions, **text)
+
+
+def load_code_embeddings(storage: Storage, vae_uri: str, tables: CodeTables) -> np.ndarray:
+    """The VAE's codebook (books, K, C), after checking that it made the tables."""
+    from model.rqvae import RQVAE
+
+    if not storage.exists(join(vae_uri, "config.json")):
+        raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: the codebook comes from the VAE that "
+                                f"encoded the tables; pass vae=URI")  # fmt: skip
+    found = vae_fingerprint(storage, vae_uri)
+    if found != tables.vae_fingerprint:
+        raise ValueError(f"the code tables were encoded with RQ-VAE {tables.vae_fingerprint}, "
+                         f"but {vae_uri} is {found}: pass vae=URI of the VAE that encoded them, "
+                         f"or re-run encode with this one")  # fmt: skip
+    vae = RQVAE.from_pretrained(vae_uri, storage_options=storage.options(vae_uri))
+    return vae.quantizer.codebooks.numpy().copy()

@@ -1,0 +1,162 @@
+"""train-ar's Ray Train loop: one worker's model, optimizer, steps, metrics and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.flops import rqtransformer_flops_per_sample, throughput_terms
+from model.rqtransformer import RQTransformer, RQTransformerConfig
+from model.serialization import init_from_pretrained
+from model.training import ar_train_step, build_optimizer, soft_quantizer, validation_loss
+from pipeline.core.checkpoint import load_state, save_state
+from pipeline.core.config import to_dict
+from pipeline.core.storage import Storage, join
+from pipeline.core.tracking import open_tracker
+from pipeline.core.training import (
+    RunMetrics,
+    report_checkpoint,
+    run_steps,
+    train_worker_setup,
+)
+
+
+class SamplePreview:
+    """A grid of samples, one row per class (or per val caption, or rows of unconditional
+    samples), decoded with the RQ-VAE: what training has learned, at each checkpoint."""
+
+    def __init__(self, vae_uri: str, storage: Storage, num_classes: int, per_row: int,
+                 prompts: np.ndarray | None = None) -> None:  # fmt: skip
+        from model.rqvae import RQVAE
+
+        self.vae = RQVAE.from_pretrained(vae_uri, storage_options=storage.options(vae_uri)).eval()
+        self.prompts = prompts  # (rows, L) caption token ids, for a caption model
+        self.rows = len(prompts) if prompts is not None else min(max(num_classes, 1), 10)
+        self.num_classes, self.per_row = num_classes, per_row
+
+    @torch.no_grad()
+    def write(self, model: RQTransformer, uris: list[str], storage_options: dict) -> None:
+        from pipeline.formats.images import image_grid, save_png
+
+        was_training = model.training
+        model.eval()
+        device = model.pos_embedding.device
+        generator = torch.Generator(device).manual_seed(0)
+        rows = []
+        for row in range(self.rows):
+            if self.prompts is not None:
+                text = torch.tensor(self.prompts[row], device=device).repeat(self.per_row, 1)
+                codes = model.generate(text=text, generator=generator, top_k=64)
+            else:
+                labels = [row] * self.per_row if self.num_classes else None
+                codes = model.generate(self.per_row, labels, generator=generator, top_k=64)
+            rows.append(self.vae.to(device).decode_codes(codes).clamp(-1, 1))
+        model.train(was_training)
+        grid = image_grid(rows, scale=max(1, 96 // rows[0].shape[-1]))
+        for uri in uris:
+            save_png(grid, uri, storage_options)
+
+
+def _save_checkpoint(model: RQTransformer, optimizer, step: int, directory: str) -> None:
+    save_state({"model": model.state_dict()}, directory, "model")
+    save_state({"step": step, "optimizer": optimizer.state_dict()}, directory, "trainer")
+
+
+def _load_checkpoint(model: RQTransformer, optimizer, directory: str) -> int:
+    model.load_state_dict(load_state(directory, "model")["model"])
+    trainer = load_state(directory, "trainer")
+    optimizer.load_state_dict(trainer["optimizer"])
+    return int(trainer["step"])
+
+
+def train_ar_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker."""
+    import ray.train
+    import ray.train.torch
+
+    config = loop_config["config"]  # TrainARConfig
+    model_config: RQTransformerConfig = loop_config["model_config"]
+    run_dir: str = loop_config["run_dir"]
+    ar_dir = join(run_dir, "ar")
+    rank, world, device = train_worker_setup(config.threads_per_worker)
+    storage = Storage(config.storage)
+    condition = "text" if model_config.text_vocab_size else (
+        "class" if model_config.num_classes else "none")  # fmt: skip
+
+    torch.manual_seed(config.seed)  # same seed on every rank: identical initial weights
+    code_embeddings = torch.tensor(loop_config["code_embeddings"])  # (books, K, C)
+    model = RQTransformer(model_config, code_embeddings)
+    optimizer = build_optimizer(model, config)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = _load_checkpoint(model, optimizer, directory)
+    elif config.init_from:  # fine-tuning: the exported model's weights, a fresh optimizer
+        init_from_pretrained(model, config.init_from, storage.options(config.init_from))
+        if not torch.equal(model.code_embeddings, code_embeddings.float()):
+            raise ValueError(f"init_from={config.init_from} was trained on the codes of another "
+                             f"RQ-VAE than the one that encoded these tables")  # fmt: skip
+    model.to(device)
+    optimizer.load_state_dict(optimizer.state_dict())  # loaded state follows the parameters
+    forward = ray.train.torch.prepare_model(model) if world > 1 else model
+    if config.compile:  # the forward and its backward through torch.compile (inductor)
+        forward = torch.compile(forward)
+    quantizer = (
+        soft_quantizer(code_embeddings, model_config.depth).to(device)
+        if config.targets == "soft"
+        else None
+    )
+    generator = torch.Generator(device).manual_seed(config.seed * 1000 + rank + start)
+    val = {k: torch.tensor(v, device=device) for k, v in loop_config["val"].items()}
+
+    metrics = preview = None
+    if rank == 0:
+        params = {**to_dict(config), "model": dataclasses.asdict(model_config)}
+        tracker = open_tracker(config.tracking, run_dir, "train-ar", params, storage)
+        metrics = RunMetrics(storage, ar_dir, "train-ar", start, tracker)
+        if config.preview_per_class > 0:
+            preview = SamplePreview(loop_config["vae_uri"], storage, model_config.num_classes,
+                                    config.preview_per_class, loop_config["preview_prompts"])  # fmt: skip
+        if start > 0:
+            metrics.write({"step": start, "event": "resumed"})
+    tokens_per_row = int(np.prod(model_config.code_shape))
+
+    def train_step(micro: list[dict[str, torch.Tensor]], step: int) -> tuple[dict[str, float], int]:
+        terms = ar_train_step(forward, optimizer, micro, step, config, condition, quantizer,
+                              generator)  # fmt: skip
+        return terms, sum(len(m["codes"]) for m in micro)
+
+    flops_per_row = rqtransformer_flops_per_sample(model_config, code_embeddings.shape[-1])
+
+    def log(step: int, terms: dict[str, float]) -> None:
+        rows_per_s = terms.pop("rows_per_s_per_worker")
+        terms["tokens_per_s_per_worker"] = rows_per_s * tokens_per_row
+        terms.update(throughput_terms(rows_per_s, flops_per_row, device))
+        terms.update(validation_loss(model, val, condition, quantizer, config))
+        metrics.write({"step": step, **terms})
+
+    def save(step: int) -> None:
+        if metrics is not None:
+            grids = []
+            if preview is not None:
+                grids = [
+                    join(ar_dir, "samples.png"),
+                    join(ar_dir, "samples", f"step-{step:07d}.png"),
+                ]
+                preview.write(model, grids, storage.options(ar_dir))
+            metrics.checkpoint(step, grids[:1])
+        report_checkpoint(step, rank, partial(_save_checkpoint, model, optimizer, step))
+
+    run_steps(ray.train.get_dataset_shard("train"), config, device, start, rank, train_step,
+              log if metrics is not None else lambda step, terms: None, save)  # fmt: skip
+    if metrics is not None:
+        model.eval().save_pretrained(join(ar_dir, "model"), storage.options(ar_dir))
+        if condition == "text":  # the tokenizer travels with the model
+            storage.write_bytes(join(ar_dir, "model", "tokenizer.json"),
+                                loop_config["tokenizer_json"].encode())  # fmt: skip
+        metrics.close()
