@@ -138,8 +138,9 @@ def soft_quantizer(code_embeddings: torch.Tensor, depth: int) -> ResidualQuantiz
     return quantizer.eval()
 
 
-def _condition(batch: dict[str, torch.Tensor], condition: str, config: Any,
-               generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+def _condition(
+    batch: dict[str, torch.Tensor], condition: str, config: Any, generator: torch.Generator | None
+) -> dict[str, torch.Tensor]:
     """The forward's conditioning keywords for a batch: labels, or caption tokens with caption
     dropout (in training, when a generator is given) to the empty caption."""
     if condition == "class":

@@ -255,8 +255,8 @@ def test_pipeline_from_an_imported_rqvae(imported_vae, tmp_path):
 @pytest.mark.slow
 def test_rqpipe_sample_draws_from_imported_models(imported_vae, ray_local, tmp_path):
     """The paper's models through the sample stage: an imported class-conditional
-    RQ-Transformer and its RQ-VAE, given as sample.ar / sample.vae; a caption model is refused
-    with what to do instead."""
+    RQ-Transformer and its RQ-VAE, given as sample.ar / sample.vae; a caption model needs
+    prompts and the tokenizer it was trained with beside it."""
     from pipeline.stages.sample import SampleConfig, run_sample_stage
 
     _, vae_dir = imported_vae
@@ -275,7 +275,10 @@ def test_rqpipe_sample_draws_from_imported_models(imported_vae, ray_local, tmp_p
     pngs = sorted((tmp_path / "run" / "samples").rglob("*.png"))
     assert len(pngs) >= 4
     config.ar = str(tmp_path / "t2i")
-    with pytest.raises(ValueError, match="text-conditioned"):
+    with pytest.raises(ValueError, match="text-conditioned: give prompts, not labels"):
+        run_sample_stage(str(tmp_path / "run2"), config)
+    config.labels, config.prompts = None, ["a caption"]
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json beside"):
         run_sample_stage(str(tmp_path / "run2"), config)
 
 

@@ -217,3 +217,30 @@ def test_clip_score_on_a_small_random_clip(tmp_path):
     expected = (128 / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(grey[0, :, 5, 5], expected.float(), rtol=1e-5, atol=1e-5)
     assert main(["clip-score", str(samples), "--clip", str(tmp_path / "nothing")]) == 1
+
+
+def test_a_training_step_with_captions_and_soft_targets():
+    """train-ar's step on a caption model: the caption loss is trained beside the image codes
+    (soft targets from latents work as for labels), and validation reports both."""
+    from types import SimpleNamespace
+
+    from model.training import ar_train_step, build_optimizer, soft_quantizer, validation_loss
+
+    model = text_model().train()
+    config = SimpleNamespace(steps=10, warmup_steps=1, lr=1e-3, betas=[0.9, 0.95],
+                             weight_decay=0.0, grad_clip=1.0, bf16=False, soft_temperature=0.5,
+                             text=TextConfig(caption_dropout=0.5, loss_weight=0.1))  # fmt: skip
+    optimizer = build_optimizer(model, config)
+    quantizer = soft_quantizer(model.code_embeddings, depth=2)
+    g = torch.Generator().manual_seed(0)
+    batch = {"codes": torch.randint(0, 16, (4, 3, 3, 2), generator=g),
+             "latents": torch.randn(4, 3, 3, 8, generator=g),
+             "text": torch.randint(1, 20, (4, 5), generator=g)}  # fmt: skip
+    before = model.text_head[1].weight.clone()
+    terms = ar_train_step(model, optimizer, [batch], 1, config, "text", quantizer, g)
+    assert {"loss", "loss_image", "loss_text", "loss_d1", "loss_d2"} <= set(terms)
+    expected = 0.9 * terms["loss_image"] + 0.1 * terms["loss_text"]
+    assert abs(terms["loss"] - expected) < 1e-5
+    assert not torch.equal(model.text_head[1].weight, before)  # the caption head learns
+    val = validation_loss(model, batch, "text", quantizer, config)
+    assert {"val_loss", "val_loss_hard", "val_loss_text"} <= set(val)

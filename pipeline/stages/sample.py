@@ -293,6 +293,9 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
     prompts = resolve_prompts(config, storage)
     tokens = None
     if ar_config.get("text_vocab_size"):  # a caption model: the label cycle indexes prompts
+        if config.labels is not None:
+            raise ValueError(f"the RQ-Transformer at {ar_uri} is text-conditioned: give "
+                             f"prompts, not labels")  # fmt: skip
         tokens = prompt_tokens(storage, ar_files, ar_uri, prompts, ar_config["text_length"])
         cycle = list(range(len(prompts)))
     elif prompts:

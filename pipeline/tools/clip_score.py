@@ -86,7 +86,9 @@ def clip_score(storage: Storage, samples_dir: str, clip_path: str,
         batch = rows[start : start + batch_size]
         images = [Image.open(io.BytesIO(storage.read_bytes(
             join(samples_dir, "images", f"{r['key']}.png")))) for r in batch]  # fmt: skip
-        scores += clip_similarities(model, tokenizer, images, [r["caption"] for r in batch]).tolist()
+        scores += clip_similarities(
+            model, tokenizer, images, [r["caption"] for r in batch]
+        ).tolist()
     per_prompt: dict[str, list[float]] = {}
     for row, score in zip(rows, scores, strict=True):
         per_prompt.setdefault(row["caption"], []).append(score)
