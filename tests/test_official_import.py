@@ -278,7 +278,7 @@ def test_rqpipe_sample_draws_from_imported_models(imported_vae, ray_local, tmp_p
     with pytest.raises(ValueError, match="text-conditioned: give prompts, not labels"):
         run_sample_stage(str(tmp_path / "run2"), config)
     config.labels, config.prompts = None, ["a caption"]
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json beside"):
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json beside"):
         run_sample_stage(str(tmp_path / "run2"), config)
 
 
