@@ -163,6 +163,14 @@ class Storage:
             fs.rm(path, recursive=True)
 
 
+def model_files(uri: str) -> str:
+    """Where this process reads a model folder's files: an hf://org/name model fetched into
+    the Hugging Face cache; any other URI made absolute."""
+    from model.hub import download_model, hub_repo
+
+    return download_model(uri) if hub_repo(uri) else absolute(uri)
+
+
 def require_model_folders(storage: Storage, section: str, **uris: str | None) -> None:
     """Plan-time check of the exported models a config names (`key=uri`, None: not given)."""
     from model.hub import hub_repo

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from model.hub import download_model, hub_repo
+from model.hub import hub_repo
 from pipeline.core.config import output_fields, to_dict, write_resolved_config
 from pipeline.core.lease import single_writer
 from pipeline.core.manifest import (
@@ -47,6 +47,7 @@ from pipeline.core.storage import (
     StorageConfig,
     absolute,
     join,
+    model_files,
     require_model_folders,
     safe_file_name,
 )
@@ -264,9 +265,7 @@ def prompt_tokens(storage: Storage, ar_files: str, ar_uri: str, prompts: list[st
 
 def _model_uri(uri: str) -> tuple[str, str]:
     """-> (the model's URI for the actors, where this process reads its files)."""
-    if hub_repo(uri):
-        return uri, download_model(uri)
-    return absolute(uri), absolute(uri)
+    return (uri if hub_repo(uri) else absolute(uri)), model_files(uri)
 
 
 @single_writer("sample", lambda run_dir, config: config.out or join(run_dir, "samples"))

@@ -25,7 +25,6 @@ from PIL import Image
 from torch import Tensor
 
 from model.flops import counted_flops, throughput_terms
-from model.hub import download_model, hub_repo
 from model.losses import VAELossConfig
 from model.rqvae import RQVAE, RQVAEConfig
 from model.serialization import init_from_pretrained
@@ -45,6 +44,7 @@ from pipeline.core.storage import (
     StorageConfig,
     absolute,
     join,
+    model_files,
     require_model_folders,
 )
 from pipeline.core.tracking import TrackingConfig, open_tracker
@@ -396,8 +396,7 @@ def _adopt_pretrained(storage: Storage, config: TrainVAEConfig, run_dir: str,
                       shards: Manifest, overwrite: bool) -> Manifest:  # fmt: skip
     """train_vae.pretrained: the exported RQ-VAE becomes RUN/vae/model, as if trained here."""
     vae_dir = join(run_dir, "vae")
-    source = download_model(config.pretrained) if hub_repo(config.pretrained) else absolute(
-        config.pretrained)  # fmt: skip
+    source = model_files(config.pretrained)
     model = RQVAE.from_pretrained(source, storage_options=storage.options(source))
     _check_shard_size(shards, model.config.resolution)
     upstream = {"shard": shards.fingerprint,
