@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run: smoke test + throughput of training and encoding, quantizer
-# throughput, sampling speed at the paper's 1.4B shape. Usage: bash bench/gpu.sh [LOG]
+# throughput, sampling speed at the paper's 1.4B shape, FID Inception throughput. Usage: bash bench/gpu.sh [LOG]
 set -uo pipefail
 log=${1:-gpu.log}
 export PYTHONUNBUFFERED=1
@@ -11,4 +11,6 @@ export PYTHONUNBUFFERED=1
   timeout 180 python3 bench/sampling.py --device cuda --dtype bfloat16 --width 1536 --heads 24 \
       --spatial-layers 42 --depth-layers 6 --codebook-size 16384 --batches 100 200 500 \
       --uncached-batch 8 --repeats 2
+  timeout 60 python3 bench/evaluate.py --device cuda --images 5000 --batch 250
+  timeout 60 python3 bench/evaluate.py --device cuda --images 5000 --batch 250 --dtype bfloat16
 } 2>&1 | tee "$log"

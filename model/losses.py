@@ -158,13 +158,17 @@ class PerceptualLoss(nn.Module):
             start = end
         return outs
 
-    def forward(self, recon: Tensor, target: Tensor) -> Tensor:
-        total = recon.new_zeros(())
+    def per_image(self, recon: Tensor, target: Tensor) -> Tensor:
+        """(B,) LPIPS distance of each image pair."""
+        total = recon.new_zeros(len(recon))
         for lin, a, b in zip(self.lins, self._taps(recon), self._taps(target), strict=True):
             a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit length over channels
             b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            total = total + lin((a - b).pow(2)).mean()
+            total = total + lin((a - b).pow(2)).mean((1, 2, 3))  # (B, 1, h, w) -> (B,)
         return total
+
+    def forward(self, recon: Tensor, target: Tensor) -> Tensor:
+        return self.per_image(recon, target).mean()  # the batch's mean, the training loss
 
 
 class VAELoss(nn.Module):

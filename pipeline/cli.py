@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--ray-address", default=None, help="Ray cluster (default: local)")
     _add_config_args(demo, DEFAULT_DEMO_CONFIG, RUN_OVERRIDES_HELP)
 
-    run = commands.add_parser("run", help="shard -> train-vae -> encode -> train-ar -> sample")
+    run = commands.add_parser(
+        "run", help="shard -> train-vae -> encode -> train-ar -> sample -> evaluate"
+    )
     run.add_argument("--input", required=True, help="as for `rqpipe shard --input`")
     _add_stage_args(run, RUN_OVERRIDES_HELP)
 
@@ -144,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
     sample.add_argument("--seed", type=int, help="same seed, same images")
     _add_stage_args(sample)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="rFID, PSNR/SSIM/LPIPS, FID, IS, precision/recall of a run, in RUN/eval"
+    )
+    _add_stage_args(evaluate)
 
     tables_help = "a run dir, its codes/ folder, or one .parquet code table"
     stats = commands.add_parser("stats", help="code usage, perplexity, duplicates of code tables")

@@ -1,4 +1,5 @@
-"""`rqpipe run`: shard -> train-vae -> encode -> train-ar -> sample, in order, on one run dir.
+"""`rqpipe run`: shard -> train-vae -> encode -> train-ar -> sample -> evaluate, in order, on
+one run dir (evaluate unless `evaluate.enabled: false`).
 
 Each stage follows the idempotency protocol itself (pipeline/manifest.py), so the orchestrator
 only runs them in order and reports what each one did: `up to date` (its manifest already had
@@ -58,12 +59,19 @@ def _sample() -> tuple[type, Callable[..., Manifest]]:
     return SampleConfig, run_sample_stage
 
 
+def _evaluate() -> tuple[type, Callable[..., Manifest]]:
+    from pipeline.stages.evaluate import EvaluateConfig, run_evaluate_stage
+
+    return EvaluateConfig, run_evaluate_stage
+
+
 STAGES = (
     Stage("shard", "shards", _shard),
     Stage("train-vae", "vae", _train_vae),
     Stage("encode", "codes", _encode),
     Stage("train-ar", "ar", _train_ar),
     Stage("sample", "samples", _sample),
+    Stage("evaluate", "eval", _evaluate),
 )
 
 
@@ -119,8 +127,9 @@ def plan_pipeline(config_path: str | None = None, overrides: list[str] = (),
     for s in STAGES:
         config_class, run_stage = s.load()
         section_overrides = stage_overrides(config_class.section, overrides)
-        planned.append(PlannedStage(s, load_config(config_class, config_path, section_overrides),
-                                    run_stage))  # fmt: skip
+        config = load_config(config_class, config_path, section_overrides)
+        if getattr(config, "enabled", True):  # a stage that can be turned off (evaluate)
+            planned.append(PlannedStage(s, config, run_stage))
     for p in planned:  # the files each stage will need, before any stage starts
         if hasattr(p.config, "preflight"):
             p.config.preflight()

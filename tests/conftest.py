@@ -90,6 +90,20 @@ def encoded_run(ray_local, tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="session")
+def classifier_weights(tmp_path_factory) -> str:
+    """A randomly initialised demo-sized image classifier folder: the evaluate stage's
+    features in the end-to-end runs (evaluate.weights=...)."""
+    import torch
+
+    from model.classifier import ImageClassifier, ImageClassifierConfig
+
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("classifier") / "model")
+    ImageClassifier(ImageClassifierConfig(num_classes=4)).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(params=["local", "s3"])
 def storage_root(request, tmp_path):
     """(a root URI, its Storage): on local disk, then on the loopback S3 endpoint."""

@@ -70,11 +70,14 @@ def test_demo_runs_every_stage_reports_and_is_idempotent(tmp_path):
     # Every stage's output is under the relative run dir, none in a Ray worker's directory.
     for artifact in ("shards/_manifest.json", "vae/metrics.jsonl", "vae/model/model.safetensors",
                      "codes/_manifest.json", "ar/model/model.safetensors",
-                     "samples/_manifest.json"):  # fmt: skip
+                     "samples/_manifest.json", "eval/metrics.json", "eval/report.md",
+                     "demo-classifier/model.safetensors"):  # fmt: skip
         assert (run / artifact).is_file(), artifact
     lines = [x for x in first.stdout.splitlines() if x.startswith("rqpipe run: ")]
     assert [x.split()[2:4] for x in lines] == [[s, "ran"] for s in
-                                              ("shard", "train-vae", "encode", "train-ar", "sample")]  # fmt: skip
+                                              ("shard", "train-vae", "encode", "train-ar", "sample",
+                                               "evaluate")]  # fmt: skip
+    assert "samples: demo FID" in first.stdout and "not Inception" in first.stdout
     assert "where to look:" in first.stdout
 
     grid = np.asarray(Image.open(run / "vae" / "reconstructions.png"))
@@ -99,7 +102,7 @@ def test_demo_runs_every_stage_reports_and_is_idempotent(tmp_path):
     before = files(run)
     again = make_demo(clone, venv, *FAST)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("up to date") >= 5
+    assert again.stdout.count("up to date") >= 6
     assert files(run) == before  # nothing rewritten, the report included
 
     changed = rqpipe("demo", "--run-dir", "runs/demo", *FAST[:-1], "sample.chunk_size=2",

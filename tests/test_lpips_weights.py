@@ -94,13 +94,16 @@ def test_paper_config_checks_the_lpips_file_before_any_stage(weight_files, tmp_p
         main(["convert-lpips", "--vgg16", str(vgg), "--heads", str(heads), "--out", str(out)]) == 0
     )
     monkeypatch.chdir(tmp_path)  # a relative path, as typed: resolved for the Ray workers
-    plan = plan_pipeline(PAPER_CONFIG, ["train_vae.loss.perceptual_weights_path=lpips.safetensors"])
+    plan = plan_pipeline(PAPER_CONFIG, ["train_vae.loss.perceptual_weights_path=lpips.safetensors",
+                                        "evaluate.enabled=false"])  # fmt: skip
     vae = next(p.config for p in plan if p.stage.name == "train-vae")
     assert vae.loss.perceptual_weights_path == str(out)
     assert vae.loss.recon_loss == "mse" and vae.use_gpu  # the paper's loss; a GPU recipe
 
 
-def test_the_imagenet_recipe_plans_against_a_small_local_input(weight_files, tmp_path):
+def test_the_imagenet_recipe_plans_against_a_small_local_input(weight_files, tmp_path,
+                                                               monkeypatch):  # fmt: skip
+    from model.inception import FIDInception
     from pipeline.demo.data import write_demo_dataset
 
     vgg, heads = weight_files
@@ -109,9 +112,16 @@ def test_the_imagenet_recipe_plans_against_a_small_local_input(weight_files, tmp
                  str(lpips)]) == 0  # fmt: skip
     write_demo_dataset(tmp_path / "in", per_class=2)
     weights = [f"train_vae.loss.perceptual_weights_path={lpips}"]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty hub cache
+    with pytest.raises(FileNotFoundError, match=r"no Inception weights given.*evaluate.weights"):
+        plan_pipeline(PAPER_CONFIG, weights, str(tmp_path / "in"))
+    inception = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(FIDInception().state_dict(), inception)
+    weights.append(f"evaluate.weights={inception}")
     plan = plan_pipeline(PAPER_CONFIG, weights, str(tmp_path / "in"))
     configs = {p.stage.name: p.config for p in plan}
-    assert list(configs) == ["shard", "train-vae", "encode", "train-ar", "sample"]
+    assert list(configs) == ["shard", "train-vae", "encode", "train-ar", "sample", "evaluate"]
+    assert configs["evaluate"].features == "inception" and configs["evaluate"].gpus_per_actor == 1
     assert configs["train-vae"].use_gpu and configs["train-ar"].use_gpu
     assert configs["encode"].gpus_per_actor == 1 and configs["sample"].gpus_per_actor == 1
     assert configs["train-ar"].max_failures >= 3 and configs["train-vae"].max_failures >= 3

@@ -89,14 +89,16 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def test_killed_driver_lost_endpoint_resume_and_noop(ray_local, s3_input, s3_endpoint):
+def test_killed_driver_lost_endpoint_resume_and_noop(ray_local, s3_input, s3_endpoint,
+                                                    classifier_weights):  # fmt: skip
     bucket, client = s3_input
     proxy = Proxy(s3_endpoint)
     proxy.start()
     address = ray_local.get_runtime_context().gcs_address
     command = [sys.executable, str(REPO / "jobs" / "run.py"), "--input", f"s3://{bucket}/in.csv",
                "--run-dir", f"s3://{bucket}/run", "--config", str(REPO / "configs" / "demo.yaml"),
-               "--ray-address", address, *FAST, f"storage.endpoint_url={proxy.url}"]  # fmt: skip
+               "--ray-address", address, *FAST, f"storage.endpoint_url={proxy.url}",
+               f"evaluate.weights={classifier_weights}", "evaluate.cpus_per_actor=0.5"]  # fmt: skip
     tables = lambda: object_count(client, bucket, "run/codes/", ".parquet")  # noqa: E731
     try:
         # 1. SIGKILL the driver once encode has written its first table.
@@ -131,6 +133,7 @@ def test_killed_driver_lost_endpoint_resume_and_noop(ray_local, s3_input, s3_end
                   if line.startswith("rqpipe run: ")}  # fmt: skip
         assert status["shard"] == "up" and status["train-vae"] == "up", done.stdout
         assert status["encode"] == "resumed" and status["sample"] == "ran", done.stdout
+        assert status["evaluate"] == "ran", done.stdout
 
         storage = Storage(StorageConfig(endpoint_url=s3_endpoint))
         filesystem, path = storage.arrow_fs(f"s3://{bucket}/run/codes")
@@ -142,7 +145,7 @@ def test_killed_driver_lost_endpoint_resume_and_noop(ray_local, s3_input, s3_end
         before = snapshot(client, bucket, "run/")
         again = subprocess.run(command, capture_output=True, text=True, timeout=200)
         assert again.returncode == 0, again.stderr[-3000:]
-        assert again.stdout.count("up to date") >= 5
+        assert again.stdout.count("up to date") >= 6
         assert snapshot(client, bucket, "run/") == before
     finally:
         if proxy.process.poll() is None:
@@ -175,12 +178,17 @@ finally:
 """
 
 
-def test_whole_pipeline_on_s3_across_two_nodes(s3_input, s3_endpoint, tmp_path):
+def test_whole_pipeline_on_s3_across_two_nodes(s3_input, s3_endpoint, tmp_path,
+                                               classifier_weights):  # fmt: skip
+    from tests.test_text import tiny_clip
+
     bucket, client = s3_input
+    tiny_clip(tmp_path / "clip")  # the CLIP score of the prompts, in the evaluate stage
     # One Train worker per node (2 of each node's 3 CPUs): DDP across the two nodes.
     overrides = [*FAST, "train_vae.num_workers=2", "train_vae.cpus_per_worker=2",
                  "train_ar.num_workers=2", "train_ar.cpus_per_worker=2",
-                 "encode.num_actors=2", "sample.num_actors=2",
+                 "encode.num_actors=2", "sample.num_actors=2", "evaluate.num_actors=2",
+                 f"evaluate.weights={classifier_weights}", f"evaluate.clip={tmp_path / 'clip'}",
                  f"storage.endpoint_url={s3_endpoint}"]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-c", TWO_NODES, f"s3://{bucket}/in.csv", f"s3://{bucket}/run",
@@ -191,13 +199,23 @@ def test_whole_pipeline_on_s3_across_two_nodes(s3_input, s3_endpoint, tmp_path):
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
     report = json.loads(line.removeprefix("RESULT "))
     assert report["nodes"] == 2
-    assert [r["status"] for r in report["first"]] == ["ran"] * 5
-    assert [r["status"] for r in report["second"]] == ["up to date"] * 5
+    assert [r["status"] for r in report["first"]] == ["ran"] * 6
+    assert [r["status"] for r in report["second"]] == ["up to date"] * 6
     assert report["first"][2]["counts"]["rows"] == 4 * PER_CLASS
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]}
     assert {"run/ar/model/model.safetensors", "run/ar/model/tokenizer.json",
             "run/samples/_manifest.json", "run/vae/reconstructions.png",
-            "run/samples/grid-000-a_large_red_circle.png"} <= keys  # fmt: skip
+            "run/samples/grid-000-a_large_red_circle.png", "run/eval/metrics.json",
+            "run/eval/report.md", "run/eval/reference.npz"} <= keys  # fmt: skip
+    metrics = json.loads(
+        client.get_object(Bucket=bucket, Key="run/eval/metrics.json")["Body"].read()
+    )
+    assert metrics["samples"]["images"] == 4 and "demo_fid" in metrics["samples"]
+    assert metrics["samples"]["clip_score"]["images"] == 4
+    assert (
+        report["first"][5]["counts"]["reference_images"]
+        == report["first"][2]["counts"]["rows"] - metrics["vae"]["images"]
+    )
     assert report["first"][3]["counts"]["text_vocab_size"] > 0  # a caption model
     chunks = sorted(k for k in keys if k.startswith("run/samples/codes/"))
     captions = [c for key in chunks for c in pq.read_table(io.BytesIO(client.get_object(

@@ -159,3 +159,51 @@ def test_class_names_cannot_escape_and_credentials_are_not_saved(sampled_run):
     assert (
         "s3cr3t" not in saved and "AKIAEXAMPLE" not in saved and "http://***@127.0.0.1:9/" in saved
     )
+
+
+def test_resnets_have_torchvisions_names_and_sizes():
+    from model.resnet import ResNet
+
+    # torchvision's documented parameter counts of the ImageNet models
+    for arch, params in {"resnet18": 11_689_512, "resnet50": 25_557_032,
+                         "resnet101": 44_549_160}.items():  # fmt: skip
+        assert sum(p.numel() for p in ResNet(arch).parameters()) == params, arch
+    names = ResNet("resnet50").state_dict()
+    assert {"conv1.weight", "bn1.running_var", "layer1.0.conv3.weight",
+            "layer2.0.downsample.0.weight", "layer2.0.downsample.1.bias",
+            "layer4.2.bn3.weight", "fc.bias"} <= set(names)  # fmt: skip
+    assert tuple(names["fc.weight"].shape) == (1000, 2048)
+
+
+def test_rejection_sampling_keeps_the_best_candidate_of_each_slot(sampled_run, tmp_path):
+    from model.resnet import ResNet, load_resnet
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "resnet18-4.pth"
+    torch.save(ResNet("resnet18", num_classes=4).state_dict(), checkpoint)
+    plain, rejected = tmp_path / "plain", tmp_path / "rejected"
+    run_sample_stage(str(sampled_run), sample_config(num_samples=8, out=str(plain)))
+    run_sample_stage(str(sampled_run), sample_config(
+        num_samples=8, out=str(rejected), acceptance_rate=0.25,
+        rejection_classifier=str(checkpoint), rejection_arch="resnet18"))  # fmt: skip
+    assert json.loads((rejected / "sampling.json").read_text())["candidates"] == 32
+    classifier = load_resnet(str(checkpoint), "resnet18")
+    labels = [0, 1, 2, 3, 0, 1, 2, 3]  # every class in turn
+
+    def scores(out: Path) -> torch.Tensor:
+        pixels = np.stack([np.asarray(Image.open(out / "images" / f"sample-{i:06d}.png"))
+                           for i in range(8)])  # fmt: skip
+        with torch.no_grad():
+            logits = classifier(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        return logits.log_softmax(1)[torch.arange(8), torch.tensor(labels)]
+
+    # The first of each slot's 4 candidates is the plain run's sample: the kept one scores as
+    # well or better, and strictly better somewhere.
+    kept, first = scores(rejected), scores(plain)
+    assert (kept >= first - 1e-4).all() and (kept > first + 1e-4).any()
+    with pytest.raises(ValueError, match="needs rejection_classifier"):
+        sample_config(acceptance_rate=0.05)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        sample_config(
+            acceptance_rate=0.05, rejection_classifier=str(tmp_path / "no.pth")
+        ).preflight()

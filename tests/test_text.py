@@ -191,9 +191,9 @@ def tiny_clip(folder):
 
 
 def test_clip_score_on_a_small_random_clip(tmp_path):
+    from model.clip import CLIP_MEAN, CLIP_STD, preprocess
     from pipeline.cli import main
     from pipeline.formats.codes_table import codes_table, to_parquet_bytes
-    from pipeline.tools.clip_score import CLIP_MEAN, CLIP_STD, preprocess
 
     tiny_clip(tmp_path / "clip")
     samples = tmp_path / "samples"

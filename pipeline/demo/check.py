@@ -13,6 +13,7 @@ dark). The checks see only pixels, never the pipeline's codes:
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from model.classifier import ImageClassifier, ImageClassifierConfig
 from pipeline.core.storage import Storage, join
 from pipeline.demo.data import DEMO_CLASSES, DEMO_COLOURS, UNSEEN, demo_image
 from pipeline.formats.images import center_square, to_model_tensor
@@ -55,21 +57,14 @@ def prompt_attributes(prompt: str) -> tuple[str | None, str | None]:
     return shape, next((w for w in words if w in DEMO_COLOURS), None)
 
 
-def shape_classifier(num_classes: int) -> nn.Module:
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.ReLU(),
-                nn.MaxPool2d(2)]  # fmt: skip
-
-    return nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))  # fmt: skip
-
-
-def train_classifier(resolution: int, steps: int = 300, seed: int = 1) -> tuple[nn.Module, float]:
+def train_classifier(
+    resolution: int, steps: int = 300, seed: int = 1
+) -> tuple[ImageClassifier, float]:
     """The classifier and its accuracy on held-out drawn images."""
     torch.manual_seed(seed)
     train_x, train_y = drawn_images(resolution, 256, seed)
     test_x, test_y = drawn_images(resolution, 64, seed + 1)
-    model = shape_classifier(len(DEMO_CLASSES))
+    model = ImageClassifier(ImageClassifierConfig(num_classes=len(DEMO_CLASSES)))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -100,11 +95,27 @@ def _sample_pixels(storage: Storage, samples_dir: str, columns: list[str]):
     return rows, np.stack(images)
 
 
-def score_prompts(storage: Storage, samples_dir: str) -> dict[str, Any]:
+def demo_classifier(
+    storage: Storage, folder: str, resolution: int
+) -> tuple[ImageClassifier, float]:
+    """The demo's shape classifier, trained once and kept in `folder` (the evaluate stage reads
+    its features for the demo FID), with its accuracy on held-out drawings."""
+    if storage.exists(join(folder, "accuracy.json")):
+        accuracy = json.loads(storage.read_bytes(join(folder, "accuracy.json")))["accuracy"]
+        return ImageClassifier.from_pretrained(folder), accuracy
+    classifier, accuracy = train_classifier(resolution)
+    classifier.save_pretrained(folder)
+    storage.write_bytes(join(folder, "accuracy.json"), json.dumps({"accuracy": accuracy}).encode())
+    return classifier, accuracy
+
+
+def score_prompts(storage: Storage, samples_dir: str,
+                  classifier: tuple[ImageClassifier, float] | None = None) -> dict[str, Any]:  # fmt: skip
     """Shape and colour agreement of a caption model's samples with their prompts, for seen
-    and unseen (held-out) shape-colour combinations."""
+    and unseen (held-out) shape-colour combinations. `classifier`: (model, accuracy) of
+    `demo_classifier`, else one is trained."""
     rows, pixels = _sample_pixels(storage, samples_dir, ["key", "caption"])
-    classifier, real_accuracy = train_classifier(pixels.shape[1])
+    classifier, real_accuracy = classifier or train_classifier(pixels.shape[1])
     with torch.no_grad():
         shapes = classifier(to_model_tensor(pixels)).argmax(1).tolist()
     rng = np.random.default_rng(7)  # the colour rule on real drawings, as a yardstick
@@ -129,9 +140,8 @@ def score_prompts(storage: Storage, samples_dir: str) -> dict[str, Any]:
             "colour_rule_accuracy_on_real_images": round(float(colour_accuracy), 3)}  # fmt: skip
 
 
-def score_samples(
-    storage: Storage, samples_dir: str, class_names: dict[str, int]
-) -> dict[str, Any]:
+def score_samples(storage: Storage, samples_dir: str, class_names: dict[str, int],
+                  classifier: tuple[ImageClassifier, float] | None = None) -> dict[str, Any]:  # fmt: skip
     """Classify every sample PNG against the label it was sampled with; `class_names` is the
     shard stage's labels.json (class name -> the label index the pipeline used)."""
     rows, pixels = _sample_pixels(storage, samples_dir, ["key", "label"])
@@ -139,7 +149,7 @@ def score_samples(
     name_of = {index: name for name, index in class_names.items()}
     # The pipeline's label indices (sorted folder names) -> the classifier's (DEMO_CLASSES).
     labels = torch.tensor([DEMO_CLASSES.index(name_of[row["label"]]) for row in rows])
-    classifier, real_accuracy = train_classifier(x.shape[-1])
+    classifier, real_accuracy = classifier or train_classifier(x.shape[-1])
     with torch.no_grad():
         predicted = classifier(x).argmax(1)
     per_class = {

@@ -20,12 +20,12 @@ from typing import Any
 from pipeline.core.manifest import read_manifest
 from pipeline.core.storage import Storage, absolute
 from pipeline.demo.data import DEMO_CLASSES, demo_listing, write_demo_dataset
-from pipeline.run import plan_pipeline, run_pipeline
+from pipeline.run import plan_pipeline, run_pipeline, stage, stage_overrides
 
 
 def _report(run: Path) -> dict[str, Any]:
     """Stats and the prompt (or class) check, recomputed only when codes or samples changed."""
-    from pipeline.demo.check import score_prompts, score_samples
+    from pipeline.demo.check import demo_classifier, score_prompts, score_samples
     from pipeline.tools import analysis
 
     storage = Storage()
@@ -43,13 +43,30 @@ def _report(run: Path) -> dict[str, Any]:
         "upstream": upstream,
         "code_perplexity_per_depth": [round(d["perplexity"], 1) for d in stats["depths"]],
     }
+    classifier = None
+    if (run / "demo-classifier" / "accuracy.json").exists():
+        classifier = demo_classifier(storage, str(run / "demo-classifier"), 0)
     if (run / "ar" / "model" / "tokenizer.json").exists():  # a caption model
-        report["prompt_check"] = score_prompts(storage, str(run / "samples"))
+        report["prompt_check"] = score_prompts(storage, str(run / "samples"), classifier)
     else:
         labels = json.loads((run / "shards" / "labels.json").read_text())
-        report["class_check"] = score_samples(storage, str(run / "samples"), labels)
+        report["class_check"] = score_samples(storage, str(run / "samples"), labels, classifier)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _with_demo_classifier(run: Path, config_path: str, overrides: list[str]) -> list[str]:
+    """The demo's shape classifier, trained once into RUN/demo-classifier: the evaluate stage
+    reads its features (the "demo FID") unless the overrides name other weights."""
+    from pipeline.core.config import load_config
+    from pipeline.demo.check import demo_classifier
+
+    if any(o.startswith(("evaluate.weights=", "evaluate.features=")) for o in overrides):
+        return overrides
+    shard_config_class = stage("shard").load()[0]
+    shard = load_config(shard_config_class, config_path, stage_overrides("shard", overrides))
+    demo_classifier(Storage(), str(run / "demo-classifier"), shard.image_size)
+    return [*overrides, f"evaluate.weights={run / 'demo-classifier'}"]
 
 
 def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
@@ -59,6 +76,7 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
     run_dir = absolute(run_dir)  # the stages resolve it too; the report paths need it here
     run = Path(run_dir)
     started = time.time()
+    overrides = _with_demo_classifier(run, config_path, list(overrides))
     plan = plan_pipeline(config_path, overrides)
     paths = write_demo_dataset(run / "demo-data")
     listing = demo_listing(run / "demo-data")
@@ -90,6 +108,21 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
         print(f"  class check: {check['accuracy']:.0%} of {check['samples']} samples classified "
               f"as the class they were sampled for (chance {check['chance']:.0%}; the classifier "
               f"scores {check['classifier_accuracy_on_real_images']:.0%} on real images)")  # fmt: skip
+    metrics_path = run / "eval" / "metrics.json"
+    if metrics_path.exists():  # the evaluate stage, on the demo classifier's features
+        metrics = json.loads(metrics_path.read_text())
+        vae, samples = metrics.get("vae"), metrics.get("samples")
+        if vae:
+            print(f"  RQ-VAE on {vae['images']} val images: demo rFID {vae['demo_rfid']:.3f}, "
+                  f"PSNR by depth {' / '.join(f'{p:.1f}' for p in vae['psnr_per_depth'])} dB, "
+                  f"SSIM {vae['ssim']:.3f}")  # fmt: skip
+        if samples:
+            pr = samples["precision_recall"]
+            print(f"  samples: demo FID {samples['demo_fid']:.3f} ({samples['images']} samples "
+                  f"against {samples['reference_images']} training images)"
+                  + (f", precision {pr['precision']:.2f}, recall {pr['recall']:.2f}"
+                     if isinstance(pr, dict) else "")
+                  + "  (demo FID: the demo classifier's features, not Inception)")  # fmt: skip
     print("where to look:")
     print(f"  reconstructions: {run / 'vae' / 'reconstructions.png'}  (originals, then depth 1..4)")
     grids = sorted((run / "samples").glob("grid*.png"))
@@ -102,5 +135,6 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
           f"FROM codes GROUP BY caption ORDER BY 2 DESC LIMIT 5\")")  # fmt: skip
     print(f"  curves:          {run / 'vae' / 'curves.png'}, {run / 'ar' / 'curves.png'}  "
           f"(and MLflow: mlflow ui --backend-store-uri sqlite:///{run / 'mlflow' / 'mlflow.db'})")  # fmt: skip
+    print(f"  evaluation:      {run / 'eval' / 'report.md'}, {run / 'eval' / 'metrics.json'}")
     print(f"  report:          {run / 'demo-report.json'}")
     return {"stages": records, "report": report}

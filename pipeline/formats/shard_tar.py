@@ -1,13 +1,21 @@
 """The shards' file format: WebDataset tars, one sample per key ({key}.{ext} members).
 
-The shard stage writes them; train-vae and encode read them.
+The shard stage writes them; train-vae, encode and evaluate read them.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.core.storage import Storage, StorageConfig
+from pipeline.formats.images import center_square
 
 IMAGE_EXTENSIONS = ("png", "jpg", "webp")  # the members that hold a sample's image
 
@@ -43,3 +51,22 @@ def iter_tar(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
 def image_member(parts: dict[str, bytes]) -> bytes | None:
     """The encoded image of one sample (its members by extension), or None when it has none."""
     return next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+
+
+def decode_shard(tar_uri: str, resolution: int, storage_config: StorageConfig) -> dict[str, Any]:
+    """A shard tar -> keys, labels, captions and (N, R, R, 3) uint8 images."""
+    storage = Storage(storage_config)
+    keys, labels, captions, images = [], [], [], []
+    for key, parts in iter_tar(storage.read_bytes(tar_uri)):
+        data = image_member(parts)
+        if data is None:
+            continue
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+        with Image.open(io.BytesIO(data)) as image:
+            images.append(center_square(image, resolution))
+        keys.append(key)
+        labels.append(meta.get("label"))
+        captions.append(meta.get("caption"))
+    empty = np.zeros((0, resolution, resolution, 3), np.uint8)
+    return {"keys": keys, "labels": labels, "captions": captions,
+            "images": np.stack(images) if images else empty}  # fmt: skip

@@ -9,14 +9,12 @@ written last.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image
 
 from pipeline.core.config import output_fields
 from pipeline.core.lease import single_writer
@@ -30,8 +28,7 @@ from pipeline.core.manifest import (
 from pipeline.core.progress import Progress
 from pipeline.core.storage import Storage, StorageConfig, absolute, join
 from pipeline.formats.codes_table import codes_table, finished_table, to_parquet_bytes
-from pipeline.formats.images import center_square
-from pipeline.formats.shard_tar import image_member, iter_tar
+from pipeline.formats.shard_tar import decode_shard
 
 FORMAT_VERSION = 1
 
@@ -55,25 +52,6 @@ class EncodeConfig:
     decode_cpus: float = 0.5
     max_retries: int = 3
     storage: StorageConfig = field(default_factory=StorageConfig)
-
-
-def decode_shard(tar_uri: str, resolution: int, storage_config: StorageConfig) -> dict[str, Any]:
-    """A shard tar -> keys, labels, captions and (N, R, R, 3) uint8 images."""
-    storage = Storage(storage_config)
-    keys, labels, captions, images = [], [], [], []
-    for key, parts in iter_tar(storage.read_bytes(tar_uri)):
-        data = image_member(parts)
-        if data is None:
-            continue
-        meta = json.loads(parts["json"]) if "json" in parts else {}
-        with Image.open(io.BytesIO(data)) as image:
-            images.append(center_square(image, resolution))
-        keys.append(key)
-        labels.append(meta.get("label"))
-        captions.append(meta.get("caption"))
-    empty = np.zeros((0, resolution, resolution, 3), np.uint8)
-    return {"keys": keys, "labels": labels, "captions": captions,
-            "images": np.stack(images) if images else empty}  # fmt: skip
 
 
 class ShardEncoder:

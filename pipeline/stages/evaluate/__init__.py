@@ -1,0 +1,289 @@
+"""The evaluate stage: how good a run is, measured as the paper does, in RUN/eval/.
+
+- Reference statistics: feature vectors of the real images of a split (`reference: train|val`),
+  shard by shard, by a pool of Ray actors (GPU when asked), reduced to a mean and covariance
+  (RUN/eval/reference.npz); or a user's .npz with `mu` and `sigma` (e.g. ADM's ImageNet 256
+  reference batch).
+- The RQ-VAE on the val split: rFID, PSNR, SSIM, LPIPS (with `lpips_weights`), and PSNR from
+  the first d codes for d = 1..D.
+- The samples of RUN/samples: FID against the reference, Inception Score, precision and recall,
+  and FID per class for a class-conditional run.
+
+Features come from the FID Inception network (model/inception.py; its weights from
+`weights` or torch hub's cache) or, with `features: classifier`, from a small classifier
+model folder (the demo's): then every Fréchet distance is called "demo FID".
+
+Work units: one per shard and one per sample chunk, `units/{name}.npz` then `units/{name}.json`,
+which records the stage fingerprint: a killed run redoes only unfinished units, a re-run with
+the same config is a no-op. RUN/eval/: metrics.json, report.md, psnr-per-depth.png,
+reference.npz, units/, config.yaml, _manifest.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pipeline.core.config import output_fields, to_dict, write_resolved_config
+from pipeline.core.lease import single_writer
+from pipeline.core.manifest import (
+    Manifest,
+    begin_stage,
+    read_manifest,
+    require_manifest,
+    vae_fingerprint,
+    write_manifest,
+)
+from pipeline.core.progress import Progress
+from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.formats.shard_tar import decode_shard
+from pipeline.stages.evaluate.features import FeatureWorker, extractor_identity, finished_unit
+from pipeline.stages.evaluate.report import (
+    metric_names,
+    reconstruction_metrics,
+    reference_statistics,
+    sample_labels,
+    sample_metrics,
+    write_report,
+)
+
+FORMAT_VERSION = 1
+FEATURE_KINDS = ("inception", "classifier")
+
+
+@dataclass
+class EvaluateConfig:
+    section: ClassVar[str] = "evaluate"
+    execution_fields: ClassVar[tuple[str, ...]] = (
+        "enabled", "vae", "samples_dir", "batch_size", "num_actors", "gpus_per_actor",
+        "cpus_per_actor", "decode_cpus", "max_retries", "storage",
+        "weights", "lpips_weights", "clip",  # fingerprinted as the hashes of what they hold
+    )  # fmt: skip
+
+    enabled: bool = True  # run as the last stage of `rqpipe run`
+    features: str = "inception"  # inception | classifier (a model/classifier.py folder)
+    weights: str | None = (
+        None  # inception: the .pth (default: torch hub's cache); classifier: its folder
+    )
+    reference: str = "train"  # train | val | a .npz with mu and sigma
+    reconstructions: bool = True  # the RQ-VAE's metrics on the val split
+    samples: bool = True  # the metrics of the sample stage's images
+    lpips_weights: str | None = None  # LPIPS of reconstructions (rqpipe convert-lpips)
+    clip: str | None = None  # a CLIP folder (transformers layout): the CLIP score of prompts
+    precision_recall_k: int = 3
+    is_splits: int = 10
+    per_class: int = 16  # FID per class for the first N sampled classes; 0: none
+    vae: str | None = None  # RQ-VAE folder; default RUN/vae/model
+    samples_dir: str | None = None  # default RUN/samples
+    batch_size: int = 64
+    num_actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    decode_cpus: float = 0.5
+    max_retries: int = 3
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURE_KINDS:
+            raise ValueError(f"evaluate.features must be one of {FEATURE_KINDS}, got "
+                             f"{self.features!r}")  # fmt: skip
+        if self.enabled and self.features == "classifier" and not self.weights:
+            raise ValueError("evaluate.features=classifier needs weights=FOLDER (a model/"
+                             "classifier.py model folder; `rqpipe demo` trains one into "
+                             "RUN/demo-classifier), or set evaluate.enabled=false")  # fmt: skip
+        for name in ("batch_size", "num_actors", "precision_recall_k", "is_splits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"evaluate.{name} must be >= 1, got {getattr(self, name)}")
+
+    def preflight(self) -> None:
+        """The weights this stage will read, checked before any stage of a run starts."""
+        if not self.enabled:
+            return
+        if self.features == "inception":
+            from model.inception import find_inception_weights
+
+            find_inception_weights(self.weights)
+        elif not Storage(self.storage).exists(join(self.weights, "config.json")):
+            raise FileNotFoundError(f"evaluate.weights {self.weights}: no classifier model "
+                                    f"folder there (config.json)")  # fmt: skip
+        if self.lpips_weights and not Storage(self.storage).exists(self.lpips_weights):
+            raise FileNotFoundError(f"evaluate.lpips_weights {self.lpips_weights}: no file")
+        if self.clip and not Storage(self.storage).exists(join(self.clip, "config.json")):
+            raise FileNotFoundError(f"evaluate.clip {self.clip}: not a CLIP folder (config.json,"
+                                    f" model.safetensors, tokenizer files)")  # fmt: skip
+
+
+def _plan_units(storage: Storage, config: EvaluateConfig, shards: Manifest,
+                samples: Manifest | None) -> list[tuple[str, str, bool]]:  # fmt: skip
+    """(unit name, kind 'shard'|'sample', with reconstructions) for everything to extract."""
+    splits = {config.reference} & {"train", "val"}
+    if config.reconstructions:
+        splits.add("val")
+    units = []
+    for unit in shards.units:
+        name = unit["name"].removesuffix(".tar")
+        split = name.split("-", 1)[0]
+        if split in splits:
+            units.append((name, "shard", config.reconstructions and split == "val"))
+    for unit in samples.units if samples is not None else []:
+        units.append((f"samples-{unit['name'].removesuffix('.parquet')}", "sample", False))
+    return units
+
+
+def _digest(storage: Storage, uri: str) -> str:
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:32]
+
+
+@single_writer("evaluate", "eval")
+def run_evaluate_stage(run_dir: str, config: EvaluateConfig, overwrite: bool = False) -> Manifest:
+    import ray
+
+    started = time.time()
+    run_dir = absolute(run_dir)
+    storage = Storage(config.storage)
+    eval_dir, units_dir = join(run_dir, "eval"), join(run_dir, "eval", "units")
+    shards = require_manifest(storage, join(run_dir, "shards"), "shard")
+    vae_uri = absolute(config.vae or join(run_dir, "vae", "model"))
+    if not storage.exists(join(vae_uri, "config.json")):
+        raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: run train-vae first or pass vae=URI")
+    samples_dir = absolute(config.samples_dir or join(run_dir, "samples"))
+    samples = require_manifest(storage, samples_dir, "sample") if config.samples else None
+    weights = absolute(config.weights) if config.weights else None
+    upstream = {"shard": shards.fingerprint, "vae": vae_fingerprint(storage, vae_uri),
+                "features": extractor_identity(storage, config.features, weights)}  # fmt: skip
+    if samples is not None:
+        upstream["sample"] = samples.fingerprint
+    if config.reference not in ("train", "val"):
+        if not storage.exists(config.reference):
+            raise FileNotFoundError(f"evaluate.reference {config.reference}: no such file (give "
+                                    f"train, val or a .npz with mu and sigma)")  # fmt: skip
+        upstream["reference"] = _digest(storage, config.reference)
+    if config.lpips_weights:
+        upstream["lpips"] = _digest(storage, config.lpips_weights)
+    clip = absolute(config.clip) if config.clip else None
+    if clip is not None:
+        upstream["clip"] = _digest(storage, join(clip, "model.safetensors"))
+    planned = Manifest("evaluate", FORMAT_VERSION, output_fields(config), upstream)
+    finished = begin_stage(storage, eval_dir, planned, overwrite)
+    if finished is not None:
+        return finished
+
+    fp = planned.fingerprint
+    units = _plan_units(storage, config, shards, samples)
+    if not any(kind == "shard" for _, kind, _ in units) and config.reference in ("train", "val"):
+        raise ValueError(f"evaluate: the run has no {config.reference} shards to take the "
+                         f"reference statistics from")  # fmt: skip
+    done = {n: finished_unit(storage, units_dir, n, fp) for n, _, _ in units}
+    pending = [u for u in units if done[u[0]] is None]
+    rows = {u["name"].removesuffix(".tar"): int(u["rows"]) for u in shards.units}
+    print(f"evaluate: {len(units)} units ({len(units) - len(pending)} already done) with "
+          f"{config.features} features, {config.num_actors} actor(s) -> {eval_dir}")  # fmt: skip
+    if pending:
+        resolution = json.loads(storage.read_bytes(join(vae_uri, "config.json")))["config"][
+            "resolution"
+        ]
+        with_vae = any(recon for _, _, recon in pending)
+        worker = ray.remote(FeatureWorker).options(
+            num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
+            max_restarts=-1, max_task_retries=config.max_retries)  # fmt: skip
+        actors = [worker.remote(config.features, weights, vae_uri if with_vae else None,
+                                config.lpips_weights, config.storage, config.gpus_per_actor > 0,
+                                config.batch_size, clip)
+                  for _ in range(min(config.num_actors, len(pending)))]  # fmt: skip
+        decode = ray.remote(decode_shard).options(num_cpus=config.decode_cpus,
+                                                  max_retries=config.max_retries)  # fmt: skip
+        sample_rows = int(samples.counts.get("samples", 0)) if samples is not None else 0
+        total = sum(rows.get(n, 0) for n, kind, _ in pending if kind == "shard")
+        progress = Progress("evaluate", len(pending), total + sample_rows)
+        queue, in_flight = list(pending), []
+        while queue or in_flight:
+            while queue and len(in_flight) < 2 * len(actors):
+                name, kind, recon = queue.pop(0)
+                actor = actors[len(in_flight) % len(actors)]
+                if kind == "shard":
+                    decoded = decode.remote(join(run_dir, "shards", f"{name}.tar"), resolution,
+                                            config.storage)  # fmt: skip
+                    in_flight.append(actor.shard_unit.remote(name, decoded, units_dir, recon, fp))
+                else:
+                    table = f"{name.removeprefix('samples-')}.parquet"
+                    in_flight.append(actor.sample_unit.remote(name, samples_dir, table,
+                                                              units_dir, fp))  # fmt: skip
+            ready, in_flight = ray.wait(in_flight, num_returns=1)
+            result = ray.get(ready[0])
+            done[result["name"]] = result
+            progress.update(result["rows"])
+        for actor in actors:
+            ray.kill(actor)
+
+    metrics = _metrics(storage, run_dir, eval_dir, config, units, weights, upstream)
+    storage.write_bytes(join(eval_dir, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    written = write_report(storage, eval_dir, metrics)
+    write_resolved_config(storage, join(eval_dir, "config.yaml"),
+                          {EvaluateConfig.section: to_dict(config)})  # fmt: skip
+    planned.units = [{"name": f"units/{n}.npz", "rows": done[n]["rows"]} for n, _, _ in units]
+    planned.counts = {"units": len(units), "reference_images": metrics["reference"]["images"] or 0}
+    for part in ("vae", "samples"):
+        if part in metrics:
+            planned.counts[f"{part}_images"] = metrics[part]["images"]
+    write_manifest(storage, eval_dir, planned)
+    _print_summary(metrics, time.time() - started, [join(eval_dir, "metrics.json"),
+                                                    *(join(eval_dir, w) for w in written)])  # fmt: skip
+    return planned
+
+
+def _metrics(storage: Storage, run_dir: str, eval_dir: str, config: EvaluateConfig,
+             units: list[tuple[str, str, bool]], weights: str | None,
+             upstream: dict[str, str]) -> dict:  # fmt: skip
+    names = metric_names(config.features)
+    by_split = {"train": [], "val": []}
+    for name, kind, _ in units:
+        if kind == "shard":
+            by_split[name.split("-", 1)[0]].append(name)
+    sample_units = [n for n, kind, _ in units if kind == "sample"]
+    labels = sample_labels(storage, eval_dir, sample_units) if sample_units else []
+    classes = sorted({int(c) for c in labels if c >= 0})[: config.per_class]
+    # Precision/recall compares sets of equal size (Kynkäänniemi et al.): as many reference
+    # features are kept as there are samples.
+    reference = reference_statistics(storage, eval_dir, config.reference,
+                                     by_split.get(config.reference, []),
+                                     keep=max(1, len(labels)), classes=classes)  # fmt: skip
+    metrics = {"run_dir": run_dir,
+               "features": {"kind": config.features, "identity": upstream["features"],
+                            "weights": weights},
+               "reference": {"source": reference["source"], "images": reference["count"]}}  # fmt: skip
+    if config.reconstructions and by_split["val"]:
+        metrics["vae"] = reconstruction_metrics(storage, eval_dir, by_split["val"], names)
+    if sample_units:
+        metrics["samples"] = sample_metrics(storage, eval_dir, sample_units, reference, names,
+                                            config.precision_recall_k, config.is_splits)  # fmt: skip
+    return metrics
+
+
+def _print_summary(metrics: dict, seconds: float, files: list[str]) -> None:
+    names = metric_names(metrics["features"]["kind"])
+    parts = []
+    if "vae" in metrics:
+        vae = metrics["vae"]
+        parts.append(f"RQ-VAE ({vae['images']} val images): {names['rFID']} "
+                     f"{vae[names['rfid']]:.2f}, PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}")  # fmt: skip
+    if "samples" in metrics:
+        s = metrics["samples"]
+        pr = s["precision_recall"]
+        parts.append(f"samples ({s['images']}): {names['FID']} {s[names['fid']]:.2f}, "
+                     f"{names['IS']} {s[names['is']]['mean']:.2f}"
+                     + (f", precision {pr['precision']:.2f}, recall {pr['recall']:.2f}"
+                        if isinstance(pr, dict) else ""))  # fmt: skip
+    print(
+        f"evaluate: {'; '.join(parts) or 'nothing to measure'} ({seconds:.1f} s) -> "
+        f"{', '.join(files)}"
+    )
+
+
+def last_metrics(storage: Storage, run_dir: str) -> dict | None:
+    """RUN/eval/metrics.json of a finished evaluate stage, or None."""
+    if read_manifest(storage, join(run_dir, "eval")) is None:
+        return None
+    return json.loads(storage.read_bytes(join(run_dir, "eval", "metrics.json")))

@@ -1,0 +1,249 @@
+"""The evaluate stage and its metrics: the FID Inception network's loading and resizing, the
+Fréchet distance against torchmetrics' implementation, IS and precision/recall on sets whose
+answer is known, and the stage on a real run (shards, an RQ-VAE, samples) with the real
+loading code on randomly initialised networks. Nothing is downloaded."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.classifier import ImageClassifier, ImageClassifierConfig
+from model.inception import (
+    FIDInception,
+    find_inception_weights,
+    load_fid_inception,
+    tf1_bilinear_resize,
+)
+from model.metrics import (
+    FeatureMoments,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+    ssim_per_image,
+)
+from model.rqtransformer import RQTransformer, RQTransformerConfig
+from model.rqvae import RQVAE
+from pipeline.cli import main
+from pipeline.formats.shard_tar import decode_shard
+from pipeline.stages.evaluate import EvaluateConfig, run_evaluate_stage
+from pipeline.stages.sample import SampleConfig, run_sample_stage
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory) -> Path:
+    """A randomly initialised FID Inception saved as the published file is: a plain state dict
+    (with BatchNorm statistics that are not the identity)."""
+    torch.manual_seed(0)
+    state = FIDInception().state_dict()
+    for key, value in state.items():
+        if key.endswith("running_var"):
+            value.uniform_(0.5, 2.0)
+        elif key.endswith("running_mean"):
+            value.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_tf1_resize_samples_without_half_pixel_offset():
+    ramp = torch.arange(8, dtype=torch.float32).view(1, 1, 1, 8).expand(1, 1, 8, 8)
+    out = tf1_bilinear_resize(ramp.contiguous(), 20)  # output i samples input i * 8 / 20
+    expected = torch.tensor([min(i * 0.4, 7.0) for i in range(20)])
+    assert torch.allclose(out[0, 0, 3], expected, atol=1e-5)
+    assert torch.allclose(out[0, 0, :, 5], out[0, 0, 0, 5].expand(20))  # constant along y
+
+
+def test_inception_loads_the_published_layout_and_gives_pool_features_and_logits(inception_file):
+    model = load_fid_inception(str(inception_file))
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    features, logits = model(images)
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert (features >= 0).all()  # the pool of ReLU outputs
+    # logits are the fc without its bias (torch-fidelity's "logits_unbiased", the IS input)
+    assert torch.allclose(logits, features @ model.fc.weight.T)
+    # the same images at another size go through the 299x299 resize: same feature shapes
+    assert model(torch.randint(0, 256, (1, 3, 64, 48), dtype=torch.uint8))[0].shape == (1, 2048)
+    with pytest.raises(ValueError, match="uint8"):
+        model(images.float())
+
+
+def test_inception_weights_errors_and_cache(inception_file, tmp_path, monkeypatch):
+    state = torch.load(inception_file, weights_only=True)
+    state["fc.weight"] = state["fc.weight"][:1000]
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(
+        ValueError, match=r"Mixed_7c.branch_pool.conv.weight.*extra.weight.*fc.weight"
+    ):
+        load_fid_inception(str(bad))
+    with pytest.raises(FileNotFoundError, match="torch-fidelity/releases"):
+        load_fid_inception(str(tmp_path / "missing.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    with pytest.raises(FileNotFoundError, match="none in"):
+        find_inception_weights(None)
+    cache = tmp_path / "home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    shutil.copy(inception_file, cache / "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's
+    assert find_inception_weights(None) == str(cache / "pt_inception-2015-12-05-6726825d.pth")
+
+
+def test_frechet_distance_matches_torchmetrics():
+    from torchmetrics.image.fid import _compute_fid
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 32)) @ rng.normal(size=(32, 32))
+    b = rng.normal(0.3, 1.2, size=(300, 32)) @ rng.normal(size=(32, 32))
+    ma, sa = FeatureMoments.of(a).mean_cov()
+    mb, sb = FeatureMoments.of(b).mean_cov()
+    ours = frechet_distance(ma, sa, mb, sb)
+    theirs = _compute_fid(*(torch.tensor(x, dtype=torch.float64) for x in (ma, sa, mb, sb)))
+    assert ours == pytest.approx(float(theirs), rel=1e-6)
+    assert frechet_distance(ma, sa, ma, sa) == pytest.approx(0, abs=1e-6)
+    shift = np.full(32, 0.5)  # a pure shift of the mean adds its squared length
+    assert frechet_distance(ma + shift, sa, ma, sa) == pytest.approx(32 * 0.25, rel=1e-6)
+
+
+def test_moments_merge_like_one_covariance():
+    x = np.random.default_rng(1).normal(size=(50, 6))
+    merged = FeatureMoments.of(x[:17]) + FeatureMoments.of(x[17:])
+    mean, cov = merged.mean_cov()
+    assert np.allclose(mean, x.mean(0)) and np.allclose(cov, np.cov(x, rowvar=False))
+
+
+def test_inception_score_and_precision_recall_on_known_sets():
+    assert inception_score(np.zeros((40, 10)), splits=4)[0] == pytest.approx(1.0)
+    confident = np.eye(8)[np.arange(80) % 8] * 50  # every class equally, each sure
+    assert inception_score(confident, splits=2)[0] == pytest.approx(8.0, rel=1e-3)
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 4))
+    assert precision_recall(real, real.copy()) == (1.0, 1.0)
+    far = rng.normal(size=(200, 4)) + 100
+    assert precision_recall(real, far) == (0.0, 0.0)
+    # samples covering half of the real distribution: precise, but half the recall
+    half = real[real[:, 0] > 0] + 1e-3
+    precision, recall = precision_recall(real, half)
+    assert precision == 1.0 and 0.3 < recall < 0.7
+
+
+def test_ssim_of_identical_images_is_one_and_falls_with_noise():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(ssim_per_image(x, x), torch.ones(2), atol=1e-5)
+    noisy = ssim_per_image((x + 0.3 * torch.randn_like(x)).clamp(-1, 1), x)
+    assert (noisy < 0.9).all()
+
+
+@pytest.fixture
+def sampled_run(encoded_run, tmp_path) -> Path:
+    """The encoded run (demo shards, untrained tiny RQ-VAE) with an untrained class model and
+    12 samples of it."""
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    vae = RQVAE.from_pretrained(str(run / "vae" / "model"))
+    config = RQTransformerConfig.preset("tiny", code_shape=[8, 8, 4], codebook_size=256,
+                                        num_classes=4)  # fmt: skip
+    torch.manual_seed(0)
+    RQTransformer(config, vae.quantizer.codebooks).save_pretrained(str(run / "ar" / "model"))
+    run_sample_stage(str(run), SampleConfig(num_samples=12, chunk_size=6, top_k=32,
+                                            cpus_per_actor=0.5))  # fmt: skip
+    return run
+
+
+@pytest.fixture
+def classifier_folder(tmp_path) -> str:
+    torch.manual_seed(0)
+    folder = str(tmp_path / "classifier")
+    ImageClassifier(ImageClassifierConfig(num_classes=4)).save_pretrained(folder)
+    return folder
+
+
+def _features(classifier: ImageClassifier, images: np.ndarray) -> np.ndarray:
+    return classifier.features_and_logits(torch.from_numpy(images).permute(0, 3, 1, 2))[0].numpy()
+
+
+def test_stage_metrics_match_a_direct_computation(sampled_run, classifier_folder):
+    config = EvaluateConfig(features="classifier", weights=classifier_folder, cpus_per_actor=0.5,
+                            num_actors=2, batch_size=5)  # fmt: skip
+    manifest = run_evaluate_stage(str(sampled_run), config)
+    metrics = json.loads((sampled_run / "eval" / "metrics.json").read_text())
+
+    # The same figures computed here without the stage: decode the val shards, reconstruct.
+    shards = json.loads((sampled_run / "shards" / "_manifest.json").read_text())
+    val = [decode_shard(str(sampled_run / "shards" / u["name"]), 32, config.storage)["images"]
+           for u in shards["units"] if u["name"].startswith("val-")]  # fmt: skip
+    images = np.concatenate(val)
+    vae = RQVAE.from_pretrained(str(sampled_run / "vae" / "model"))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    recon = vae.decode_codes(vae.encode(x)).clamp(-1, 1)
+    mse = (recon - x).pow(2).flatten(1).mean(1)
+    assert metrics["vae"]["images"] == len(images)
+    assert metrics["vae"]["psnr"] == pytest.approx(float((10 * torch.log10(4 / mse)).mean()),
+                                                   abs=1e-3)  # fmt: skip
+    assert len(metrics["vae"]["psnr_per_depth"]) == 4
+    classifier = ImageClassifier.from_pretrained(classifier_folder)
+    recon_pixels = ((recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    real_f = _features(classifier, images)
+    recon_f = _features(classifier, recon_pixels.permute(0, 2, 3, 1).numpy())
+    from torchmetrics.image.fid import _compute_fid
+
+    stats = [torch.tensor(s) for f in (real_f, recon_f) for s in FeatureMoments.of(f).mean_cov()]
+    assert metrics["vae"]["demo_rfid"] == pytest.approx(float(_compute_fid(*stats)), rel=1e-4)
+    assert "fid" not in metrics["samples"] and metrics["samples"]["images"] == 12
+    assert metrics["samples"]["precision_recall"]["reference_images"] == 12
+    assert set(metrics["samples"]["demo_fid_per_class"]) == {"0", "1", "2", "3"}
+    report = (sampled_run / "eval" / "report.md").read_text()
+    assert "demo FID (classifier features, not Inception)" in report
+    assert (sampled_run / "eval" / "psnr-per-depth.png").stat().st_size > 1000
+    with np.load(sampled_run / "eval" / "reference.npz") as reference:
+        assert int(reference["count"]) == metrics["reference"]["images"] > 0
+    assert manifest.counts["samples_images"] == 12
+
+    # A re-run is a no-op; a lost unit is redone alone and the figures do not move.
+    units = sampled_run / "eval" / "units"
+    before = {p.name: p.stat().st_mtime_ns for p in units.iterdir()}
+    assert run_evaluate_stage(str(sampled_run), config).fingerprint == manifest.fingerprint
+    assert {p.name: p.stat().st_mtime_ns for p in units.iterdir()} == before
+    (sampled_run / "eval" / "_manifest.json").unlink()
+    lost = sorted(units.glob("train-*.json"))[0]
+    lost.unlink()
+    run_evaluate_stage(str(sampled_run), config)
+    after = {p.name: p.stat().st_mtime_ns for p in units.iterdir()}
+    changed = {n for n in after if after[n] != before.get(n)}
+    assert changed == {lost.name, lost.with_suffix(".npz").name}
+    assert json.loads((sampled_run / "eval" / "metrics.json").read_text()) == metrics
+
+
+def test_inception_features_through_the_cli_and_a_reference_file(sampled_run, inception_file,
+                                                                 tmp_path, capsys):  # fmt: skip
+    code = main(["evaluate", "--run-dir", str(sampled_run), "reference=val",
+                 f"weights={inception_file}", "cpus_per_actor=0.5", "batch_size=8"])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((sampled_run / "eval" / "metrics.json").read_text())
+    assert {"fid", "inception_score", "precision_recall"} <= set(metrics["samples"])
+    assert metrics["features"]["kind"] == "inception" and "rfid" in metrics["vae"]
+    assert "FID" in capsys.readouterr().out
+    assert "clip_score" not in metrics["samples"]  # no clip= given
+    # The same statistics from a user's reference file: the same FID, no precision/recall.
+    shutil.copy(sampled_run / "eval" / "reference.npz", tmp_path / "ref.npz")
+    assert main(["evaluate", "--run-dir", str(sampled_run), "--overwrite",
+                 f"reference={tmp_path / 'ref.npz'}", f"weights={inception_file}",
+                 "reconstructions=false", "cpus_per_actor=0.5"]) == 0  # fmt: skip
+    from_file = json.loads((sampled_run / "eval" / "metrics.json").read_text())
+    assert from_file["samples"]["fid"] == pytest.approx(metrics["samples"]["fid"], rel=1e-9)
+    assert from_file["samples"]["precision_recall"].startswith("not computed")
+    assert "vae" not in from_file
+
+
+def test_bad_configuration_is_refused_with_what_to_do(sampled_run, tmp_path, capsys):
+    with pytest.raises(ValueError, match="needs weights=FOLDER"):
+        EvaluateConfig(features="classifier")
+    with pytest.raises(ValueError, match=r"must be one of .*'clip'"):
+        EvaluateConfig(features="clip")
+    assert EvaluateConfig(features="classifier", enabled=False).weights is None
+    code = main(["evaluate", "--run-dir", str(sampled_run), f"weights={tmp_path / 'no.pth'}"])
+    assert code == 1 and "Inception weights not found" in capsys.readouterr().err
