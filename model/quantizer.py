@@ -20,7 +20,9 @@ bit-identical codebook.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -54,6 +56,30 @@ def embed_codes(codebooks: Tensor, codes: Tensor) -> Tensor:
     return torch.stack([codebooks[d][codes[..., d]] for d in range(codes.shape[-1])], dim=-2)
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX). Without it torch emulates
+    bf16, and the bf16 distance mode measured 12x *slower* than fp32 on an AVX2-only machine
+    (112 against 1,401 vectors/s)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:  # no /proc (not Linux): fp32, the safe choice
+        return False
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
+    warnings.warn(
+        "distance_dtype='bfloat16' on a CPU without native bf16 (no avx512_bf16 / amx_bf16 in "
+        "/proc/cpuinfo): torch would emulate it, about 12x slower than fp32, so the quantizer "
+        "uses fp32 distances instead (the same codes). Set distance_dtype: float32 to silence "
+        "this.",
+        stacklevel=3,
+    )
+
+
 def nearest_codes(
     vectors: Tensor,
     codebook: Tensor,
@@ -74,6 +100,9 @@ def nearest_codes(
         raise ValueError(
             f"distance_dtype={distance_dtype!r} is not supported; use one of {list(DISTANCE_DTYPES)}"
         )
+    if distance_dtype == "bfloat16" and vectors.device.type == "cpu" and not cpu_has_native_bf16():
+        _warn_emulated_bf16()
+        distance_dtype = "float32"
     with torch.autocast(vectors.device.type, enabled=False):
         return _nearest_chunked(
             vectors, codebook, codebook_sq_norm, chunk_mb, distance_dtype, rerank_candidates

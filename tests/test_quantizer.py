@@ -52,6 +52,25 @@ def test_bfloat16_distances_agree_with_fp32():
         nearest_codes(vectors, codebook, distance_dtype="float8")
 
 
+def test_bfloat16_falls_back_to_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    import warnings
+
+    import model.quantizer as quantizer
+
+    torch.manual_seed(0)
+    vectors, codebook = torch.randn(300, 16), torch.randn(64, 16)
+    monkeypatch.setattr(quantizer, "cpu_has_native_bf16", lambda: False)
+    quantizer._warn_emulated_bf16.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        codes = nearest_codes(vectors, codebook, distance_dtype="bfloat16")
+        nearest_codes(vectors, codebook, distance_dtype="bfloat16")
+    assert torch.equal(codes, nearest_codes(vectors, codebook))  # fp32's codes exactly
+    messages = [str(w.message) for w in caught if "native bf16" in str(w.message)]
+    assert len(messages) == 1 and "12x slower" in messages[0]  # one warning, however many calls
+    quantizer._warn_emulated_bf16.cache_clear()
+
+
 def test_residual_error_decreases_with_depth_and_partial_decoding():
     q = trained_quantizer()
     z = clustered(512, 8, seed=99).reshape(8, 8, 8, 8)

@@ -45,6 +45,10 @@ class EncodeConfig:
     vae: str | None = None  # an RQ-VAE model folder; default RUN/vae/model
     with_psnr: bool = False  # a psnr column: each image's reconstruction PSNR
     with_latents: bool = False  # a float16 latents column, for soft targets in train-ar
+    # bfloat16: the encoder under bf16 autocast and bf16 candidate distances (exact re-rank).
+    # Off by default: on the demo's trained RQ-VAE it moved codes (docs/benchmarks.md); on a
+    # CPU without native bf16 the distances stay fp32 (model/quantizer.py warns).
+    dtype: str = "float32"
     batch_size: int = 64
     num_actors: int = 1
     gpus_per_actor: float = 0.0
@@ -53,11 +57,16 @@ class EncodeConfig:
     max_retries: int = 3
     storage: StorageConfig = field(default_factory=StorageConfig)
 
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"encode.dtype must be float32 or bfloat16, got {self.dtype!r}")
+
 
 class ShardEncoder:
     """Ray actor: one RQ-VAE per actor, loaded once, encoding whole shards."""
 
-    def __init__(self, vae_uri: str, storage_config: StorageConfig, use_gpu: bool) -> None:
+    def __init__(self, vae_uri: str, storage_config: StorageConfig, use_gpu: bool,
+                 dtype: str = "float32") -> None:  # fmt: skip
         import torch
 
         from model.rqvae import RQVAE
@@ -66,6 +75,9 @@ class ShardEncoder:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = RQVAE.from_pretrained(vae_uri, storage_options=self.storage.options(vae_uri))
         self.model.to(self.device)
+        self.bf16 = dtype == "bfloat16"
+        if self.bf16:
+            self.model.quantizer.distance_dtype = "bfloat16"
 
     def encode(self, name: str, decoded: dict[str, Any], out_uri: str, config: EncodeConfig,
                vae_fingerprint: str, stage_fingerprint: str) -> dict[str, Any]:  # fmt: skip
@@ -78,8 +90,8 @@ class ShardEncoder:
         for start in range(0, len(images), config.batch_size):
             x = torch.tensor(images[start : start + config.batch_size], device=self.device)
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, R, R) in [-1, 1]
-            with torch.no_grad():
-                z = self.model.encode_latents(x)  # (B, h, w, C)
+            with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
+                z = self.model.encode_latents(x).float()  # (B, h, w, C)
             batch_codes = self.model.quantizer.encode(z)  # (B, h, w, D)
             codes.append(batch_codes.cpu().numpy())
             if config.with_latents:
@@ -139,7 +151,7 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
         num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
         max_restarts=-1, max_task_retries=config.max_retries,
     )  # fmt: skip
-    actors = [actor_class.remote(vae_uri, config.storage, config.gpus_per_actor > 0)
+    actors = [actor_class.remote(vae_uri, config.storage, config.gpus_per_actor > 0, config.dtype)
               for _ in range(min(config.num_actors, max(1, len(pending))))]  # fmt: skip
     rows = {unit["name"].removesuffix(".tar"): int(unit["rows"]) for unit in shards.units}
     progress = Progress("encode", len(pending), sum(rows[n] for n in pending))
