@@ -100,6 +100,20 @@ def test_encode_local_tables(ray_local, demo_images, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in codes_dir.iterdir()} == before
 
 
+def test_bf16_encode_runs_the_bf16_path_and_is_fingerprinted(ray_local, demo_images, tmp_path):
+    run = str(tmp_path / "run")
+    model = prepared_run(demo_images, run, StorageConfig())
+    manifest = run_encode_stage(run, EncodeConfig(dtype="bfloat16", cpus_per_actor=0.5))
+    assert manifest.config["dtype"] == "bfloat16"  # an output field: other codes, other tables
+    table = pq.read_table(tmp_path / "run" / "codes")
+    got = dict(zip(table.column("key").to_pylist(), codes_array(table), strict=True))
+    expected = expected_codes(model, run, StorageConfig())
+    same = np.mean([np.mean(got[k] == expected[k]) for k in expected])
+    assert 0.5 < same < 1.0  # bf16 activations move some codes of even an untrained model
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        EncodeConfig(dtype="float16")
+
+
 def test_encode_on_s3(ray_local, demo_images, s3_bucket, s3_endpoint):
     bucket, _client = s3_bucket
     storage = StorageConfig(endpoint_url=s3_endpoint)

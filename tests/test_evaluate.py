@@ -166,8 +166,16 @@ def _features(classifier: ImageClassifier, images: np.ndarray) -> np.ndarray:
     return classifier.features_and_logits(torch.from_numpy(images).permute(0, 3, 1, 2))[0].numpy()
 
 
-def test_stage_metrics_match_a_direct_computation(sampled_run, classifier_folder):
-    config = EvaluateConfig(features="classifier", weights=classifier_folder, cpus_per_actor=0.5,
+def test_stage_metrics_match_a_direct_computation(sampled_run, classifier_folder, tmp_path):
+    from model.losses import PerceptualLoss
+    from tests.test_lpips_weights import lpips_heads_state, torchvision_vgg16_state
+
+    torch.save(torchvision_vgg16_state(), tmp_path / "vgg.pth")
+    torch.save(lpips_heads_state(), tmp_path / "heads.pth")
+    lpips = str(tmp_path / "lpips.safetensors")
+    assert main(["convert-lpips", "--vgg16", str(tmp_path / "vgg.pth"), "--heads",
+                 str(tmp_path / "heads.pth"), "--out", lpips]) == 0  # fmt: skip
+    config = EvaluateConfig(lpips_weights=lpips, features="classifier", weights=classifier_folder, cpus_per_actor=0.5,
                             num_actors=2, batch_size=5)  # fmt: skip
     manifest = run_evaluate_stage(str(sampled_run), config)
     metrics = json.loads((sampled_run / "eval" / "metrics.json").read_text())
@@ -185,6 +193,9 @@ def test_stage_metrics_match_a_direct_computation(sampled_run, classifier_folder
     assert metrics["vae"]["psnr"] == pytest.approx(float((10 * torch.log10(4 / mse)).mean()),
                                                    abs=1e-3)  # fmt: skip
     assert len(metrics["vae"]["psnr_per_depth"]) == 4
+    with torch.no_grad():
+        direct_lpips = PerceptualLoss(lpips).per_image(recon, x).mean().item()
+    assert metrics["vae"]["lpips"] == pytest.approx(direct_lpips, rel=1e-4)
     classifier = ImageClassifier.from_pretrained(classifier_folder)
     recon_pixels = ((recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     real_f = _features(classifier, images)
