@@ -122,8 +122,8 @@ class FeatureWorker:
 
         features, logits = [], []
         for start in range(0, len(images), self.batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
-            batch = batch.permute(0, 3, 1, 2)  # (B, 3, R, R) uint8
+            # a copy: shard images come read-only from Ray's object store
+            batch = torch.tensor(images[start : start + self.batch_size]).permute(0, 3, 1, 2)
             f, l = self.extract(batch)  # noqa: E741
             features.append(f)
             logits.append(l)
@@ -139,7 +139,7 @@ class FeatureWorker:
         depth = self.vae.config.code_shape[-1]
         out: dict[str, list[np.ndarray]] = {"images": [], "psnr_depth": [], "ssim": [], "lpips": []}
         for start in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(images[start : start + self.batch_size]).to(self.device)
+            x = torch.tensor(images[start : start + self.batch_size], device=self.device)
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, R, R) in [-1, 1]
             with torch.no_grad():
                 codes = self.vae.encode(x)  # (B, h, w, D)

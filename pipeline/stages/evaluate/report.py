@@ -156,7 +156,7 @@ def write_report(storage: Storage, eval_dir: str, metrics: dict[str, Any]) -> li
     if vae:
         lpips = "— (no lpips_weights)" if vae["lpips"] is None else f"{vae['lpips']:.4f}"
         lines += ["## RQ-VAE on the val split", "", "| metric | value | images |", "|---|---:|---:|",
-                  f"| {names['rfid']} | {vae[names['rfid']]:.3f} | {vae['images']} |",
+                  f"| {names['rFID']} | {vae[names['rfid']]:.3f} | {vae['images']} |",
                   f"| PSNR (dB) | {vae['psnr']:.2f} | {vae['images']} |",
                   f"| SSIM | {vae['ssim']:.4f} | {vae['images']} |",
                   f"| LPIPS | {lpips} | {vae['images']} |", "",
@@ -173,9 +173,9 @@ def write_report(storage: Storage, eval_dir: str, metrics: dict[str, Any]) -> li
     if samples:
         score = samples[names["is"]]
         lines += ["## Samples", "", "| metric | value | images |", "|---|---:|---:|",
-                  f"| {names['fid']} | {samples[names['fid']]:.3f} | {samples['images']} "
+                  f"| {names['FID']} | {samples[names['fid']]:.3f} | {samples['images']} "
                   f"(reference {samples['reference_images']}) |",
-                  f"| {names['is']} | {score['mean']:.3f} ± {score['std']:.3f} | "
+                  f"| {names['IS']} | {score['mean']:.3f} ± {score['std']:.3f} | "
                   f"{samples['images']} ({score['splits']} splits) |"]  # fmt: skip
         pr = samples["precision_recall"]
         if isinstance(pr, dict):
@@ -188,7 +188,7 @@ def write_report(storage: Storage, eval_dir: str, metrics: dict[str, Any]) -> li
             lines.append(f"| CLIP score | {clip['mean']:.4f} | {clip['images']} (with a prompt) |")
         per_class = samples.get(f"{names['fid']}_per_class")
         if per_class:
-            lines += ["", f"{names['fid']} per class (few images per class bias it upwards):", "",
+            lines += ["", f"{names['FID']} per class (few images per class bias it upwards):", "",
                       "| class | value | images | reference |", "|---|---:|---:|---:|"]  # fmt: skip
             lines += [f"| {c} | {v[names['fid']]:.3f} | {v['images']} | {v['reference_images']} |"
                       for c, v in per_class.items()]  # fmt: skip
