@@ -229,7 +229,8 @@ def find_inception_weights(path: str | None) -> str:
 HOW_TO_GET = (
     "download https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
     f"{WEIGHT_FILES[0]} (the FID network, 2015-12-05 TF weights) and pass its path as "
-    f"evaluate.weights, or put it in torch hub's cache (docs/evaluation.md)"
+    f"evaluate.weights, or put it in torch hub's cache (docs/evaluation.md); or leave the "
+    f"evaluate stage out of `rqpipe run` with evaluate.enabled=false"
 )
 
 
