@@ -168,7 +168,7 @@ def test_tracking_backends_are_checked_before_any_stage(capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",  # a machine without the optional package
                         lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))  # fmt: skip
     argv = ["run", "--input", "nowhere", "--run-dir", "x", "--config", "configs/demo.yaml",
-            "train_ar.tracking.backend=wandb"]  # fmt: skip
+            "train_ar.tracking.backend=wandb", "evaluate.enabled=false"]  # fmt: skip
     assert main(argv) == 1
     assert "tracking.backend=wandb needs the wandb package" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"tracking.backend='tensorboard': use one of"):
