@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.serialization import load_checked, read_foreign_weights
+
 WEIGHT_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
 INPUT_SIZE = 299
 POOL_FEATURES = 2048
@@ -237,16 +239,5 @@ HOW_TO_GET = (
 def load_fid_inception(path: str | None = None) -> FIDInception:
     """The FID network with its weights (see `find_inception_weights`), in eval mode, fp32."""
     path = find_inception_weights(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = FIDInception()
-    expected = model.state_dict()
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state) - {k for k in expected if "num_batches" in k})
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
-             for k, v in state.items() if k in expected and v.shape != expected[k].shape]  # fmt: skip
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not hold the FID Inception weights: missing {missing[:4]}"
-                         f", unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")  # fmt: skip
-    model.load_state_dict(state, strict=False)
-    return model.eval().requires_grad_(False)
+    return load_checked(FIDInception(), read_foreign_weights(path), path,
+                        "the FID Inception weights")  # fmt: skip

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.serialization import load_checked, read_foreign_weights
+
 # arch -> (block, blocks per stage)
 ARCHITECTURES = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
                  "resnet50": ("bottleneck", (3, 4, 6, 3)),
@@ -87,18 +89,6 @@ class ResNet(nn.Module):
 
 def load_resnet(path: str, arch: str) -> ResNet:
     """A torchvision-layout checkpoint (a plain state dict) as an eval-mode `ResNet`."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    state = read_foreign_weights(path)
     num_classes = state["fc.weight"].shape[0] if "fc.weight" in state else 1000
-    model = ResNet(arch, num_classes)
-    expected = {
-        k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")
-    }
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
-             for k, v in state.items() if k in expected and v.shape != expected[k].shape]  # fmt: skip
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path} is not a torchvision {arch} checkpoint: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")  # fmt: skip
-    model.load_state_dict(state, strict=False)
-    return model.eval().requires_grad_(False)
+    return load_checked(ResNet(arch, num_classes), state, path, f"a torchvision {arch} checkpoint")

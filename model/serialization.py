@@ -133,3 +133,27 @@ def init_from_pretrained(module: Pretrained, uri: str, storage_options: dict | N
         raise ValueError(f"init_from={uri} is a model of another architecture "
                          f"({'; '.join(changes)}): give a model with this config")  # fmt: skip
     module.load_state_dict(state)
+
+
+def read_foreign_weights(path: str) -> dict[str, torch.Tensor]:
+    """A foreign checkpoint (a plain state dict: torchvision's, torch-fidelity's .pth), read
+    without unpickling anything but tensors (`weights_only=True`)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str,
+                 what: str) -> nn.Module:  # fmt: skip
+    """`state` into `module` when every tensor name and shape matches, else a ValueError naming
+    what is missing, unexpected or misshapen (BatchNorm's `num_batches_tracked` counters are
+    ignored). -> the module in eval mode, without gradients."""
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    expected = {k: v for k, v in module.state_dict().items()
+                if not k.endswith("num_batches_tracked")}  # fmt: skip
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]  # fmt: skip
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source} does not hold {what}: missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}, wrong shape {wrong[:4]}")  # fmt: skip
+    module.load_state_dict(state, strict=False)
+    return module.eval().requires_grad_(False)

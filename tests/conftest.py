@@ -104,6 +104,27 @@ def classifier_weights(tmp_path_factory) -> str:
     return folder
 
 
+@pytest.fixture
+def sampled_run(encoded_run, tmp_path):
+    """The encoded run plus a seeded, untrained class-conditional RQ-Transformer in
+    RUN/ar/model built on its VAE's codebook."""
+    import shutil
+
+    import torch
+
+    from model.rqtransformer import RQTransformer, RQTransformerConfig
+    from model.rqvae import RQVAE
+
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    vae = RQVAE.from_pretrained(str(run / "vae" / "model"))
+    config = RQTransformerConfig.preset("tiny", code_shape=[8, 8, 4], codebook_size=256,
+                                        num_classes=4)  # fmt: skip
+    torch.manual_seed(0)
+    RQTransformer(config, vae.quantizer.codebooks).save_pretrained(str(run / "ar" / "model"))
+    return run
+
+
 @pytest.fixture(params=["local", "s3"])
 def storage_root(request, tmp_path):
     """(a root URI, its Storage): on local disk, then on the loopback S3 endpoint."""

@@ -25,7 +25,6 @@ from model.metrics import (
     precision_recall,
     ssim_per_image,
 )
-from model.rqtransformer import RQTransformer, RQTransformerConfig
 from model.rqvae import RQVAE
 from pipeline.cli import main
 from pipeline.formats.shard_tar import decode_shard
@@ -139,19 +138,12 @@ def test_ssim_of_identical_images_is_one_and_falls_with_noise():
 
 
 @pytest.fixture
-def sampled_run(encoded_run, tmp_path) -> Path:
-    """The encoded run (demo shards, untrained tiny RQ-VAE) with an untrained class model and
-    12 samples of it."""
-    run = tmp_path / "run"
-    shutil.copytree(encoded_run, run)
-    vae = RQVAE.from_pretrained(str(run / "vae" / "model"))
-    config = RQTransformerConfig.preset("tiny", code_shape=[8, 8, 4], codebook_size=256,
-                                        num_classes=4)  # fmt: skip
-    torch.manual_seed(0)
-    RQTransformer(config, vae.quantizer.codebooks).save_pretrained(str(run / "ar" / "model"))
-    run_sample_stage(str(run), SampleConfig(num_samples=12, chunk_size=6, top_k=32,
-                                            cpus_per_actor=0.5))  # fmt: skip
-    return run
+def run_with_samples(sampled_run) -> Path:
+    """The encoded run (demo shards, untrained tiny RQ-VAE) with an untrained class model
+    (conftest) and 12 samples of it."""
+    run_sample_stage(str(sampled_run), SampleConfig(num_samples=12, chunk_size=6, top_k=32,
+                                                    cpus_per_actor=0.5))  # fmt: skip
+    return sampled_run
 
 
 @pytest.fixture
@@ -166,7 +158,7 @@ def _features(classifier: ImageClassifier, images: np.ndarray) -> np.ndarray:
     return classifier.features_and_logits(torch.from_numpy(images).permute(0, 3, 1, 2))[0].numpy()
 
 
-def test_stage_metrics_match_a_direct_computation(sampled_run, classifier_folder, tmp_path):
+def test_stage_metrics_match_a_direct_computation(run_with_samples, classifier_folder, tmp_path):
     from model.losses import PerceptualLoss
     from tests.test_lpips_weights import lpips_heads_state, torchvision_vgg16_state
 
@@ -177,15 +169,15 @@ def test_stage_metrics_match_a_direct_computation(sampled_run, classifier_folder
                  str(tmp_path / "heads.pth"), "--out", lpips]) == 0  # fmt: skip
     config = EvaluateConfig(lpips_weights=lpips, features="classifier", weights=classifier_folder, cpus_per_actor=0.5,
                             num_actors=2, batch_size=5)  # fmt: skip
-    manifest = run_evaluate_stage(str(sampled_run), config)
-    metrics = json.loads((sampled_run / "eval" / "metrics.json").read_text())
+    manifest = run_evaluate_stage(str(run_with_samples), config)
+    metrics = json.loads((run_with_samples / "eval" / "metrics.json").read_text())
 
     # The same figures computed here without the stage: decode the val shards, reconstruct.
-    shards = json.loads((sampled_run / "shards" / "_manifest.json").read_text())
-    val = [decode_shard(str(sampled_run / "shards" / u["name"]), 32, config.storage)["images"]
+    shards = json.loads((run_with_samples / "shards" / "_manifest.json").read_text())
+    val = [decode_shard(str(run_with_samples / "shards" / u["name"]), 32, config.storage)["images"]
            for u in shards["units"] if u["name"].startswith("val-")]  # fmt: skip
     images = np.concatenate(val)
-    vae = RQVAE.from_pretrained(str(sampled_run / "vae" / "model"))
+    vae = RQVAE.from_pretrained(str(run_with_samples / "vae" / "model"))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     recon = vae.decode_codes(vae.encode(x)).clamp(-1, 1)
     mse = (recon - x).pow(2).flatten(1).mean(1)
@@ -207,54 +199,54 @@ def test_stage_metrics_match_a_direct_computation(sampled_run, classifier_folder
     assert "fid" not in metrics["samples"] and metrics["samples"]["images"] == 12
     assert metrics["samples"]["precision_recall"]["reference_images"] == 12
     assert set(metrics["samples"]["demo_fid_per_class"]) == {"0", "1", "2", "3"}
-    report = (sampled_run / "eval" / "report.md").read_text()
+    report = (run_with_samples / "eval" / "report.md").read_text()
     assert "demo FID (classifier features, not Inception)" in report
-    assert (sampled_run / "eval" / "psnr-per-depth.png").stat().st_size > 1000
-    with np.load(sampled_run / "eval" / "reference.npz") as reference:
+    assert (run_with_samples / "eval" / "psnr-per-depth.png").stat().st_size > 1000
+    with np.load(run_with_samples / "eval" / "reference.npz") as reference:
         assert int(reference["count"]) == metrics["reference"]["images"] > 0
     assert manifest.counts["samples_images"] == 12
 
     # A re-run is a no-op; a lost unit is redone alone and the figures do not move.
-    units = sampled_run / "eval" / "units"
+    units = run_with_samples / "eval" / "units"
     before = {p.name: p.stat().st_mtime_ns for p in units.iterdir()}
-    assert run_evaluate_stage(str(sampled_run), config).fingerprint == manifest.fingerprint
+    assert run_evaluate_stage(str(run_with_samples), config).fingerprint == manifest.fingerprint
     assert {p.name: p.stat().st_mtime_ns for p in units.iterdir()} == before
-    (sampled_run / "eval" / "_manifest.json").unlink()
+    (run_with_samples / "eval" / "_manifest.json").unlink()
     lost = sorted(units.glob("train-*.json"))[0]
     lost.unlink()
-    run_evaluate_stage(str(sampled_run), config)
+    run_evaluate_stage(str(run_with_samples), config)
     after = {p.name: p.stat().st_mtime_ns for p in units.iterdir()}
     changed = {n for n in after if after[n] != before.get(n)}
     assert changed == {lost.name, lost.with_suffix(".npz").name}
-    assert json.loads((sampled_run / "eval" / "metrics.json").read_text()) == metrics
+    assert json.loads((run_with_samples / "eval" / "metrics.json").read_text()) == metrics
 
 
-def test_inception_features_through_the_cli_and_a_reference_file(sampled_run, inception_file,
+def test_inception_features_through_the_cli_and_a_reference_file(run_with_samples, inception_file,
                                                                  tmp_path, capsys):  # fmt: skip
-    code = main(["evaluate", "--run-dir", str(sampled_run), "reference=val",
+    code = main(["evaluate", "--run-dir", str(run_with_samples), "reference=val",
                  f"weights={inception_file}", "cpus_per_actor=0.5", "batch_size=8"])  # fmt: skip
     assert code == 0
-    metrics = json.loads((sampled_run / "eval" / "metrics.json").read_text())
+    metrics = json.loads((run_with_samples / "eval" / "metrics.json").read_text())
     assert {"fid", "inception_score", "precision_recall"} <= set(metrics["samples"])
     assert metrics["features"]["kind"] == "inception" and "rfid" in metrics["vae"]
     assert "FID" in capsys.readouterr().out
     assert "clip_score" not in metrics["samples"]  # no clip= given
     # The same statistics from a user's reference file: the same FID, no precision/recall.
-    shutil.copy(sampled_run / "eval" / "reference.npz", tmp_path / "ref.npz")
-    assert main(["evaluate", "--run-dir", str(sampled_run), "--overwrite",
+    shutil.copy(run_with_samples / "eval" / "reference.npz", tmp_path / "ref.npz")
+    assert main(["evaluate", "--run-dir", str(run_with_samples), "--overwrite",
                  f"reference={tmp_path / 'ref.npz'}", f"weights={inception_file}",
                  "reconstructions=false", "cpus_per_actor=0.5"]) == 0  # fmt: skip
-    from_file = json.loads((sampled_run / "eval" / "metrics.json").read_text())
+    from_file = json.loads((run_with_samples / "eval" / "metrics.json").read_text())
     assert from_file["samples"]["fid"] == pytest.approx(metrics["samples"]["fid"], rel=1e-9)
     assert from_file["samples"]["precision_recall"].startswith("not computed")
     assert "vae" not in from_file
 
 
-def test_bad_configuration_is_refused_with_what_to_do(sampled_run, tmp_path, capsys):
+def test_bad_configuration_is_refused_with_what_to_do(run_with_samples, tmp_path, capsys):
     with pytest.raises(ValueError, match="needs weights=FOLDER"):
         EvaluateConfig(features="classifier")
     with pytest.raises(ValueError, match=r"must be one of .*'clip'"):
         EvaluateConfig(features="clip")
     assert EvaluateConfig(features="classifier", enabled=False).weights is None
-    code = main(["evaluate", "--run-dir", str(sampled_run), f"weights={tmp_path / 'no.pth'}"])
+    code = main(["evaluate", "--run-dir", str(run_with_samples), f"weights={tmp_path / 'no.pth'}"])
     assert code == 1 and "Inception weights not found" in capsys.readouterr().err

@@ -1,5 +1,4 @@
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +12,6 @@ from model.rqvae import RQVAE
 from pipeline.cli import main
 from pipeline.formats.codes_table import codes_array, table_metadata
 from pipeline.stages.sample import SampleConfig, run_sample_stage
-
-
-@pytest.fixture
-def sampled_run(encoded_run, tmp_path) -> Path:
-    """The encoded run plus a seeded, untrained class-conditional RQ-Transformer in
-    RUN/ar/model built on its VAE's codebook."""
-    run = tmp_path / "run"
-    shutil.copytree(encoded_run, run)
-    vae = RQVAE.from_pretrained(str(run / "vae" / "model"))
-    config = RQTransformerConfig.preset("tiny", code_shape=[8, 8, 4], codebook_size=256,
-                                        num_classes=4)  # fmt: skip
-    torch.manual_seed(0)
-    RQTransformer(config, vae.quantizer.codebooks).save_pretrained(str(run / "ar" / "model"))
-    return run
 
 
 def sample_config(**kw) -> SampleConfig:
