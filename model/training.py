@@ -203,6 +203,8 @@ def ar_train_step(
         depth_loss = depth_loss.detach() / n
         per_depth = depth_loss if per_depth is None else per_depth + depth_loss
     grad_norm = torch.nn.utils.clip_grad_norm_(forward.parameters(), config.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     terms = {**sums, "lr": config.lr * scale, "grad_norm": float(grad_norm)}
     for d, value in enumerate(per_depth.tolist()):

@@ -3,6 +3,7 @@ from an exported model, append-only metrics, experiment tracking, and inputs too
 batch. Real Ray, real files; the training stages run for a few steps."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,71 @@ def test_wandb_tracker_offline(tmp_path, monkeypatch):
     assert "s3cr3t" not in str(dict(tracker.run.config))
     tracker.close()
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/curves.png_*.png"))
+
+
+def _loop_with_one_checkpoint(config):
+    """Six steps; the checkpoint of step 2 carries `payload`; each step done is written to the
+    local file `progress` (the test reads it while the upload is held)."""
+    from pipeline.core.training import report_checkpoint, train_worker_setup
+
+    rank, _, _ = train_worker_setup(1)
+    for step in range(1, 7):
+        if step == 2:
+            report_checkpoint(step, rank, lambda d: Path(d, "payload.bin").write_bytes(
+                config["payload"]))  # fmt: skip
+        Path(config["progress"]).write_text(str(step))
+
+
+def test_checkpoint_upload_does_not_block_the_step_loop(ray_local, s3_bucket, s3_endpoint,
+                                                        tmp_path):  # fmt: skip
+    """Point 7 of issue 17: a proxy in front of S3 holds every request into a Ray Train
+    checkpoint folder until the test releases it. The loop must get to its last step while the
+    checkpoint's upload is held; once released, the checkpoint lands whole."""
+    import os
+    import threading
+
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.core.storage import StorageConfig
+    from pipeline.core.training import train_run_config
+    from tests.tcp_proxy import Proxy
+
+    bucket, client = s3_bucket
+    release, progress = tmp_path / "release", tmp_path / "progress"
+    proxy = Proxy(s3_endpoint, hold=(r"(PUT|POST) /\S*/checkpoint_\d{4}-", str(release)))
+    proxy.start()
+    seen: dict[str, object] = {}
+
+    def watch() -> None:  # on the test's side: wait for the hold, then for the last step
+        seen["held"] = proxy.process.stdout.readline().strip() == b"held"
+        deadline = time.time() + 60
+        while time.time() < deadline and not (progress.exists() and progress.read_text() == "6"):
+            time.sleep(0.02)
+        seen["last_step"] = progress.read_text() if progress.exists() else None
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="run/")
+        seen["payloads"] = [o["Key"] for page in pages for o in page.get("Contents", [])
+                            if o["Key"].endswith("payload.bin")]  # fmt: skip
+        release.touch()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    payload = os.urandom(3 << 20)
+    storage = Storage(StorageConfig(endpoint_url=proxy.url))
+    try:
+        result = TorchTrainer(
+            _loop_with_one_checkpoint,
+            train_loop_config={"payload": payload, "progress": str(progress)},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+            run_config=train_run_config(f"s3://{bucket}/run", "ar", 0, 2, storage),
+        ).fit()
+    finally:
+        release.touch()
+        proxy.stop()
+    watcher.join(timeout=10)
+    assert seen.get("held"), "the proxy never held a checkpoint upload"
+    assert seen.get("last_step") == "6", "the loop waited on the held upload"
+    assert seen.get("payloads") == [], "the checkpoint was stored before the proxy released it"
+    # Released: the upload finished before fit() returned, and the checkpoint is whole.
+    key = f"{result.checkpoint.path.split('/', 1)[1]}/payload.bin"
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == payload

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.core.storage import Storage, StorageConfig
 from pipeline.demo.data import demo_listing, write_demo_dataset
-from tests.conftest import free_port
+from tests.tcp_proxy import Proxy
 
 pytestmark = pytest.mark.slow  # end to end: whole stages on Ray (make test-fast skips them)
 
@@ -48,26 +48,6 @@ def s3_input(s3_bucket, tmp_path):
         client.upload_file(str(path), bucket, key)
     client.upload_file(str(demo_listing(tmp_path / "in")), bucket, "in.csv")
     return bucket, client
-
-
-class Proxy:
-    """tests/tcp_proxy.py in its own process group, in front of the S3 endpoint."""
-
-    def __init__(self, target: str) -> None:
-        self.port, self.target_port = free_port(), int(target.rsplit(":", 1)[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.tcp_proxy", str(self.port), str(self.target_port)],
-            cwd=REPO, stdout=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
-        assert self.process.stdout.readline().strip() == b"listening"
-
-    def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
 
 
 def object_count(client, bucket: str, prefix: str, suffix: str = "") -> int:

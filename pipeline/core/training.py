@@ -230,24 +230,52 @@ def latest_checkpoint_step(storage: Any, stage_dir: str) -> int:
     re-submitted stage resumes from."""
     from pipeline.core.storage import join
 
-    steps = [dict(json.loads(storage.read_bytes(uri))["__dict__"])["step"]  # core/checkpoint.py
-             for uri in storage.glob(join(stage_dir, "checkpoint_*", "trainer.json"))]  # fmt: skip
+    steps = []
+    for uri in storage.glob(join(stage_dir, "checkpoint_*", "trainer.json")):
+        trainer = json.loads(storage.read_bytes(uri))
+        if "__dict__" in trainer:  # core/checkpoint.py's layout (DDP); else core/fsdp.py's
+            trainer = {k: v for k, v in trainer["__dict__"] if isinstance(k, str)}
+        steps.append(trainer["step"])
     return max(steps, default=0)
 
 
-def report_checkpoint(step: int, rank: int, write: Callable[[str], None]) -> None:
-    """Inside a Ray Train loop: every rank reports (a barrier); rank 0 writes the checkpoint
-    files with `write(directory)` and hands them to Ray Train."""
+# Rank 0's checkpoint folders handed to Ray Train and not yet uploaded (Ray deletes each one
+# when its upload is done). At most MAX_PENDING_UPLOADS at a time: a bounded queue, so a store
+# slower than `checkpoint_every` costs the loop a wait, never unbounded local disk.
+_pending_uploads: list[str] = []
+MAX_PENDING_UPLOADS = 2
+
+
+def report_checkpoint(step: int, rank: int, write: Callable[[str], None],
+                      every_rank: bool = False) -> None:  # fmt: skip
+    """Inside a Ray Train loop: every rank reports (a barrier); rank 0 (or, `every_rank`, each
+    rank: a sharded checkpoint's shards, which Ray Train merges into one checkpoint) writes the
+    checkpoint files with `write(directory)` into a local folder and hands them to Ray Train,
+    which uploads them on its own thread (`CheckpointUploadMode.ASYNC`, Ray >= 2.50): the step
+    loop goes on while the files travel to S3. The training function's return waits for the
+    last upload, so a stage's export always finds its final checkpoint."""
+    import os
     import tempfile
 
     import ray.train
+    from ray.train.v2.api.report_config import CheckpointUploadMode
 
-    if rank != 0:
-        ray.train.report({"step": step}, checkpoint=None)
+    if rank != 0 and not every_rank:
+        ray.train.report({"step": step}, checkpoint=None,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip
         return
-    with tempfile.TemporaryDirectory() as directory:
-        write(directory)
-        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    _pending_uploads[:] = [d for d in _pending_uploads if os.path.exists(d)]
+    if len(_pending_uploads) >= MAX_PENDING_UPLOADS:
+        sys.__stdout__.write(f"step {step}: waiting for {len(_pending_uploads)} checkpoint "
+                             f"uploads (storage is slower than checkpoint_every)\n")  # fmt: skip
+        while len(_pending_uploads) >= MAX_PENDING_UPLOADS:
+            time.sleep(0.05)
+            _pending_uploads[:] = [d for d in _pending_uploads if os.path.exists(d)]
+    directory = tempfile.mkdtemp(prefix=f"rqpipe-checkpoint-{step}-")
+    write(directory)
+    _pending_uploads.append(directory)
+    ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip
 
 
 def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: int, storage: Any):

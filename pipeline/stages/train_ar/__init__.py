@@ -23,7 +23,9 @@ validation loss, tokens/s and model TFLOP/s per worker; object stores: `metrics/
 `curves.png`, `samples.png` (a row of samples per class, or per val caption, at each
 checkpoint, decoded with the VAE; `samples.txt` names a caption model's rows), `config.yaml`,
 and at the end `model/` (safetensors + config.json, + tokenizer.json) and `_manifest.json`.
-Resume, extension and `init_from` work as in train-vae.
+Resume, extension and `init_from` work as in train-vae. `strategy: fsdp` shards the parameters,
+gradients and Adam state over the workers (pipeline/core/fsdp.py: the billion-parameter presets);
+its checkpoints are sharded, and a run may change `strategy` when it resumes.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ __all__ = ["SamplePreview", "TrainARConfig", "run_train_ar_stage", "train_datase
 FORMAT_VERSION = 1
 TARGETS = ("hard", "soft")
 CONDITIONINGS = ("class", "text")
+STRATEGIES = ("ddp", "fsdp")
 # set by the tables (and the tokenizer), not the user
 DATA_FIELDS = ("code_shape", "codebook_size", "num_classes", "text_vocab_size", "text_length")
 
@@ -73,7 +76,7 @@ DATA_FIELDS = ("code_shape", "codebook_size", "num_classes", "text_vocab_size", 
 class TrainARConfig:
     section: ClassVar[str] = "train_ar"
     execution_fields: ClassVar[tuple[str, ...]] = (
-        "vae", "use_gpu", "compile", "cpus_per_worker", "threads_per_worker", "log_every",
+        "vae", "use_gpu", "compile", "strategy", "cpus_per_worker", "threads_per_worker", "log_every",
         "checkpoint_every", "num_to_keep", "max_failures", "val_rows", "preview_per_class",
         "storage", "tracking",
         "init_from",  # fingerprinted as the model's own fingerprint (upstream "init_from")
@@ -97,6 +100,7 @@ class TrainARConfig:
     seed: int = 0
     grad_accum_steps: int = 1
     num_workers: int = 1
+    strategy: str = "ddp"  # or "fsdp": parameters, gradients and Adam state sharded (core/fsdp.py)
     bf16: bool = True  # autocast on GPU
     compile: bool = False  # torch.compile the model's forward (and backward); off: eager
     vae: str | None = None  # the RQ-VAE whose codebook the tables use; default RUN/vae/model
@@ -118,6 +122,8 @@ class TrainARConfig:
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning={self.conditioning!r}: use one of "
                              f"{list(CONDITIONINGS)}")  # fmt: skip
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}: use one of {list(STRATEGIES)}")
         if self.soft_temperature <= 0:
             raise ValueError(f"soft_temperature must be > 0, got {self.soft_temperature}")
         fixed = sorted(set(self.model) & set(DATA_FIELDS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from functools import partial
 from typing import Any
 
@@ -10,11 +11,20 @@ import numpy as np
 import torch
 
 from model.flops import rqtransformer_flops_per_sample, throughput_terms
-from model.rqtransformer import RQTransformer, RQTransformerConfig
+from model.rqtransformer import Block, RQTransformer, RQTransformerConfig
 from model.serialization import init_from_pretrained
 from model.training import ar_train_step, build_optimizer, soft_quantizer, validation_loss
 from pipeline.core.checkpoint import load_state, save_state
 from pipeline.core.config import to_dict
+from pipeline.core.fsdp import (
+    SHARDED_DIR,
+    full_model_state,
+    is_sharded,
+    load_full_into_sharded,
+    load_sharded,
+    save_sharded,
+    shard_model,
+)
 from pipeline.core.storage import Storage, join
 from pipeline.core.tracking import open_tracker
 from pipeline.core.training import (
@@ -61,16 +71,50 @@ class SamplePreview:
             save_png(grid, uri, storage_options)
 
 
-def _save_checkpoint(model: RQTransformer, optimizer, step: int, directory: str) -> None:
+def _save_checkpoint(model: RQTransformer, optimizer, step: int, rank: int,
+                     directory: str) -> None:  # fmt: skip
+    if is_sharded(model):  # collective: each rank its shards
+        save_sharded(model, optimizer, step, directory, rank)
+        return
     save_state({"model": model.state_dict()}, directory, "model")
     save_state({"step": step, "optimizer": optimizer.state_dict()}, directory, "trainer")
 
 
 def _load_checkpoint(model: RQTransformer, optimizer, directory: str) -> int:
-    model.load_state_dict(load_state(directory, "model")["model"])
+    """Either layout into either strategy (a run may change `strategy` when it resumes)."""
+    if os.path.isdir(os.path.join(directory, SHARDED_DIR)):
+        return load_sharded(model, optimizer, directory)
+    model_state = load_state(directory, "model")["model"]
     trainer = load_state(directory, "trainer")
-    optimizer.load_state_dict(trainer["optimizer"])
+    if is_sharded(model):
+        load_full_into_sharded(model, optimizer, model_state, trainer["optimizer"])
+    else:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(trainer["optimizer"])
     return int(trainer["step"])
+
+
+class RankZeroCopy:
+    """Under FSDP no rank holds the whole model, but validation, the preview and the export
+    want it: rank 0 keeps an unsharded copy, refreshed from the shards (a collective every rank
+    joins) at most once per step. Without FSDP the model itself."""
+
+    def __init__(self, model: RQTransformer, rank: int, code_embeddings: torch.Tensor,
+                 device: torch.device) -> None:  # fmt: skip
+        self.model, self.step = model, -1
+        self.copy = model
+        if is_sharded(model):
+            with torch.random.fork_rng(devices=[]):  # its init must not move rank 0's RNG
+                copy = RQTransformer(model.config, code_embeddings) if rank == 0 else None
+            self.copy = copy.to(device) if copy is not None else None
+
+    def at(self, step: int) -> RQTransformer | None:
+        if self.copy is not self.model and self.step != step:
+            state = full_model_state(self.model)  # every rank; only rank 0 gets the tensors
+            if self.copy is not None:
+                self.copy.load_state_dict(state)
+            self.step = step
+        return self.copy
 
 
 def train_ar_worker(loop_config: dict[str, Any]) -> None:
@@ -90,22 +134,26 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)  # same seed on every rank: identical initial weights
     code_embeddings = torch.tensor(loop_config["code_embeddings"])  # (books, K, C)
     model = RQTransformer(model_config, code_embeddings)
-    optimizer = build_optimizer(model, config)
-    start = 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            start = _load_checkpoint(model, optimizer, directory)
-    elif config.init_from:  # fine-tuning: the exported model's weights, a fresh optimizer
+    if checkpoint is None and config.init_from:  # fine-tuning: its weights, a fresh optimizer
         init_from_pretrained(model, config.init_from, storage.options(config.init_from))
         if not torch.equal(model.code_embeddings, code_embeddings.float()):
             raise ValueError(f"init_from={config.init_from} was trained on the codes of another "
                              f"RQ-VAE than the one that encoded these tables")  # fmt: skip
     model.to(device)
-    optimizer.load_state_dict(optimizer.state_dict())  # loaded state follows the parameters
-    forward = ray.train.torch.prepare_model(model) if world > 1 else model
+    if config.strategy == "fsdp":  # each transformer block a shard group
+        shard_model(model, (Block,))
+    optimizer = build_optimizer(model, config)  # after sharding: over the DTensor parameters
+    start = 0
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = _load_checkpoint(model, optimizer, directory)
+    forward = model
+    if world > 1 and config.strategy == "ddp":
+        forward = ray.train.torch.prepare_model(model)
     if config.compile:  # the forward and its backward through torch.compile (inductor)
         forward = torch.compile(forward)
+    whole = RankZeroCopy(model, rank, code_embeddings, device)
     quantizer = (
         soft_quantizer(code_embeddings, model_config.depth).to(device)
         if config.targets == "soft"
@@ -133,14 +181,18 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
 
     flops_per_row = rqtransformer_flops_per_sample(model_config, code_embeddings.shape[-1])
 
-    def log(step: int, terms: dict[str, float]) -> None:
+    def log(step: int, terms: dict[str, float]) -> None:  # every rank: whole.at is collective
+        evaluated = whole.at(step)
+        if metrics is None:
+            return
         rows_per_s = terms.pop("rows_per_s_per_worker")
         terms["tokens_per_s_per_worker"] = rows_per_s * tokens_per_row
         terms.update(throughput_terms(rows_per_s, flops_per_row, device))
-        terms.update(validation_loss(model, val, condition, quantizer, config))
+        terms.update(validation_loss(evaluated, val, condition, quantizer, config))
         metrics.write({"step": step, **terms})
 
     def save(step: int) -> None:
+        evaluated = whole.at(step) if config.preview_per_class > 0 else None
         if metrics is not None:
             grids = []
             if preview is not None:
@@ -148,14 +200,16 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
                     join(ar_dir, "samples.png"),
                     join(ar_dir, "samples", f"step-{step:07d}.png"),
                 ]
-                preview.write(model, grids, storage.options(ar_dir))
+                preview.write(evaluated, grids, storage.options(ar_dir))
             metrics.checkpoint(step, grids[:1])
-        report_checkpoint(step, rank, partial(_save_checkpoint, model, optimizer, step))
+        report_checkpoint(step, rank, partial(_save_checkpoint, model, optimizer, step, rank),
+                          every_rank=is_sharded(model))  # fmt: skip
 
     run_steps(ray.train.get_dataset_shard("train"), config, device, start, rank, train_step,
-              log if metrics is not None else lambda step, terms: None, save)  # fmt: skip
+              log, save)  # fmt: skip
+    final = whole.at(config.steps)
     if metrics is not None:
-        model.eval().save_pretrained(join(ar_dir, "model"), storage.options(ar_dir))
+        final.eval().save_pretrained(join(ar_dir, "model"), storage.options(ar_dir))
         if condition == "text":  # the tokenizer travels with the model
             storage.write_bytes(join(ar_dir, "model", "tokenizer.json"),
                                 loop_config["tokenizer_json"].encode())  # fmt: skip
