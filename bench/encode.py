@@ -25,7 +25,8 @@ from model.rqvae import RQVAE, RQVAEConfig
 from pipeline.core.storage import StorageConfig
 from pipeline.demo.data import write_demo_dataset
 from pipeline.formats.codes_table import codes_table, to_parquet_bytes
-from pipeline.stages.encode import EncodeConfig, decode_shard, run_encode_stage
+from pipeline.formats.shard_tar import decode_shard
+from pipeline.stages.encode import EncodeConfig, run_encode_stage
 from pipeline.stages.shard import ShardConfig, run_shard_stage
 
 BATCH = 256

@@ -131,8 +131,9 @@ class KVCache:
     """Keys and values of one attention layer, preallocated for `capacity` positions."""
 
     def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, like: Tensor):
-        self.k = like.new_zeros(batch, heads, capacity, head_dim)
-        self.v = like.new_zeros(batch, heads, capacity, head_dim)
+        # never read past `length`: no need to zero (a new depth cache every spatial step)
+        self.k = like.new_empty(batch, heads, capacity, head_dim)
+        self.v = like.new_empty(batch, heads, capacity, head_dim)
         self.length = 0
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

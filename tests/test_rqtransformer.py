@@ -114,6 +114,19 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
         sample_logits(logits, temperature=0.0)
 
 
+def test_draw_follows_the_probabilities_and_never_a_filtered_code():
+    from model.sampling import draw
+
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]])
+    drawn = draw(probs.repeat(20000, 1), torch.Generator().manual_seed(0)).view(20000, 2)
+    first = torch.bincount(drawn[:, 0], minlength=5) / 20000
+    assert torch.allclose(first, probs[0], atol=0.015), first  # 4.5 sigma at p = 0.5
+    assert first[1] == 0 and first[4] == 0
+    assert (drawn[:, 1] == 3).all()
+    again = draw(probs.repeat(20000, 1), torch.Generator().manual_seed(0)).view(20000, 2)
+    assert torch.equal(drawn, again)  # seeded
+
+
 def test_overfits_and_regenerates_code_stacks():
     torch.manual_seed(0)
     cfg = RQTransformerConfig(code_shape=[4, 4, 4], codebook_size=64, width=64, heads=4,
