@@ -199,24 +199,28 @@ def test_wandb_tracker_offline(tmp_path, monkeypatch):
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/curves.png_*.png"))
 
 
-def _loop_with_one_checkpoint(config):
-    """Six steps; the checkpoint of step 2 carries `payload`; each step done is written to the
-    local file `progress` (the test reads it while the upload is held)."""
+def _loop_with_checkpoints(config):
+    """Six steps; the checkpoints of steps 2, 3 and 4 carry `payload` and their step; each step
+    done is written to the local file `progress` (the test reads it while uploads are held)."""
     from pipeline.core.training import report_checkpoint, train_worker_setup
+
+    def write(step: int, directory: str) -> None:
+        Path(directory, "payload.bin").write_bytes(config["payload"] + bytes([step]))
 
     rank, _, _ = train_worker_setup(1)
     for step in range(1, 7):
-        if step == 2:
-            report_checkpoint(step, rank, lambda d: Path(d, "payload.bin").write_bytes(
-                config["payload"]))  # fmt: skip
+        if step in (2, 3, 4):
+            report_checkpoint(step, rank, lambda d, step=step: write(step, d))
         Path(config["progress"]).write_text(str(step))
 
 
 def test_checkpoint_upload_does_not_block_the_step_loop(ray_local, s3_bucket, s3_endpoint,
                                                         tmp_path):  # fmt: skip
     """Point 7 of issue 17: a proxy in front of S3 holds every request into a Ray Train
-    checkpoint folder until the test releases it. The loop must get to its last step while the
-    checkpoint's upload is held; once released, the checkpoint lands whole."""
+    checkpoint folder until the test releases it. The loop goes on past a held upload; at two
+    uploads in flight (the bound) the next checkpoint waits; once released, every checkpoint
+    lands whole. (The hold stays under a second: the AWS SDK gives up on a stalled request
+    after about 3 s.)"""
     import os
     import threading
 
@@ -224,21 +228,25 @@ def test_checkpoint_upload_does_not_block_the_step_loop(ray_local, s3_bucket, s3
     from ray.train.torch import TorchTrainer
 
     from pipeline.core.storage import StorageConfig
-    from pipeline.core.training import train_run_config
+    from pipeline.core.training import MAX_PENDING_UPLOADS, train_run_config
     from tests.tcp_proxy import Proxy
 
+    assert MAX_PENDING_UPLOADS == 2  # the loop below is laid out for it
     bucket, client = s3_bucket
     release, progress = tmp_path / "release", tmp_path / "progress"
     proxy = Proxy(s3_endpoint, hold=(r"(PUT|POST) /\S*/checkpoint_\d{4}-", str(release)))
     proxy.start()
     seen: dict[str, object] = {}
+    step_done = lambda: progress.read_text() if progress.exists() else None  # noqa: E731
 
-    def watch() -> None:  # on the test's side: wait for the hold, then for the last step
+    def watch() -> None:  # on the test's side, while the checkpoint of step 2 is held
         seen["held"] = proxy.process.stdout.readline().strip() == b"held"
-        deadline = time.time() + 60
-        while time.time() < deadline and not (progress.exists() and progress.read_text() == "6"):
-            time.sleep(0.02)
-        seen["last_step"] = progress.read_text() if progress.exists() else None
+        deadline = time.time() + 30
+        while time.time() < deadline and int(step_done() or 0) < 3:
+            time.sleep(0.01)
+        seen["passed_held_upload"] = int(step_done() or 0) >= 3  # steps 2-3 ran, 3 reported
+        time.sleep(0.5)
+        seen["at_the_bound"] = step_done()  # still "3": step 4's checkpoint waits for a slot
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="run/")
         seen["payloads"] = [o["Key"] for page in pages for o in page.get("Contents", [])
                             if o["Key"].endswith("payload.bin")]  # fmt: skip
@@ -250,18 +258,24 @@ def test_checkpoint_upload_does_not_block_the_step_loop(ray_local, s3_bucket, s3
     storage = Storage(StorageConfig(endpoint_url=proxy.url))
     try:
         result = TorchTrainer(
-            _loop_with_one_checkpoint,
+            _loop_with_checkpoints,
             train_loop_config={"payload": payload, "progress": str(progress)},
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-            run_config=train_run_config(f"s3://{bucket}/run", "ar", 0, 2, storage),
+            run_config=train_run_config(f"s3://{bucket}/run", "ar", 0, 3, storage),
         ).fit()
     finally:
         release.touch()
         proxy.stop()
     watcher.join(timeout=10)
     assert seen.get("held"), "the proxy never held a checkpoint upload"
-    assert seen.get("last_step") == "6", "the loop waited on the held upload"
-    assert seen.get("payloads") == [], "the checkpoint was stored before the proxy released it"
-    # Released: the upload finished before fit() returned, and the checkpoint is whole.
-    key = f"{result.checkpoint.path.split('/', 1)[1]}/payload.bin"
-    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == payload
+    assert seen.get("passed_held_upload"), "the loop waited on the held upload"
+    assert seen.get("at_the_bound") == "3", "a third checkpoint did not wait for a slot"
+    assert seen.get("payloads") == [], "a checkpoint was stored before the proxy released it"
+    # Released: every upload finished before fit() returned, each checkpoint whole.
+    assert step_done() == "6"
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="run/ar/")
+    stored = sorted(o["Key"] for page in pages for o in page.get("Contents", [])
+                    if o["Key"].endswith("payload.bin"))  # fmt: skip
+    bodies = [client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in stored]
+    assert bodies == [payload + bytes([step]) for step in (2, 3, 4)]  # names sort by time
+    assert result.checkpoint.path.endswith(stored[-1].rsplit("/", 1)[0])
