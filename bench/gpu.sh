@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1
   timeout 130 python3 bench/gpu_check.py
   timeout 100 python3 bench/quantizer.py --device cuda
   timeout 180 python3 bench/sampling.py --device cuda --dtype bfloat16 --width 1536 --heads 24 \
-      --spatial-layers 42 --depth-layers 6 --codebook-size 16384 --batches 100 200 500 \
+      --spatial-layers 42 --depth-layers 6 --codebook-size 16384 --batches 8 100 200 500 \
       --uncached-batch 8 --repeats 2
   timeout 60 python3 bench/evaluate.py --device cuda --images 5000 --batch 250
   timeout 60 python3 bench/evaluate.py --device cuda --images 5000 --batch 250 --dtype bfloat16
