@@ -104,6 +104,8 @@ def test_config_errors_name_the_key():
         load_config(TrainARConfig, None, ["model.codebook_size=512"])
     with pytest.raises(ConfigError, match="unknown RQ-Transformer config keys"):
         load_config(TrainARConfig, None, ["model.widht=64"])
+    with pytest.raises(ConfigError, match=r"strategy='zero3': use one of \['ddp', 'fsdp'\]"):
+        load_config(TrainARConfig, None, ["strategy=zero3"])
 
 
 @pytest.mark.slow
