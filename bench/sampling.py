@@ -5,7 +5,9 @@ VQ-GAN comparison: same width, same number of layers, same parameter count.
     python bench/sampling.py --device cuda --width 1536 --batches 100 200 500 --dtype bfloat16
 
 Both models sample with KV caches; the uncached samplers (a full forward per token) are
-measured too, at a small batch. Figures are samples/s, best of --repeats.
+measured too, at a small batch. The RQ-Transformer also samples with static caches (fixed-shape
+steps, recorded as CUDA graphs on a GPU: `generate(static=True)`), with the fraction of codes
+equal to the growing caches' for the same seed. Figures are samples/s, best of --repeats.
 """
 
 from __future__ import annotations
@@ -32,17 +34,20 @@ def build(shape: list[int], spatial: int, depth: int, args: argparse.Namespace) 
     return model.to(dtype=getattr(torch, args.dtype)).eval()
 
 
-def samples_per_s(model: RQTransformer, batch: int, cached: bool, args) -> float:
+def samples_per_s(model: RQTransformer, batch: int, cached: bool, args,
+                  static: bool = False) -> tuple[float, torch.Tensor]:  # fmt: skip
+    """-> (samples/s, best of repeats; the codes of the last repeat)."""
     labels = torch.arange(batch, device=args.device) % 10
     best = float("inf")
     for _ in range(args.repeats):
         generator = torch.Generator(device=args.device).manual_seed(0)
         start = time.perf_counter()
-        model.generate(labels=labels, generator=generator, use_cache=cached)
+        codes = model.generate(labels=labels, generator=generator, use_cache=cached,
+                               static=static)  # fmt: skip
         if args.device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    return batch / best
+    return batch / best, codes
 
 
 def main() -> None:
@@ -69,16 +74,19 @@ def main() -> None:
           f"{rq.num_parameters() / 1e6:.1f}M params, {rq_steps} layer-steps/sample")  # fmt: skip
     print(f"flat 16x16x1 : {layers} layers, {flat.num_parameters() / 1e6:.1f}M params, "
           f"{256 * layers} layer-steps/sample (ratio {256 * layers / rq_steps:.2f})")  # fmt: skip
-    print(
-        f"{'batch':>6} {'sampler':<10} {'rq samples/s':>13} {'flat samples/s':>15} {'rq/flat':>8}"
-    )
+    print(f"{'batch':>6} {'sampler':<10} {'rq samples/s':>13} {'flat samples/s':>15} "
+          f"{'rq/flat':>8} {'rq static samples/s':>20} {'static/growing':>15} "
+          f"{'same codes':>11}")  # fmt: skip
     for batch in args.batches:
-        r, f = samples_per_s(rq, batch, True, args), samples_per_s(flat, batch, True, args)
-        print(f"{batch:>6} {'cached':<10} {r:>13.2f} {f:>15.2f} {r / f:>8.2f}", flush=True)
+        (r, codes), (f, _) = samples_per_s(rq, batch, True, args), samples_per_s(flat, batch, True, args)  # fmt: skip
+        rs, static_codes = samples_per_s(rq, batch, True, args, static=True)
+        same = (codes == static_codes).float().mean().item()
+        print(f"{batch:>6} {'cached':<10} {r:>13.2f} {f:>15.2f} {r / f:>8.2f} {rs:>20.2f} "
+              f"{rs / r:>15.2f} {same:>11.1%}", flush=True)  # fmt: skip
     b = args.uncached_batch
     args.repeats = 1
-    r, f = samples_per_s(rq, b, False, args), samples_per_s(flat, b, False, args)
-    rc = samples_per_s(rq, b, True, args)
+    (r, _), (f, _) = samples_per_s(rq, b, False, args), samples_per_s(flat, b, False, args)
+    rc, _ = samples_per_s(rq, b, True, args)
     print(f"{b:>6} {'uncached':<10} {r:>13.3f} {f:>15.3f} {r / f:>8.2f}")
     print(f"rq cached vs uncached at batch {b}: {rc / r:.1f}x")
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.kv_cache import KVCache, StaticCaches, StaticKVCache
 from model.quantizer import embed_codes
 from model.sampling import SamplingPlan, generate_cached, generate_uncached, one_per_depth
 from model.serialization import ModelConfig, Pretrained
@@ -127,22 +128,6 @@ class RQTransformerConfig(ModelConfig):
         return self.code_shape[2]
 
 
-class KVCache:
-    """Keys and values of one attention layer, preallocated for `capacity` positions."""
-
-    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, like: Tensor):
-        # never read past `length`: no need to zero (a new depth cache every spatial step)
-        self.k = like.new_empty(batch, heads, capacity, head_dim)
-        self.v = like.new_empty(batch, heads, capacity, head_dim)
-        self.length = 0
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = self.length + k.shape[2]
-        self.k[:, :, self.length : end], self.v[:, :, self.length : end] = k, v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, attn_dropout: float, dropout: float) -> None:
         super().__init__()
@@ -151,7 +136,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | StaticKVCache | None = None) -> Tensor:
         b, n, e = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, e // self.heads).permute(2, 0, 3, 1, 4)
         # q, k, v: (B, heads, n, head_dim)
@@ -159,10 +144,7 @@ class CausalSelfAttention(nn.Module):
             p = self.attn_dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
-            if n != 1 and cache.length:
-                raise ValueError("cached attention takes a prefix, then one position at a time")
-            k, v = cache.append(k, v)  # the new position attends to itself and all before
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1)  # n > 1: a prefix
+            out = cache.attend(q, k, v)  # (B, heads, n, head_dim)
         return self.resid_dropout(self.proj(out.transpose(1, 2).reshape(b, n, e)))
 
 
@@ -181,7 +163,7 @@ class Block(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | StaticKVCache | None = None) -> Tensor:
         x = x + self.attn(self.ln1(x), cache)
         return x + self.mlp(self.ln2(x))
 
@@ -194,14 +176,18 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(layers))
         self.ln_f = nn.LayerNorm(cfg.width) if final_norm else nn.Identity()
 
-    def forward(self, x: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+    def forward(self, x: Tensor, caches: list[KVCache] | StaticCaches | None = None) -> Tensor:
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i])
         return self.ln_f(x)
 
-    def new_caches(self, batch: int, capacity: int, like: Tensor) -> list[KVCache]:
+    def new_caches(self, batch: int, capacity: int, like: Tensor,
+                   static: bool = False) -> list[KVCache] | StaticCaches:  # fmt: skip
+        """One cache per block for `capacity` positions: growing, or static (fixed shapes)."""
         heads = self.blocks[0].attn.heads if len(self.blocks) else 1
         head_dim = like.shape[-1] // heads
+        if static:
+            return StaticCaches(len(self.blocks), batch, heads, capacity, head_dim, like)
         return [KVCache(batch, heads, capacity, head_dim, like) for _ in self.blocks]
 
 
@@ -394,17 +380,24 @@ class RQTransformer(Pretrained, nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         text: Tensor | None = None,
+        static: bool | None = None,
     ) -> Tensor:
         """Sample code stacks (B, H, W, D).
 
         top_k / top_p may be one value or one per depth. cfg_scale != 1 runs the conditional
         and unconditional passes in one doubled batch (classifier-free guidance). With
         use_cache=False every token costs a full forward pass: the slow reference that the
-        cached sampler is tested against.
+        cached sampler is tested against. static: fixed-shape KV caches, whose steps are
+        recorded as CUDA graphs on a GPU (a launch per step, not one per kernel); None: on a
+        CUDA model only (on a CPU the growing caches are faster: no masked positions).
         """
         plan = self._sampling_plan(num_samples, labels, temperature, top_k, top_p, cfg_scale,
                                    generator, text)  # fmt: skip
-        return generate_cached(self, plan) if use_cache else generate_uncached(self, plan)
+        if not use_cache:
+            return generate_uncached(self, plan)
+        if static is None:
+            static = self.pos_embedding.device.type == "cuda"
+        return generate_cached(self, plan, static)
 
     # -- artifacts ------------------------------------------------------------------------------
 

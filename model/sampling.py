@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model.sampling_steps import DynamicSteps, StaticSteps
+
 
 def sample_logits(
     logits: Tensor,
@@ -86,8 +88,10 @@ class SamplingPlan:
                              self.generator)  # fmt: skip
 
 
-def generate_cached(model: Any, plan: SamplingPlan) -> Tensor:
-    """KV caches in both transformers: one spatial step per position, D depth steps in it."""
+def generate_cached(model: Any, plan: SamplingPlan, static: bool = False) -> Tensor:
+    """KV caches in both transformers: one spatial step per position, D depth steps in it.
+    static: fixed-shape caches and steps (model/sampling_steps.py), recorded as CUDA graphs
+    when the model is on a GPU; the same codes as the growing caches, up to rounding."""
     batch, rows = plan.batch, plan.rows
     h, w, d = model.config.code_shape
     device = model.pos_embedding.device
@@ -95,19 +99,21 @@ def generate_cached(model: Any, plan: SamplingPlan) -> Tensor:
 
     prefix, start = model.condition(plan.labels, plan.text, rows, device)
     x = (start + model.pos_embedding[0]).unsqueeze(1)  # (R, 1, E)
-    prefix_length = 0 if prefix is None else prefix.shape[1]
-    spatial_caches = model.spatial.new_caches(rows, prefix_length + h * w, x)
-    if prefix_length:
-        model.spatial(prefix, spatial_caches)  # fills the caches with the caption
+    capacity = h * w + (0 if prefix is None else prefix.shape[1])
+    if static:
+        steps: Any = StaticSteps(model, rows, capacity, x, capture=device.type == "cuda")
+    else:
+        steps = DynamicSteps(model, rows, capacity, x)
+    if prefix is not None:
+        steps.prefill(prefix)  # the caption into the spatial caches
     per_depth_books = model.code_embeddings.shape[0] > 1  # else one book shared by all depths
     for t in range(h * w):
-        h_t = model.spatial(x, spatial_caches)  # (R, 1, E)
-        depth_caches = model.depth_transformer.new_caches(rows, d, x)
+        h_t = steps.spatial(x)  # (R, 1, E)
+        steps.next_position()
         u = h_t + model.depth_embedding[0]
         partial = None
         for depth in range(d):
-            out = model.depth_transformer(u, depth_caches)  # (R, 1, E)
-            code = plan.pick(model.head(out[:, 0]), depth)  # (B,)
+            code = plan.pick(steps.depth(u), depth)  # (R, K) logits -> (B,)
             codes[:, t, depth] = code
             embedding = model.code_embeddings[depth if per_depth_books else 0][code]  # (B, C)
             if rows != batch:

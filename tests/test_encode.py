@@ -16,7 +16,7 @@ from model.rqvae import RQVAE, RQVAEConfig
 from pipeline.core.storage import Storage, StorageConfig
 from pipeline.demo.data import write_demo_dataset
 from pipeline.formats.codes_table import codes_array, table_metadata
-from pipeline.stages.encode import EncodeConfig, decode_shard, run_encode_stage
+from pipeline.stages.encode import EncodeConfig, decode_shard, run_encode_stage, shards_in_flight
 from pipeline.stages.shard import ShardConfig, run_shard_stage
 from pipeline.tools.analysis import code_stats, query, read_codes
 
@@ -57,7 +57,7 @@ def test_encode_local_tables(ray_local, demo_images, tmp_path):
     run = str(tmp_path / "run")
     model = prepared_run(demo_images, run, StorageConfig())
     config = EncodeConfig(num_actors=2, with_psnr=True, with_latents=True, batch_size=5,
-                          cpus_per_actor=0.5)  # fmt: skip
+                          cpus_per_actor=0.5, shards_in_flight=4)  # all shards queued at once  # fmt: skip
     manifest = run_encode_stage(run, config)
     codes_dir = tmp_path / "run" / "codes"
     shards = json.loads((tmp_path / "run" / "shards" / "_manifest.json").read_text())
@@ -98,6 +98,19 @@ def test_encode_local_tables(ray_local, demo_images, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in codes_dir.iterdir()}
     run_encode_stage(run, config)  # a no-op
     assert {p.name: p.stat().st_mtime_ns for p in codes_dir.iterdir()} == before
+
+
+def test_shards_in_flight_follow_the_free_cores():
+    auto = EncodeConfig()  # cpus_per_actor 1
+    assert shards_in_flight(auto, actors=1, cluster_cpus=2) == 2  # the demo: one ahead
+    assert shards_in_flight(auto, actors=1, cluster_cpus=16) == 16  # a 16-core GPU node
+    assert shards_in_flight(auto, actors=8, cluster_cpus=96) == 12  # 88 free cores, 8 actors
+    assert shards_in_flight(auto, actors=8, cluster_cpus=8) == 2  # no free core: still one ahead
+    assert shards_in_flight(auto, actors=1, cluster_cpus=256) == 16  # bounded: decoded memory
+    assert shards_in_flight(EncodeConfig(shards_in_flight=3), 1, 256) == 3
+    for bad in (1, -1):
+        with pytest.raises(ValueError, match="shards_in_flight"):
+            EncodeConfig(shards_in_flight=bad)
 
 
 def test_bf16_encode_runs_the_bf16_path_and_is_fingerprinted(ray_local, demo_images, tmp_path):

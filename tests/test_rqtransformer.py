@@ -64,6 +64,39 @@ def test_cached_sampler_equals_uncached_reference(options, books):
     assert torch.equal(a, b)
     c = model.generate(**options, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, c), "deterministic given a generator"
+    # the fixed-shape caches and steps (CUDA graphs on a GPU; here the same steps, unrecorded)
+    s = model.generate(**options, static=True, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, s)
+
+
+def test_static_steps_are_one_graph_for_every_position():
+    """What a CUDA graph needs, checked on the CPU: the static spatial step compiles to one
+    graph (no break) that serves every position without recompiling, where the growing caches'
+    step recompiles as its keys lengthen."""
+    from torch._dynamo.testing import CompileCounter
+
+    from model.sampling_steps import DynamicSteps, StaticSteps
+
+    model = small()
+    x = torch.randn(2, 1, 32)  # (R, 1, E)
+    counts = {}
+    for name, steps in [("static", StaticSteps(model, 2, 9, x, capture=False)),
+                        ("dynamic", DynamicSteps(model, 2, 9, x))]:  # fmt: skip
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        step = torch.compile(lambda x, s=steps: s.model.spatial(x, s.spatial_caches),
+                             backend=counter, fullgraph=True, dynamic=False)  # fmt: skip
+        outs = []
+        for _ in range(5):
+            with torch.no_grad():  # as generate runs
+                outs.append(step(x))
+            if name == "static":
+                steps.spatial_caches.position += 1
+        counts[name] = (counter.frame_count, torch.stack(outs))
+    torch._dynamo.reset()
+    assert counts["static"][0] == 1
+    assert counts["dynamic"][0] > 1
+    assert torch.allclose(counts["static"][1], counts["dynamic"][1], atol=1e-5)
 
 
 def test_unconditional_model_and_flat_baseline():
@@ -87,6 +120,9 @@ def test_unconditional_model_and_flat_baseline():
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(flat.generate(num_samples=2, generator=g1),
                        flat.generate(num_samples=2, generator=g2, use_cache=False))  # fmt: skip
+    g3 = torch.Generator().manual_seed(3)
+    assert torch.equal(flat.generate(num_samples=2, generator=g3, static=True),
+                       flat.generate(num_samples=2, generator=torch.Generator().manual_seed(3)))  # fmt: skip
 
 
 def test_soft_target_loss_equals_hard_for_one_hot():

@@ -112,9 +112,9 @@ def test_cached_sampling_with_captions_and_guidance_equals_uncached():
     text = torch.tensor([[3, 4, 5, 0, 0], [7, 1, 0, 0, 0]])
     for cfg_scale in (1.0, 3.0):
         runs = [model.generate(text=text, cfg_scale=cfg_scale, top_k=5, use_cache=cached,
-                               generator=torch.Generator().manual_seed(4))
-                for cached in (True, False)]  # fmt: skip
-        assert torch.equal(*runs), cfg_scale
+                               static=static, generator=torch.Generator().manual_seed(4))
+                for cached, static in [(True, False), (False, None), (True, True)]]  # fmt: skip
+        assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2]), cfg_scale
     a = model.generate(text=text, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a, model.generate(text=text, generator=torch.Generator().manual_seed(9)))
 

@@ -39,7 +39,7 @@ class EncodeConfig:
     execution_fields: ClassVar[tuple[str, ...]] = (
         "vae",  # which model is in the upstream fingerprint; its path changes nothing
         "batch_size", "num_actors", "gpus_per_actor", "cpus_per_actor", "decode_cpus",
-        "max_retries", "storage",
+        "shards_in_flight", "max_retries", "storage",
     )  # fmt: skip
 
     vae: str | None = None  # an RQ-VAE model folder; default RUN/vae/model
@@ -54,12 +54,33 @@ class EncodeConfig:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     decode_cpus: float = 0.5
+    # Shards queued per encoder actor: the one it encodes and those decoding for it. 0: one
+    # decode per CPU core the actors leave free (see shards_in_flight()), at most 16.
+    shards_in_flight: int = 0
     max_retries: int = 3
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"encode.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.shards_in_flight < 0 or self.shards_in_flight == 1:
+            raise ValueError(f"encode.shards_in_flight must be 0 (auto) or >= 2 (one encoding, "
+                             f"one decoding), got {self.shards_in_flight}")  # fmt: skip
+
+
+MAX_SHARDS_IN_FLIGHT = 16  # per actor: 16 decoded 512-image 256x256 shards are 1.6 GB
+
+
+def shards_in_flight(config: EncodeConfig, actors: int, cluster_cpus: float) -> int:
+    """Shards queued per encoder actor. A decode task is one core's work whatever decode_cpus
+    says, and it is slow beside a GPU: a 512-image shard of 256x256 PNGs took a core 2.5 s to
+    decode, where an H200 encodes it in a fraction of that. So a GPU actor needs one decode
+    running for each core the actors leave free; on a CPU-only node (the demo: 2 cores, one
+    actor of 1 CPU) that is one ahead, which is all the shared cores can use."""
+    if config.shards_in_flight:
+        return config.shards_in_flight
+    free_cores = max(0, int(cluster_cpus - actors * config.cpus_per_actor))
+    return max(2, min(MAX_SHARDS_IN_FLIGHT, 1 + free_cores // max(1, actors)))
 
 
 class ShardEncoder:
@@ -142,8 +163,6 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
         if done is not None:
             results[name] = done
     pending = [n for n in names if n not in results]
-    print(f"encode: {len(names)} shards ({len(results)} already done, {len(pending)} to encode) "
-          f"with {config.num_actors} encoder actor(s) -> {codes_dir}")  # fmt: skip
 
     decode = ray.remote(decode_shard).options(num_cpus=config.decode_cpus,
                                               max_retries=config.max_retries)  # fmt: skip
@@ -153,10 +172,13 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
     )  # fmt: skip
     actors = [actor_class.remote(vae_uri, config.storage, config.gpus_per_actor > 0, config.dtype)
               for _ in range(min(config.num_actors, max(1, len(pending))))]  # fmt: skip
+    per_actor = shards_in_flight(config, len(actors), ray.cluster_resources().get("CPU", 1))
+    print(f"encode: {len(names)} shards ({len(results)} already done, {len(pending)} to encode) "
+          f"with {len(actors)} encoder actor(s), {per_actor} shards in flight each -> "
+          f"{codes_dir}")  # fmt: skip
     rows = {unit["name"].removesuffix(".tar"): int(unit["rows"]) for unit in shards.units}
     progress = Progress("encode", len(pending), sum(rows[n] for n in pending))
     queue, in_flight = list(pending), []
-    per_actor = 2  # one shard encoding, one decoded and waiting
     while queue or in_flight:
         while queue and len(in_flight) < per_actor * len(actors):
             name = queue.pop(0)

@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -52,7 +52,11 @@ from pipeline.core.storage import (
     require_model_folders,
     safe_file_name,
 )
-from pipeline.formats.codes_table import codes_table, finished_table, to_parquet_bytes
+from pipeline.formats.codes_table import finished_table
+from pipeline.stages.sample.actor import ChunkSampler, sample_key
+from pipeline.stages.sample.prompts import prompt_tokens, resolve_labels, resolve_prompts
+
+__all__ = ["SampleConfig", "resolve_prompts", "run_sample_stage"]
 
 FORMAT_VERSION = 1
 
@@ -65,6 +69,7 @@ class SampleConfig:
         "storage",
         "prompts_file", "prompts_column",  # fingerprinted as the prompts they hold (upstream)
         "rejection_classifier",  # fingerprinted as the hash of its weights (upstream)
+        "cuda_graphs",  # how a GPU actor runs the sampler, not what it samples
     )  # fmt: skip
 
     num_samples: int = 64
@@ -90,6 +95,9 @@ class SampleConfig:
     out: str | None = None  # output folder; default RUN/samples
     num_actors: int = 1
     gpus_per_actor: float = 0.0
+    # GPU actors record each sampling step as a CUDA graph (fixed-shape KV caches: one launch a
+    # step, not one a kernel; RQTransformer.generate `static`). false: the growing caches.
+    cuda_graphs: bool = True
     cpus_per_actor: float = 1.0
     max_retries: int = 3
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -118,139 +126,6 @@ class SampleConfig:
                              "ResNet checkpoint whose classes are the run's labels)")  # fmt: skip
         if self.labels is not None and (self.prompts or self.prompts_file):
             raise ValueError("give labels (a class model) or prompts (a caption model), not both")
-
-
-def sample_key(index: int) -> str:
-    return f"sample-{index:06d}"
-
-
-def chunk_seed(seed: int, chunk: int) -> int:
-    """Independent, reproducible seeds per chunk (not seed + chunk: runs with neighbouring
-    seeds would share chunks)."""
-    digest = hashlib.sha256(f"{seed}/{chunk}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-class ChunkSampler:
-    """Ray actor: an RQ-Transformer and its RQ-VAE, loaded once, turning chunks into images."""
-
-    def __init__(self, ar_uri: str, vae_uri: str, storage_config: StorageConfig,
-                 use_gpu: bool, rejection: tuple[str, str] | None = None) -> None:  # fmt: skip
-        import torch
-
-        from model.rqtransformer import RQTransformer
-        from model.rqvae import RQVAE
-
-        self.storage = Storage(storage_config)
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.ar = RQTransformer.from_pretrained(ar_uri, self.device,
-                                                storage_options=self.storage.options(ar_uri))  # fmt: skip
-        self.vae = RQVAE.from_pretrained(vae_uri, self.device,
-                                         storage_options=self.storage.options(vae_uri))  # fmt: skip
-        books = self.vae.quantizer.codebooks
-        embeddings = self.ar.code_embeddings
-        if embeddings.shape != books.shape or not torch.equal(embeddings, books.float()):
-            raise ValueError(f"the RQ-Transformer at {ar_uri} was trained on another codebook "
-                             f"than the RQ-VAE at {vae_uri} has: pass the VAE it was trained "
-                             f"with (vae=URI)")  # fmt: skip
-        self.ar.eval()
-        self.vae.eval()
-        self.classifier = None
-        if rejection is not None:  # (checkpoint path, architecture)
-            from model.resnet import load_resnet
-
-            self.classifier = load_resnet(*rejection).to(self.device)
-
-    def sample(self, chunk: int, first: int, labels: list[int] | None, count: int,
-               config: SampleConfig, out_dir: str, vae_fp: str, stage_fp: str,
-               prompts: list[tuple[str, list[int]]] | None = None) -> dict[str, Any]:  # fmt: skip
-        """prompts: (caption, token ids) per sample, for a caption model (labels None)."""
-        import torch
-
-        from pipeline.formats.images import to_uint8
-
-        started = time.time()
-        generator = torch.Generator(self.device).manual_seed(chunk_seed(config.seed, chunk))
-        text = torch.tensor([ids for _, ids in prompts], device=self.device) if prompts else None
-        rounds = round(1 / config.acceptance_rate) if self.classifier is not None else 1
-        best = None
-        for _ in range(rounds):  # rejection sampling: the best of `rounds` candidates a slot
-            with torch.no_grad():
-                codes = self.ar.generate(
-                    num_samples=None if labels or prompts else count, labels=labels,
-                    temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                    cfg_scale=config.cfg_scale, generator=generator, text=text,
-                )  # (B, H, W, D)  # fmt: skip
-                images = to_uint8(self.vae.decode_codes(codes))  # (B, R, R, 3)
-                if rounds == 1:
-                    break
-                pixels = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.device)
-                target = torch.tensor(labels, device=self.device)
-                score = self.classifier(pixels).log_softmax(1).gather(1, target[:, None])[:, 0]
-            if best is None:
-                best = (codes, images, score)
-            else:
-                better = score > best[2]  # (B,)
-                best = (torch.where(better[:, None, None, None], codes, best[0]),
-                        np.where(better.cpu().numpy()[:, None, None, None], images, best[1]),
-                        torch.maximum(score, best[2]))  # fmt: skip
-        if best is not None:
-            codes, images = best[0], best[1]
-        seconds = time.time() - started
-        keys = [sample_key(first + i) for i in range(count)]
-        for key, pixels in zip(keys, images, strict=True):
-            buffer = io.BytesIO()
-            Image.fromarray(pixels).save(buffer, format="PNG")
-            self.storage.write_bytes(join(out_dir, "images", f"{key}.png"), buffer.getvalue())
-        captions = [caption for caption, _ in prompts] if prompts else [None] * count
-        table = codes_table(keys, labels or [None] * count, captions, codes.cpu().numpy(),
-                            self.ar.config.codebook_size, vae_fp, stage_fingerprint=stage_fp)  # fmt: skip
-        data = to_parquet_bytes(table)  # last: a finished chunk is one whose table exists
-        name = f"chunk-{chunk:05d}.parquet"
-        self.storage.write_bytes(join(out_dir, "codes", name), data)
-        return {"chunk": chunk, "name": name, "rows": count, "bytes": len(data),
-                "seconds": seconds, "device": self.device, "candidates": count * rounds}  # fmt: skip
-
-
-def resolve_labels(config: SampleConfig, num_classes: int, names: dict[str, int]) -> list[int]:
-    """The label cycle: class indices from config.labels (indices or names), else all classes."""
-    if num_classes == 0:
-        if config.labels is not None:
-            raise ValueError("this RQ-Transformer is unconditional (its tables had no labels): "
-                             "leave labels unset")  # fmt: skip
-        return []
-    if config.labels is None:
-        return list(range(num_classes))
-    resolved = []
-    for label in config.labels:
-        index = names.get(label) if isinstance(label, str) and not label.isdigit() else int(label)
-        if index is None or not 0 <= index < num_classes:
-            known = ", ".join(f"{i}={n}" for n, i in sorted(names.items(), key=lambda kv: kv[1]))
-            raise ValueError(f"label {label!r} is not a class of this model: use an index in "
-                             f"[0, {num_classes}) or a name ({known or 'no names recorded'})")  # fmt: skip
-        resolved.append(index)
-    return resolved
-
-
-def resolve_prompts(config: SampleConfig, storage: Storage) -> list[str]:
-    """config.prompts, then config.prompts_file's: one a line (.txt), or a column of a CSV or
-    Parquet file (prompts_column)."""
-    prompts = list(config.prompts or [])
-    uri = config.prompts_file and absolute(config.prompts_file)
-    if uri and uri.endswith((".csv", ".parquet")):
-        import pyarrow.csv as pa_csv
-        import pyarrow.parquet as pq
-
-        data = io.BytesIO(storage.read_bytes(uri))
-        table = pq.read_table(data) if uri.endswith(".parquet") else pa_csv.read_csv(data)
-        if config.prompts_column not in table.column_names:
-            raise ValueError(f"prompts_file {uri} has no column {config.prompts_column!r} (it "
-                             f"has {table.column_names}): set prompts_column")  # fmt: skip
-        prompts += [p for p in table.column(config.prompts_column).to_pylist() if p]
-    elif uri:
-        prompts += [line.strip() for line in storage.read_bytes(uri).decode().splitlines()
-                    if line.strip()]  # fmt: skip
-    return prompts
 
 
 def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_names: dict[int, str],
@@ -284,21 +159,6 @@ def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_
         save_png(grid, uri, storage.options(uri))
         written.append(uri)
     return written
-
-
-def prompt_tokens(storage: Storage, ar_files: str, ar_uri: str, prompts: list[str],
-                  context_length: int) -> np.ndarray:  # fmt: skip
-    """(P, L) token ids of the prompts, with the tokenizer saved beside the model."""
-    from model.text import encode_captions
-
-    if not prompts:
-        raise ValueError(f"the RQ-Transformer at {ar_uri} is text-conditioned: give prompts "
-                         f"(--prompt TEXT, repeatable, or --prompts-file FILE)")  # fmt: skip
-    if not storage.exists(join(ar_files, "tokenizer.json")):
-        raise FileNotFoundError(f"no tokenizer.json beside the RQ-Transformer at {ar_uri}: put "
-                                f"the tokenizer it was trained with there")  # fmt: skip
-    tokenizer_json = storage.read_bytes(join(ar_files, "tokenizer.json")).decode()
-    return encode_captions(tokenizer_json, prompts, context_length)
 
 
 def _model_uri(uri: str) -> tuple[str, str]:
