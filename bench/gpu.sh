@@ -8,7 +8,7 @@ log=${1:-gpu.log}
 export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  timeout 130 python3 bench/gpu_check.py
+  timeout 300 python3 bench/gpu_check.py
   timeout 100 python3 bench/quantizer.py --device cuda
   timeout 240 python3 bench/sampling.py --device cuda --dtype bfloat16 --width 1536 --heads 24 \
       --spatial-layers 42 --depth-layers 6 --codebook-size 16384 --batches 8 100 200 500 \

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model.flops import rqtransformer_flops_per_sample, throughput_terms
 from model.losses import VAELossConfig
 from model.rqtransformer import RQTransformer, RQTransformerConfig
 from model.training import build_train_state, vae_train_step
@@ -71,12 +72,16 @@ def vae_check(batch: int = 16, encode_batches: tuple[int, ...] = (64, 256)) -> N
         )
 
 
-def ar_check(batch: int = 32) -> None:
+def ar_check(batch: int = 32, compile: bool = False) -> None:
+    """One train-ar step of the paper's 480M model in bf16: tokens/s and MFU (model FLOPs from
+    the config, model/flops.py), eager or under torch.compile (the stage's `compile: true`)."""
     torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    config = RQTransformerConfig.preset("imagenet256-480M")
     with torch.device(DEVICE):
-        model = RQTransformer(RQTransformerConfig.preset("imagenet256-480M"),
-                              torch.randn(16384, 256))  # fmt: skip
+        model = RQTransformer(config, torch.randn(16384, 256))
     model.train()
+    forward = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     codes = torch.randint(16384, (batch, 8, 8, 4), device=DEVICE)
     labels = torch.randint(1000, (batch,), device=DEVICE)
@@ -84,23 +89,32 @@ def ar_check(batch: int = 32) -> None:
 
     def step():
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss, _ = RQTransformer.loss(model(codes, labels), codes)
+            loss, _ = RQTransformer.loss(forward(codes, labels), codes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())
 
+    started = time.perf_counter()
+    step()  # compilation, if any
+    first = time.perf_counter() - started
     seconds = timed(step, 10)
+    terms = throughput_terms(batch / seconds, rqtransformer_flops_per_sample(config, 256), DEVICE)
     tokens = batch * 8 * 8 * 4
+    mfu = f"MFU {terms['mfu']:.1%}" if "mfu" in terms else "MFU n/a (GPU not in the table)"
     print(
         f"rqtransformer train imagenet256-480M ({model.num_parameters() / 1e6:.0f}M) batch "
-        f"{batch} bf16: {tokens / seconds:,.0f} tokens/s, {seconds * 1e3:.0f} ms/step, peak "
-        f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, loss {losses[0]:.2f} -> "
-        f"{losses[-1]:.2f} (log K = {math.log(16384):.2f})"
+        f"{batch} bf16 {'compiled' if compile else 'eager'}: {tokens / seconds:,.0f} tokens/s, "
+        f"{seconds * 1e3:.0f} ms/step, {terms['model_tflops_per_s_per_worker']:.0f} model "
+        f"TFLOP/s, {mfu}, first step {first:.1f} s, peak "
+        f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, loss {losses[0].item():.2f} -> "
+        f"{losses[-1].item():.2f} (log K = {math.log(16384):.2f})"
     )
 
 
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name())
     vae_check()
-    ar_check()
+    for batch in (32, 128):
+        ar_check(batch)
+    ar_check(128, compile=True)
