@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run: smoke test + throughput of training and encoding, quantizer
-# throughput, sampling speed at the paper's 1.4B shape (growing caches against CUDA graphs),
-# the encode stage against the bare model at 256x256, FID Inception throughput.
+# The GPU checks, in one run: the CUDA-graph sampler's test; smoke test, throughput and MFU of
+# training and encoding; quantizer throughput; sampling speed at the paper's 1.4B shape
+# (growing caches against CUDA graphs); the encode stage against the bare model at 256x256;
+# FID Inception throughput.
 # Usage: bash bench/gpu.sh [LOG]
 set -uo pipefail
 log=${1:-gpu.log}
 export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_rqtransformer.py -k cuda
   timeout 300 python3 bench/gpu_check.py
   timeout 100 python3 bench/quantizer.py --device cuda
   timeout 240 python3 bench/sampling.py --device cuda --dtype bfloat16 --width 1536 --heads 24 \

@@ -69,6 +69,25 @@ def test_cached_sampler_equals_uncached_reference(options, books):
     assert torch.equal(a, s)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_sampling_equals_the_growing_caches():
+    from model.sampling_steps import CapturedStep
+
+    model = small(books=3).cuda().double()
+    recorded = []
+    original = CapturedStep._record
+    CapturedStep._record = lambda self: (recorded.append(self), original(self))[1]
+    try:
+        for options in (dict(labels=[0, 3, 1]), dict(labels=[2, 2], cfg_scale=3.0, top_k=5)):
+            runs = [model.generate(**options, static=static,
+                                   generator=torch.Generator("cuda").manual_seed(7))
+                    for static in (None, False)]  # fmt: skip
+            assert torch.equal(*runs)
+    finally:
+        CapturedStep._record = original
+    assert len(recorded) == 4 and all(step.graph is not None for step in recorded)
+
+
 def test_static_steps_are_one_graph_for_every_position():
     """What a CUDA graph needs, checked on the CPU: the static spatial step compiles to one
     graph (no break) that serves every position without recompiling, where the growing caches'
