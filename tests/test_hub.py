@@ -2,7 +2,10 @@
 the error paths of a machine without the Hub (this one). Uploading needs a token and a network:
 docs/pretrained.md."""
 
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +101,69 @@ def test_push_refuses_clearly_without_a_hub(tmp_path):
                              "org/name"], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**env, "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
     assert result.returncode == 1 and "no Hugging Face token" in result.stderr, result.stderr
+
+
+def hub_cache_model(hf_home: Path, repo_id: str, folder: Path) -> None:
+    """`folder` (a saved model) placed in huggingface_hub's cache layout, as `hf download`
+    leaves it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+
+
+STAGES_ON_HUB_MODELS = """
+import hashlib, json, shutil, sys
+from pathlib import Path
+import ray, torch
+sys.path.insert(0, "tests")
+from test_hub import hub_cache_model
+from model.rqtransformer import RQTransformer
+from pipeline.core.storage import Storage
+from pipeline.stages.encode import EncodeConfig, run_encode_stage
+from pipeline.stages.train_ar import TrainARConfig, run_train_ar_stage
+from pipeline.tools.analysis import decode_key, read_codes
+
+run, hf_home = Path(sys.argv[1]), Path(sys.argv[2])
+ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+vae = "hf://someorg/tiny-rqvae"
+run_encode_stage(str(run), EncodeConfig(vae=vae, cpus_per_actor=0.5), overwrite=True)
+ar = dict(steps=2, batch_size=8, num_workers=1, cpus_per_worker=0.5, log_every=1,
+          checkpoint_every=2, preview_per_class=1, vae=vae)
+run_train_ar_stage(str(run), TrainARConfig(**ar))
+hub_cache_model(hf_home, "someorg/tiny-ar", run / "ar" / "model")
+weights = (run / "ar" / "model" / "model.safetensors").read_bytes()
+first = RQTransformer.from_pretrained(str(run / "ar" / "model"))
+manifest = run_train_ar_stage(str(run), TrainARConfig(**{**ar, "init_from": "someorg/tiny-ar"}),
+                              overwrite=True)
+assert manifest.upstream["init_from"] == hashlib.sha256(weights).hexdigest()[:32]
+assert "init_from: someorg/tiny-ar" in (run / "ar" / "config.yaml").read_text()  # as given
+tuned = RQTransformer.from_pretrained(str(run / "ar" / "model"))
+moved = [(tuned.state_dict()[k] - v).abs().max().item() for k, v in first.state_dict().items()]
+assert 0 < max(moved) < 0.1, max(moved)  # two steps on from the Hub model, not from scratch
+key = read_codes(Storage(), str(run)).column("key")[0].as_py()
+assert decode_key(Storage(), str(run), key, 2, vae).shape == (32, 32, 3)
+ray.shutdown()
+print("hub models ok")
+"""
+
+
+@pytest.mark.slow
+def test_stages_take_hub_models(encoded_run, tmp_path):
+    """encode.vae, train_ar.vae, train_ar.init_from and `rqpipe decode --vae` take a Hub
+    model: the Ray workers fetch it into their own cache (here: the one HF_HOME, offline), the
+    driver checks and fingerprints its copy."""
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    hub_cache_model(tmp_path / "hf", "someorg/tiny-rqvae", encoded_run / "vae" / "model")
+    shutil.rmtree(run / "vae")  # nothing local to fall back on
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_TOKEN")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", STAGES_ON_HUB_MODELS, str(run),
+                             str(tmp_path / "hf")], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0 and "hub models ok" in result.stdout, result.stderr[-3000:]
+    codes = json.loads((run / "codes" / "_manifest.json").read_text())
+    weights = (encoded_run / "vae" / "model" / "model.safetensors").read_bytes()
+    assert codes["upstream"]["vae"] == hashlib.sha256(weights).hexdigest()[:32]

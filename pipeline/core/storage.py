@@ -171,6 +171,15 @@ def model_files(uri: str) -> str:
     return download_model(uri) if hub_repo(uri) else absolute(uri)
 
 
+def model_location(uri: str) -> tuple[str, str]:
+    """-> (the URI Ray workers load the model from: a Hub model as given, since each worker
+    fetches it into its own node's cache, any other URI made absolute; the folder this process
+    reads the model's files from, to check and fingerprint it)."""
+    from model.hub import hub_repo
+
+    return (uri if hub_repo(uri) else absolute(uri)), model_files(uri)
+
+
 def require_model_folders(storage: Storage, section: str, **uris: str | None) -> None:
     """Plan-time check of the exported models a config names (`key=uri`, None: not given)."""
     from model.hub import hub_repo

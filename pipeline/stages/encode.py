@@ -26,7 +26,7 @@ from pipeline.core.manifest import (
     write_manifest,
 )
 from pipeline.core.progress import Progress
-from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.storage import Storage, StorageConfig, absolute, join, model_location
 from pipeline.formats.codes_table import codes_table, finished_table, to_parquet_bytes
 from pipeline.formats.shard_tar import decode_shard
 
@@ -142,10 +142,11 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
     storage = Storage(config.storage)
     shards_dir, codes_dir = join(run_dir, "shards"), join(run_dir, "codes")
     shards = require_manifest(storage, shards_dir, "shard")
-    vae_uri = absolute(config.vae or join(run_dir, "vae", "model"))
-    if not storage.exists(join(vae_uri, "config.json")):
+    # vae_uri for the actors, vae_files read here (a Hub model's copy in the HF cache)
+    vae_uri, vae_files = model_location(config.vae or join(run_dir, "vae", "model"))
+    if not storage.exists(join(vae_files, "config.json")):
         raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: run train-vae first or pass vae=URI")
-    vae_fp = vae_fingerprint(storage, vae_uri)
+    vae_fp = vae_fingerprint(storage, vae_files)
     planned = Manifest("encode", FORMAT_VERSION, output_fields(config),
                        {"shard": shards.fingerprint, "vae": vae_fp})  # fmt: skip
     finished = begin_stage(storage, codes_dir, planned, overwrite)
@@ -153,7 +154,7 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
         return finished
 
     fp = planned.fingerprint
-    resolution = json.loads(storage.read_bytes(join(vae_uri, "config.json")))["config"][
+    resolution = json.loads(storage.read_bytes(join(vae_files, "config.json")))["config"][
         "resolution"
     ]
     names = [unit["name"].removesuffix(".tar") for unit in shards.units]

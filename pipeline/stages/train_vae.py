@@ -45,6 +45,7 @@ from pipeline.core.storage import (
     absolute,
     join,
     model_files,
+    model_location,
     require_model_folders,
 )
 from pipeline.core.tracking import TrackingConfig, open_tracker
@@ -345,10 +346,10 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
     check_one_batch("train-vae", sum(int(u["rows"]) for u in shards.units
                                      if u["name"].startswith("train-")), config)  # fmt: skip
     upstream = {"shard": shards.fingerprint}
-    if config.init_from:
-        config.init_from = absolute(config.init_from)
+    if config.init_from:  # the workers load config.init_from; this process reads init_files
+        config.init_from, init_files = model_location(config.init_from)
         upstream["init_from"] = init_from_fingerprint(
-            storage, config.init_from, config.model_config(), "train-vae"
+            storage, init_files, config.model_config(), "train-vae"
         )
     planned = Manifest("train-vae", FORMAT_VERSION, output_fields(config), upstream)
     finished = begin_stage(storage, vae_dir, planned, overwrite, RESUMABLE_FIELDS)

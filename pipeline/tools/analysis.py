@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.manifest import read_manifest
-from pipeline.core.storage import Storage, join
+from pipeline.core.storage import Storage, join, model_files
 from pipeline.formats.codes_table import METADATA_KEY, codes_array, table_metadata
 
 
@@ -163,6 +163,7 @@ def decode_key(storage: Storage, codes_uri: str, key: str, depth: int | None,
         run = base.rsplit("/", 2)[0] if base.endswith(".parquet") else base.rsplit("/", 1)[0]
         vae_uri = join(run, "vae", "model")
     expected = table_metadata(table.schema)["vae_fingerprint"]
+    vae_uri = model_files(vae_uri)  # a Hub model: its copy in the Hugging Face cache
     if vae_fingerprint(storage, vae_uri) != expected:
         raise ValueError(f"the tables were encoded by another VAE than {vae_uri} "
                          f"(table fingerprint {expected}); pass --vae with the right one")  # fmt: skip

@@ -38,7 +38,7 @@ from pipeline.core.manifest import (
     write_manifest,
 )
 from pipeline.core.progress import Progress
-from pipeline.core.storage import Storage, StorageConfig, absolute, join
+from pipeline.core.storage import Storage, StorageConfig, absolute, join, model_location
 from pipeline.formats.shard_tar import decode_shard
 from pipeline.stages.evaluate.features import FeatureWorker, extractor_identity, finished_unit
 from pipeline.stages.evaluate.report import (
@@ -146,13 +146,13 @@ def run_evaluate_stage(run_dir: str, config: EvaluateConfig, overwrite: bool = F
     storage = Storage(config.storage)
     eval_dir, units_dir = join(run_dir, "eval"), join(run_dir, "eval", "units")
     shards = require_manifest(storage, join(run_dir, "shards"), "shard")
-    vae_uri = absolute(config.vae or join(run_dir, "vae", "model"))
-    if not storage.exists(join(vae_uri, "config.json")):
+    vae_uri, vae_files = model_location(config.vae or join(run_dir, "vae", "model"))
+    if not storage.exists(join(vae_files, "config.json")):
         raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: run train-vae first or pass vae=URI")
     samples_dir = absolute(config.samples_dir or join(run_dir, "samples"))
     samples = require_manifest(storage, samples_dir, "sample") if config.samples else None
     weights = absolute(config.weights) if config.weights else None
-    upstream = {"shard": shards.fingerprint, "vae": vae_fingerprint(storage, vae_uri),
+    upstream = {"shard": shards.fingerprint, "vae": vae_fingerprint(storage, vae_files),
                 "features": extractor_identity(storage, config.features, weights)}  # fmt: skip
     if samples is not None:
         upstream["sample"] = samples.fingerprint
@@ -182,7 +182,7 @@ def run_evaluate_stage(run_dir: str, config: EvaluateConfig, overwrite: bool = F
     print(f"evaluate: {len(units)} units ({len(units) - len(pending)} already done) with "
           f"{config.features} features, {config.num_actors} actor(s) -> {eval_dir}")  # fmt: skip
     if pending:
-        resolution = json.loads(storage.read_bytes(join(vae_uri, "config.json")))["config"][
+        resolution = json.loads(storage.read_bytes(join(vae_files, "config.json")))["config"][
             "resolution"
         ]
         with_vae = any(recon for _, _, recon in pending)

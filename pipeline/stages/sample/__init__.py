@@ -32,7 +32,6 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from model.hub import hub_repo
 from pipeline.core.config import output_fields, to_dict, write_resolved_config
 from pipeline.core.lease import single_writer
 from pipeline.core.manifest import (
@@ -48,7 +47,7 @@ from pipeline.core.storage import (
     StorageConfig,
     absolute,
     join,
-    model_files,
+    model_location,
     require_model_folders,
     safe_file_name,
 )
@@ -161,11 +160,6 @@ def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_
     return written
 
 
-def _model_uri(uri: str) -> tuple[str, str]:
-    """-> (the model's URI for the actors, where this process reads its files)."""
-    return (uri if hub_repo(uri) else absolute(uri)), model_files(uri)
-
-
 @single_writer("sample", lambda run_dir, config: config.out or join(run_dir, "samples"))
 def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False) -> Manifest:
     import ray
@@ -174,8 +168,8 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
     run_dir = absolute(run_dir)  # before anything reaches a Ray worker (its own cwd)
     storage = Storage(config.storage)
     # hf://org/name models: the actors fetch them; the driver reads a copy in its HF cache
-    ar_uri, ar_files = _model_uri(config.ar or join(run_dir, "ar", "model"))
-    vae_uri, vae_files = _model_uri(config.vae or join(run_dir, "vae", "model"))
+    ar_uri, ar_files = model_location(config.ar or join(run_dir, "ar", "model"))
+    vae_uri, vae_files = model_location(config.vae or join(run_dir, "vae", "model"))
     out_dir = absolute(config.out or join(run_dir, "samples"))
     for what, uri, stage in (
         ("RQ-Transformer", ar_files, "train-ar"),

@@ -41,7 +41,14 @@ from model.text import TextConfig, check_tokenizer
 from pipeline.core.config import output_fields, to_dict, write_resolved_config
 from pipeline.core.lease import single_writer
 from pipeline.core.manifest import Manifest, begin_stage, require_manifest, write_manifest
-from pipeline.core.storage import Storage, StorageConfig, absolute, join, require_model_folders
+from pipeline.core.storage import (
+    Storage,
+    StorageConfig,
+    absolute,
+    join,
+    model_location,
+    require_model_folders,
+)
 from pipeline.core.tracking import TrackingConfig
 from pipeline.core.training import (
     RESUMABLE_FIELDS,
@@ -171,9 +178,9 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
     num_classes = 0 if tokenizer_json else tables.num_classes
     model_config = config.model_config(tables.code_shape, tables.codebook_size, num_classes,
                                        text_vocab_size)  # fmt: skip
-    if config.init_from:
-        config.init_from = absolute(config.init_from)
-        upstream["init_from"] = init_from_fingerprint(storage, config.init_from, model_config,
+    if config.init_from:  # the workers load config.init_from; this process reads init_files
+        config.init_from, init_files = model_location(config.init_from)
+        upstream["init_from"] = init_from_fingerprint(storage, init_files, model_config,
                                                       "train-ar")  # fmt: skip
     planned = Manifest("train-ar", FORMAT_VERSION, output_fields(config), upstream)
     finished = begin_stage(storage, ar_dir, planned, overwrite, RESUMABLE_FIELDS)
@@ -183,8 +190,8 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
     if config.targets == "soft" and not tables.has_latents:
         raise ValueError(f"targets=soft needs the latents column in {codes_dir}: re-run encode "
                          f"with with_latents=true (and --overwrite), or use targets=hard")  # fmt: skip
-    vae_uri = absolute(config.vae or join(run_dir, "vae", "model"))
-    code_embeddings = load_code_embeddings(storage, vae_uri, tables)
+    vae_uri, vae_files = model_location(config.vae or join(run_dir, "vae", "model"))
+    code_embeddings = load_code_embeddings(storage, vae_files, tables)
     write_resolved_config(
         storage,
         join(ar_dir, "config.yaml"),
