@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--key", required=True)
     decode.add_argument("--depth", type=int, default=None, help="first d codes only (coarse)")
     decode.add_argument("--out", required=True, help="PNG to write")
-    decode.add_argument("--vae", default=None, help="RQ-VAE folder or hf://org/name (default RUN/vae/model)")
+    decode.add_argument(
+        "--vae", default=None, help="RQ-VAE folder or hf://org/name (default RUN/vae/model)"
+    )
 
     lpips = commands.add_parser(
         "convert-lpips", help="build the perceptual loss's weights file (LPIPS-VGG16)"
