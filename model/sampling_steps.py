@@ -14,6 +14,7 @@ draw) stays eager between the calls: it is a few kernels a depth and reads a tor
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -75,12 +76,12 @@ class CapturedStep:
     def _record(self) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # lazy initialisations (cuBLAS handles) happen here
+        with torch.cuda.stream(side), _uncached_autocast():  # lazy inits (cuBLAS handles) here
             self.fn(self.input)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph), _uncached_autocast():
                 self.output = self.fn(self.input)
         except RuntimeError as error:
             raise RuntimeError(
@@ -88,6 +89,15 @@ class CapturedStep:
                 "growing caches instead (generate(static=False); the sample stage: "
                 "sample.cuda_graphs=false)"
             ) from error
+
+
+def _uncached_autocast() -> contextlib.AbstractContextManager:
+    """Under a caller's CUDA autocast, the same autocast without its cache of cast weights: a
+    cast cached while recording would be freed when the caller's autocast exits, under a graph
+    that still reads it (torch.cuda.graph's documented constraint)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
 class StaticSteps:

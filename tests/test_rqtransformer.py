@@ -86,6 +86,9 @@ def test_cuda_graph_sampling_equals_the_growing_caches():
     finally:
         CapturedStep._record = original
     assert len(recorded) == 4 and all(step.graph is not None for step in recorded)
+    with torch.autocast("cuda", torch.bfloat16):  # recorded without autocast's weight cache
+        codes = small().cuda().generate(labels=[0, 1], static=True)
+    assert codes.shape == (2, 3, 3, 3)
 
 
 def test_static_steps_are_one_graph_for_every_position():
