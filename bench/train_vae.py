@@ -25,13 +25,9 @@ from model.training import build_train_state, vae_train_step
 from pipeline.core.storage import Storage
 from pipeline.demo.data import write_demo_dataset
 from pipeline.stages.shard import ShardConfig, run_shard_stage
-from pipeline.stages.train_vae import (
-    TrainVAEConfig,
-    _split_tars,
-    _to_model,
-    run_train_vae_stage,
-    validation_images,
-)
+from pipeline.stages.train_vae import TrainVAEConfig, run_train_vae_stage, validation_images
+from pipeline.stages.train_vae.data import _split_tars
+from pipeline.stages.train_vae.worker import pixels_to_model
 
 STEPS, BATCH, LOG_EVERY = 100, 32, 20
 
@@ -52,7 +48,7 @@ def main() -> None:
         # Plain loop: the same images, decoded once, in memory.
         shards = str(work / "run" / "shards")
         count = len(_split_tars(Storage(), shards, "train")) * 256
-        images = _to_model(torch.from_numpy(validation_images(Storage(), shards, 32, count)))
+        images = pixels_to_model(torch.from_numpy(validation_images(Storage(), shards, 32, count)))
         state = build_train_state(config)
         generator = torch.Generator().manual_seed(0)
         times = []

@@ -1,0 +1,85 @@
+"""train-vae's data: the streaming Ray Dataset of decoded, augmented training images, and the
+held-out images every checkpoint reconstructs."""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.core.storage import Storage
+from pipeline.core.training import epoch_file_order, resume_seed
+from pipeline.formats.shard_tar import IMAGE_EXTENSIONS, image_member, iter_tar
+
+if TYPE_CHECKING:
+    from pipeline.stages.train_vae import TrainVAEConfig
+
+
+def _to_square(image: Image.Image, resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """Random crop to resolution (shards may be larger), or resize when smaller."""
+    w, h = image.size
+    if min(w, h) < resolution:
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        w = h = resolution
+    left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+
+
+def decode_batch(
+    batch: dict[str, Any], resolution: int, random_flip: bool
+) -> dict[str, np.ndarray]:
+    """Ray Data map: WebDataset rows (image bytes) -> {"image": (B, R, R, 3) uint8}."""
+    rng = np.random.default_rng()
+    column = next(c for c in IMAGE_EXTENSIONS if c in batch)
+    images = []
+    for data in batch[column]:
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = _to_square(image.convert("RGB"), resolution, rng)
+        if random_flip and rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        images.append(pixels)
+    return {"image": np.ascontiguousarray(np.stack(images))}
+
+
+def _split_tars(storage: Storage, shards_dir: str, split: str) -> list[str]:
+    return [uri for uri, _ in storage.list_files(shards_dir)
+            if uri.rsplit("/", 1)[-1].startswith(f"{split}-") and uri.endswith(".tar")]  # fmt: skip
+
+
+def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, resolution: int,
+                  resume_step: int = 0):  # fmt: skip
+    """Streaming Ray Dataset of decoded, augmented training images; decoding in CPU tasks.
+    Its file order is drawn from the seed and the step a resumed run starts from."""
+    import ray
+
+    tars = _split_tars(storage, shards_dir, "train")
+    if not tars:
+        raise FileNotFoundError(f"no train-*.tar shards in {shards_dir}")
+    filesystem, _ = storage.arrow_fs(shards_dir)
+    paths = [storage.arrow_fs(uri)[1] for uri in tars]
+    dataset = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
+                                       file_extensions=["tar"],
+                                       shuffle=epoch_file_order(resume_seed(config.seed, resume_step)))  # fmt: skip
+    return dataset.map_batches(
+        decode_batch,
+        fn_kwargs={"resolution": resolution, "random_flip": config.random_flip},
+        batch_size=64,
+        num_cpus=config.decode_cpus,
+    )
+
+
+def validation_images(storage: Storage, shards_dir: str, resolution: int, count: int) -> np.ndarray:
+    """Up to `count` held-out images (val shards; the first train shard if there are none)."""
+    tars = _split_tars(storage, shards_dir, "val") or _split_tars(storage, shards_dir, "train")[:1]
+    images, rng = [], np.random.default_rng(0)
+    for uri in tars:
+        for _, parts in iter_tar(storage.read_bytes(uri)):
+            data = image_member(parts)
+            if data is not None:
+                with Image.open(io.BytesIO(data)) as image:
+                    images.append(_to_square(image.convert("RGB"), resolution, rng))
+            if len(images) >= count:
+                return np.stack(images)
+    return np.stack(images)

@@ -1,0 +1,140 @@
+"""train-vae's Ray Train loop: one worker's model, discriminator, optimizers, steps, metrics,
+checkpoints and reconstruction grids."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from model.flops import counted_flops, throughput_terms
+from model.rqvae import RQVAE
+from model.serialization import init_from_pretrained
+from model.training import VAETrainState, build_train_state, psnr, vae_train_step
+from pipeline.core.checkpoint import load_state, save_state
+from pipeline.core.config import to_dict
+from pipeline.core.storage import Storage, join
+from pipeline.core.tracking import open_tracker
+from pipeline.core.training import RunMetrics, report_checkpoint, run_steps, train_worker_setup
+from pipeline.formats.images import image_grid, save_png
+
+if TYPE_CHECKING:
+    from pipeline.stages.train_vae import TrainVAEConfig
+
+
+def pixels_to_model(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _save_checkpoint(
+    state: VAETrainState, discriminator: torch.nn.Module | None, step: int, directory: str
+) -> None:
+    save_state({"model": state.model.state_dict()}, directory, "model")
+    trainer: dict[str, Any] = {"step": step, "optimizer": state.optimizer.state_dict()}
+    if discriminator is not None:
+        trainer["discriminator"] = discriminator.state_dict()
+        trainer["disc_optimizer"] = state.disc_optimizer.state_dict()
+    save_state(trainer, directory, "trainer")
+
+
+def _load_checkpoint(state: VAETrainState, directory: str) -> int:
+    state.model.load_state_dict(load_state(directory, "model")["model"])
+    trainer = load_state(directory, "trainer")
+    state.optimizer.load_state_dict(trainer["optimizer"])
+    if state.disc_optimizer is not None:
+        state.loss.discriminator.load_state_dict(trainer["discriminator"])
+        state.disc_optimizer.load_state_dict(trainer["disc_optimizer"])
+    return int(trainer["step"])
+
+
+@torch.no_grad()
+def reconstruction_grid(
+    model: RQVAE, images: Tensor, uri: str, storage_options: dict | None = None
+) -> None:
+    """Originals on the first row, then reconstructions from depth 1 to D (coarse to fine)."""
+    was_training = model.training
+    model.eval()
+    codes = model.encode(images)
+    rows = [images] + [model.decode_codes(codes, d) for d in range(1, codes.shape[-1] + 1)]
+    save_png(image_grid(rows, scale=max(1, 96 // images.shape[-1])), uri, storage_options)
+    model.train(was_training)
+
+
+def train_vae_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker."""
+    import ray.train
+    import ray.train.torch
+
+    config: TrainVAEConfig = loop_config["config"]
+    run_dir: str = loop_config["run_dir"]
+    vae_dir = join(run_dir, "vae")
+    rank, world, device = train_worker_setup(config.threads_per_worker)
+    storage = Storage(config.storage)
+
+    state = build_train_state(config)  # same seed on every rank: identical initial weights
+    discriminator = state.loss.discriminator  # unwrapped, for checkpoints
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = _load_checkpoint(state, directory)
+    elif config.init_from:  # fine-tuning: the exported model's weights, fresh optimizers
+        init_from_pretrained(state.model, config.init_from, storage.options(config.init_from))
+    state.model.to(device)
+    state.loss.to(device)
+    for optimizer in (state.optimizer, state.disc_optimizer):
+        if optimizer is not None:  # state loaded on CPU follows the parameters to the device
+            optimizer.load_state_dict(optimizer.state_dict())
+    if world > 1:
+        # Codebook buffers stay identical through the quantizer's own all-reduce.
+        kwargs = {"broadcast_buffers": False}
+        state.forward = ray.train.torch.prepare_model(state.model, parallel_strategy_kwargs=kwargs)
+        if state.loss.discriminator is not None:
+            state.loss.discriminator = ray.train.torch.prepare_model(
+                state.loss.discriminator, parallel_strategy_kwargs=kwargs
+            )
+    if config.compile:  # the forward and its backward through torch.compile (inductor)
+        state.forward = torch.compile(state.model if state.forward is None else state.forward)
+    val = pixels_to_model(torch.tensor(loop_config["val_images"])).to(
+        device
+    )  # object store: read-only
+
+    metrics = None
+    if rank == 0:
+        tracker = open_tracker(config.tracking, run_dir, "train-vae", to_dict(config), storage)
+        metrics = RunMetrics(storage, vae_dir, "train-vae", start, tracker)
+        if start > 0:
+            metrics.write({"step": start, "event": "resumed"})
+
+    def train_step(micro: list[dict[str, Tensor]], step: int) -> tuple[dict[str, float], int]:
+        images = [pixels_to_model(batch["image"]) for batch in micro]
+        return vae_train_step(state, images, step, config), sum(len(i) for i in images)
+
+    # Model FLOPs of one training image: 3 forwards of encoder, quantizer and decoder.
+    flops_per_image = 3 * counted_flops(state.model, val[:1]) if metrics is not None else 0.0
+
+    def log(step: int, terms: dict[str, float]) -> None:
+        terms["images_per_s_per_worker"] = terms.pop("rows_per_s_per_worker")
+        terms.update(throughput_terms(terms["images_per_s_per_worker"], flops_per_image, device))
+        state.model.eval()
+        terms["val_psnr"] = psnr(state.model, val)
+        state.model.train()
+        metrics.write({"step": step, **terms})
+
+    def save(step: int) -> None:
+        if metrics is not None:
+            grids = [join(vae_dir, "reconstructions.png"),  # the latest, and one per checkpoint
+                     join(vae_dir, "reconstructions", f"step-{step:07d}.png")]  # fmt: skip
+            for uri in grids:
+                reconstruction_grid(state.model, val[:16], uri, storage.options(vae_dir))
+            metrics.checkpoint(step, grids[:1])
+        report_checkpoint(step, rank,
+                          lambda directory: _save_checkpoint(state, discriminator, step, directory))  # fmt: skip
+
+    run_steps(ray.train.get_dataset_shard("train"), config, device, start, rank, train_step,
+              log if metrics is not None else lambda step, terms: None, save, torch.uint8)  # fmt: skip
+    if metrics is not None:
+        state.model.eval().save_pretrained(join(vae_dir, "model"), storage.options(vae_dir))
+        metrics.close()
