@@ -81,7 +81,10 @@ class CapturedStep:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph), _uncached_autocast():
+            # thread_local: another thread's CUDA calls (a process group's watchdog, in the
+            # train-ar preview) do not break the recording
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), \
+                    _uncached_autocast():  # fmt: skip
                 self.output = self.fn(self.input)
         except RuntimeError as error:
             raise RuntimeError(
