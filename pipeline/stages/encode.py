@@ -179,15 +179,20 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
           f"{codes_dir}")  # fmt: skip
     rows = {unit["name"].removesuffix(".tar"): int(unit["rows"]) for unit in shards.units}
     progress = Progress("encode", len(pending), sum(rows[n] for n in pending))
-    queue, in_flight = list(pending), []
+    queue, in_flight = list(pending), {}  # task -> the index of the actor it was given to
     while queue or in_flight:
         while queue and len(in_flight) < per_actor * len(actors):
             name = queue.pop(0)
             decoded = decode.remote(join(shards_dir, f"{name}.tar"), resolution, config.storage)
-            actor = actors[len(in_flight) % len(actors)]
+            queued = [0] * len(actors)
+            for index in in_flight.values():
+                queued[index] += 1
+            index = queued.index(min(queued))  # the actor with the shortest queue
             out_uri = join(codes_dir, f"{name}.parquet")
-            in_flight.append(actor.encode.remote(name, decoded, out_uri, config, vae_fp, fp))
-        ready, in_flight = ray.wait(in_flight, num_returns=1)
+            task = actors[index].encode.remote(name, decoded, out_uri, config, vae_fp, fp)
+            in_flight[task] = index
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        del in_flight[ready[0]]
         result = ray.get(ready[0])
         results[result["name"]] = {**result, "name": f"{result['name']}.parquet"}
         progress.update(result["rows"])
