@@ -27,11 +27,20 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_local():
+    import psutil
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
+    # This instance's workers are its raylet's children. ray.shutdown() stops the raylet, and a
+    # worker normally exits with it, but a ray::TrainController once outlived a CI run (an
+    # orphan of init, 400 MB): whatever of ours is still alive 10 s later is killed by pid.
+    raylets = [p for p in psutil.Process().children() if p.name() == "raylet"]
+    workers = [w for raylet in raylets for w in raylet.children(recursive=True)]
     ray.shutdown()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    for process in alive:
+        process.kill()
 
 
 @pytest.fixture(scope="session")
