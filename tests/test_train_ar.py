@@ -157,6 +157,21 @@ def test_killed_driver_resumes_the_step_count_then_noops(encoded_run, ray_local,
 
 
 @pytest.mark.slow
+def test_the_same_run_trains_the_same_model(encoded_run, tmp_path):
+    """Reproducible: two runs of one config on the same tables give the same weights bit for
+    bit (Ray Data keeps the seeded file order: `ordered_data_config`)."""
+    weights = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        shutil.copytree(encoded_run, run)
+        config = ar_config(num_workers=1, cpus_per_worker=1.0, steps=16, log_every=8,
+                           checkpoint_every=16, preview_per_class=0)  # fmt: skip
+        run_train_ar_stage(str(run), config)
+        weights.append((run / "ar" / "model" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+
+
+@pytest.mark.slow
 def test_tables_without_labels_train_an_unconditional_model(encoded_run, tmp_path):
     run = copy_run(encoded_run, tmp_path)
     for path in (run / "codes").glob("*.parquet"):

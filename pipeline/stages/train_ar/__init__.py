@@ -55,6 +55,7 @@ from pipeline.core.training import (
     check_one_batch,
     init_from_fingerprint,
     latest_checkpoint_step,
+    ordered_data_config,
     resume_seed,
     train_run_config,
 )
@@ -225,6 +226,7 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
         datasets={"train": train_dataset(storage, tables, columns,
                                          resume_seed(config.seed, latest_checkpoint_step(storage, ar_dir)),
                                          train_text)},
+        dataset_config=ordered_data_config(),  # reproducible: the same run trains the same model
     )  # fmt: skip
     kind = f"{tables.num_classes} classes" if tables.num_classes else "unconditional"
     if tokenizer_json:
