@@ -282,10 +282,14 @@ def ordered_data_config():
     """Ray Train's DataConfig with `preserve_order`: Ray Data hands the blocks over in the
     seeded file order, not as its read tasks finish. Without it two train-ar runs of one config
     trained different weights; with it the same weights bit for bit (one worker; tested)."""
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import DataConfig
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
+    # DataConfig.default_ingest_options() but for preserve_order; it also copies the deprecated
+    # exclude_resources, which prints a RayDeprecationWarning into the driver's console
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                               verbose_progress=current.verbose_progress)  # fmt: skip
     return DataConfig(execution_options=options)
 
 
