@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -184,10 +185,8 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
         while queue and len(in_flight) < per_actor * len(actors):
             name = queue.pop(0)
             decoded = decode.remote(join(shards_dir, f"{name}.tar"), resolution, config.storage)
-            queued = [0] * len(actors)
-            for index in in_flight.values():
-                queued[index] += 1
-            index = queued.index(min(queued))  # the actor with the shortest queue
+            queued = Counter(in_flight.values())
+            index = min(range(len(actors)), key=queued.__getitem__)  # the shortest queue
             out_uri = join(codes_dir, f"{name}.parquet")
             task = actors[index].encode.remote(name, decoded, out_uri, config, vae_fp, fp)
             in_flight[task] = index
