@@ -87,6 +87,8 @@ def check_tables(run: Path, model) -> None:
     got = dict(zip(table.column("key").to_pylist(), codes_array(table), strict=True))
     assert len(table) == len(expected) == len(got), "exactly one row per image"
     assert all((got[k] == expected[k]).all() for k in expected)
+    leftovers = [p.name for p in (run / "codes").iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporaries of killed writers left behind: {leftovers}"
 
 
 def test_ray_job_submit_encode(ray_local, ray_head, demo_images, tmp_path):

@@ -58,7 +58,8 @@ def test_save_load_round_trip_gives_identical_codes(overfit_run, tmp_path, base)
     if base == "local":
         document = json.loads((tmp_path / "vae" / "config.json").read_text())
         assert document["model_type"] == "rqvae" and document["config"]["code_depth"] == 4
-        assert not list((tmp_path / "vae").glob("*.tmp-*")), "no temporary files left"
+        assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json",
+                                                                         "model.safetensors"]
 
 
 def test_from_pretrained_errors(tmp_path):

@@ -1,4 +1,7 @@
+import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,51 @@ def test_write_read_list_glob_exists(root):
         assert f.read() == b"333"
     storage.remove_tree(f"{base}/a")
     assert [uri for uri, _ in storage.list_files(base)] == [f"{base}/b/z.tar"]
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from model import fileio
+os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)  # dies before the rename
+fileio.write_bytes_atomic(sys.argv[1], open(sys.argv[2], "rb").read())
+"""
+
+
+def _parquet_bytes(keys: list[str]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"key": keys}), buffer)
+    return buffer.getvalue()
+
+
+def test_a_writer_killed_mid_write_adds_no_rows_and_its_leftover_is_swept(tmp_path):
+    """A node lost while its actor wrote a table (CI, stop 25: 50 rows for 48 images): the
+    complete table plus the killed writer's temporary must still read as one copy."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    storage, folder = Storage(StorageConfig()), tmp_path / "codes"
+    storage.write_bytes(str(folder / "a.parquet"), _parquet_bytes(["x", "y"]))
+    (tmp_path / "payload").write_bytes(_parquet_bytes(["x", "y"]))  # the retry's own copy
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(folder / "a.parquet"),
+                             str(tmp_path / "payload")], cwd=Path(__file__).parents[1])  # fmt: skip
+    assert killed.returncode == -9
+    left = [p.name for p in folder.iterdir() if p.name != "a.parquet"]
+    assert len(left) == 1 and left[0].startswith(".a.parquet.tmp-"), left
+    assert pq.read_table(folder).column("key").to_pylist() == ["x", "y"]
+    sql = f"SELECT count(*) FROM read_parquet('{folder}/*.parquet')"
+    assert duckdb.connect().execute(sql).fetchone()[0] == 2
+
+    write_manifest(storage, str(folder), Manifest("encode", 1, {}, {}))
+    assert sorted(p.name for p in folder.iterdir()) == ["_manifest.json", "a.parquet"]
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(TypeError):
+        Storage(StorageConfig()).write_bytes(str(tmp_path / "a.bin"), "not bytes")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _finish(storage, base, planned):

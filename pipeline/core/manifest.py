@@ -66,6 +66,8 @@ def read_manifest(storage: Storage, stage_dir: str) -> Manifest | None:
 
 
 def write_manifest(storage: Storage, stage_dir: str, manifest: Manifest) -> None:
+    """Mark a stage finished. Its writers are done, so what a killed one left goes first."""
+    storage.remove_temporaries(stage_dir)
     storage.write_bytes(join(stage_dir, MANIFEST_NAME), manifest.to_json())
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import fsspec
 from fsspec.core import split_protocol
 
-from model.fileio import read_bytes, write_bytes_atomic
+from model.fileio import read_bytes, remove_temporaries, write_bytes_atomic
 
 
 @dataclass(repr=False)
@@ -156,6 +156,13 @@ class Storage:
     def remove_file(self, uri: str) -> None:
         fs, path = self.fs(uri)
         fs.rm_file(path)
+
+    def remove_temporaries(self, prefix: str) -> int:
+        """Remove what writers killed mid-write left under prefix (write_bytes_atomic's hidden
+        temporaries); how many. Object stores have none: an upload is whole or absent."""
+        fs, path = self.fs(prefix)
+        is_local = "file" in fs.protocol or "local" in fs.protocol
+        return remove_temporaries(path) if is_local and fs.isdir(path) else 0
 
     def remove_tree(self, uri: str) -> None:
         fs, path = self.fs(uri)

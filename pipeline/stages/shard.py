@@ -263,13 +263,6 @@ def _completed(storage: Storage, shards_dir: str, fp: str) -> dict[str, dict]:
     return done
 
 
-def _remove_temporaries(storage: Storage, shards_dir: str) -> None:
-    fs, _ = storage.fs(shards_dir)
-    for uri, _ in storage.list_files(shards_dir):
-        if ".tmp-" in uri.rsplit("/", 1)[-1]:  # left by a writer killed mid-write
-            fs.rm(storage.fs(uri)[1])
-
-
 def _write_rejects(storage: Storage, uri: str, rejects: list[dict[str, str]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -311,7 +304,7 @@ def run_shard_stage(
 
     fp = planned.fingerprint
     units = plan_units(sources, config)
-    _remove_temporaries(storage, shards_dir)
+    storage.remove_temporaries(shards_dir)  # left by writers killed mid-write
     results = _completed(storage, shards_dir, fp)
     pending = [u for u in units if u.name not in results]
     print(f"shard: {len(sources):,} inputs -> {len(units)} shards "
