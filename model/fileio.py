@@ -8,7 +8,6 @@ import uuid
 
 import fsspec
 
-
 TEMPORARY_MARK = ".tmp-"
 
 
