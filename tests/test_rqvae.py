@@ -58,8 +58,8 @@ def test_save_load_round_trip_gives_identical_codes(overfit_run, tmp_path, base)
     if base == "local":
         document = json.loads((tmp_path / "vae" / "config.json").read_text())
         assert document["model_type"] == "rqvae" and document["config"]["code_depth"] == 4
-        assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json",
-                                                                         "model.safetensors"]
+        written = sorted(p.name for p in (tmp_path / "vae").iterdir())
+        assert written == ["config.json", "model.safetensors"], "no temporaries left"
 
 
 def test_from_pretrained_errors(tmp_path):
