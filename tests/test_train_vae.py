@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -79,6 +81,46 @@ def test_two_workers_train_export_and_noop(ray_local, demo_images, tmp_path):
     weights = (run / "vae" / "model" / "model.safetensors").stat().st_mtime_ns
     run_train_vae_stage(str(run), train_config())  # finished: a no-op
     assert (run / "vae" / "model" / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_augmentation_is_drawn_anew_each_epoch_and_reproducibly(ray_local, demo_images, tmp_path,
+                                                                monkeypatch):  # fmt: skip
+    """Crops (40px shards, a 32px model) and flips come from the seed: a fresh dataset of one
+    config gives the same images, its next epoch other crops, another seed other crops."""
+    from ray.data import DataContext
+
+    from pipeline.stages.train_vae.data import train_dataset
+
+    # as in training (ordered_data_config): rows in the seeded file order, not as tasks finish
+    monkeypatch.setattr(DataContext.get_current().execution_options, "preserve_order", True)
+
+    run = tmp_path / "run"
+    run_shard_stage(str(demo_images), str(run), ShardConfig(**{**SHARDING, "image_size": 40}))
+    storage = Storage()
+
+    def epochs(seed: int, count: int) -> list[np.ndarray]:
+        dataset = train_dataset(storage, str(run / "shards"), train_config(seed=seed), 32)
+        return [np.stack([row["image"] for row in dataset.take_all()]) for _ in range(count)]
+
+    first, second = epochs(0, 2)
+    assert first.shape[1:] == (32, 32, 3)
+    assert np.array_equal(epochs(0, 1)[0], first), "one seed, one epoch: the same images"
+    for other in (second, epochs(1, 1)[0]):
+        # the same files in one order (kept: ordered_data_config), cropped and flipped anew
+        assert len(other) == len(first) and not np.array_equal(other, first)
+
+
+def test_the_same_run_trains_the_same_model(ray_local, demo_images, tmp_path):
+    """Reproducible: two runs of one config on the same shards give the same weights bit for
+    bit (the kept file order, and crops and flips drawn from the seed)."""
+    shards = Path(sharded_run(demo_images, str(tmp_path / "shards")))
+    weights = []
+    for name in ("a", "b"):
+        shutil.copytree(shards, tmp_path / name)
+        config = train_config(num_workers=1, cpus_per_worker=1.0, steps=8, checkpoint_every=8)
+        run_train_vae_stage(str(tmp_path / name), config)
+        weights.append((tmp_path / name / "vae" / "model" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
 
 
 def test_train_from_s3(ray_local, demo_images, s3_bucket, s3_endpoint):

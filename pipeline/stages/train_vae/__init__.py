@@ -47,6 +47,7 @@ from pipeline.core.training import (
     check_one_batch,
     init_from_fingerprint,
     latest_checkpoint_step,
+    ordered_data_config,
     train_run_config,
 )
 from pipeline.stages.train_vae.data import train_dataset, validation_images
@@ -172,6 +173,7 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
                                     storage),
         datasets={"train": train_dataset(storage, shards_dir, config, resolution,
                                          latest_checkpoint_step(storage, vae_dir))},
+        dataset_config=ordered_data_config(),  # reproducible: the same run trains the same model
     )  # fmt: skip
     print(f"train-vae: {config.steps} steps on {config.num_workers} worker(s), "
           f"{shards.counts.get('ok', '?')} images, writing {vae_dir}", flush=True)  # fmt: skip

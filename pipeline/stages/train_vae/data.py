@@ -27,14 +27,18 @@ def _to_square(image: Image.Image, resolution: int, rng: np.random.Generator) ->
     return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
 
 
+AUGMENT_SEED = "augment_seed"  # a column of uniform draws in [0, 1), one per row and epoch
+
+
 def decode_batch(
     batch: dict[str, Any], resolution: int, random_flip: bool
 ) -> dict[str, np.ndarray]:
-    """Ray Data map: WebDataset rows (image bytes) -> {"image": (B, R, R, 3) uint8}."""
-    rng = np.random.default_rng()
+    """Ray Data map: WebDataset rows (image bytes) -> {"image": (B, R, R, 3) uint8}. Each
+    row's crop and flip come from its own draw in AUGMENT_SEED, so they are reproducible."""
     column = next(c for c in IMAGE_EXTENSIONS if c in batch)
     images = []
-    for data in batch[column]:
+    for data, draw in zip(batch[column], batch[AUGMENT_SEED], strict=True):
+        rng = np.random.default_rng(int(draw * 2**53))
         with Image.open(io.BytesIO(data)) as image:
             pixels = _to_square(image.convert("RGB"), resolution, rng)
         if random_flip and rng.random() < 0.5:
@@ -51,17 +55,21 @@ def _split_tars(storage: Storage, shards_dir: str, split: str) -> list[str]:
 def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, resolution: int,
                   resume_step: int = 0):  # fmt: skip
     """Streaming Ray Dataset of decoded, augmented training images; decoding in CPU tasks.
-    Its file order is drawn from the seed and the step a resumed run starts from."""
+    Its file order and every image's crop and flip are drawn from the seed and the step a
+    resumed run starts from, anew each epoch (Ray Data reseeds both per execution); with the
+    order kept (`ordered_data_config`) one config trains one model."""
     import ray
+    from ray.data.expressions import random
 
     tars = _split_tars(storage, shards_dir, "train")
     if not tars:
         raise FileNotFoundError(f"no train-*.tar shards in {shards_dir}")
     filesystem, _ = storage.arrow_fs(shards_dir)
     paths = [storage.arrow_fs(uri)[1] for uri in tars]
+    seed = resume_seed(config.seed, resume_step)
     dataset = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
-                                       file_extensions=["tar"],
-                                       shuffle=epoch_file_order(resume_seed(config.seed, resume_step)))  # fmt: skip
+                                       file_extensions=["tar"], shuffle=epoch_file_order(seed))  # fmt: skip
+    dataset = dataset.with_column(AUGMENT_SEED, random(seed=seed, reseed_after_execution=True))
     return dataset.map_batches(
         decode_batch,
         fn_kwargs={"resolution": resolution, "random_flip": config.random_flip},
