@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,7 +72,9 @@ def ray_head(tmp_path_factory):
         head.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
     log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)  # the head's session logs: nothing to keep
 
 
 @pytest.fixture(scope="module")
