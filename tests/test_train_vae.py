@@ -85,8 +85,8 @@ def test_two_workers_train_export_and_noop(ray_local, demo_images, tmp_path):
 
 def test_augmentation_is_drawn_anew_each_epoch_and_reproducibly(ray_local, demo_images, tmp_path,
                                                                 monkeypatch):  # fmt: skip
-    """Crops (40px shards, a 32px model) and flips come from the seed: a fresh dataset of one
-    config gives the same images, its next epoch other crops, another seed other crops."""
+    """Crops (40px shards, a 32px model), flips and file order come from the seed: a fresh
+    dataset of one config gives the same images; its next epoch, and another seed, do not."""
     from ray.data import DataContext
 
     from pipeline.stages.train_vae.data import train_dataset
@@ -106,7 +106,7 @@ def test_augmentation_is_drawn_anew_each_epoch_and_reproducibly(ray_local, demo_
     assert first.shape[1:] == (32, 32, 3)
     assert np.array_equal(epochs(0, 1)[0], first), "one seed, one epoch: the same images"
     for other in (second, epochs(1, 1)[0]):
-        # the same files in one order (kept: ordered_data_config), cropped and flipped anew
+        # a new draw of the file order, the crops and the flips
         assert len(other) == len(first) and not np.array_equal(other, first)
 
 
