@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.inception import FIDInception
+from model.evaluation.inception import FIDInception
 
 
 def main() -> None:

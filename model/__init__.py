@@ -1,7 +1,7 @@
 """Torch modules of rqpipe: residual quantizer, RQ-VAE and its losses, RQ-Transformer.
 
 No Ray, no storage beyond save/load. Names are imported on first use, so that
-`model.fileio` stays importable without torch.
+`model.weights.fileio` stays importable without torch.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ The code embeddings e(.) are the RQ-VAE's codebook, frozen. Sampling runs both t
 with KV caches: one spatial step per position, D depth steps within it.
 
 The paper presets reproduce the official architecture exactly (the official checkpoints import
-into them, model/official.py): no LayerNorm at the end of the spatial stack
+into them, model/weights/official.py): no LayerNorm at the end of the spatial stack
 (`spatial_final_norm`), dropout on the residual branches (`dropout`, the official resid_pdrop
 0.1), none on attention weights (`attn_dropout`), and no learned no-label row
 (`null_label_embedding`), which only classifier-free guidance needs. The `tiny` preset keeps our
@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from model.kv_cache import KVCache, StaticCaches, StaticKVCache
 from model.quantizer import embed_codes
 from model.sampling import SamplingPlan, generate_cached, generate_uncached, one_per_depth
-from model.serialization import ModelConfig, Pretrained
 from model.text import PAD_ID
+from model.weights.serialization import ModelConfig, Pretrained
 
 # The paper's ImageNet 256x256 class-conditional models (8x8x4 codes, K = 16384). Every field
 # is spelled out, so that a change of a dataclass default never changes a paper preset.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.quantizer import ResidualQuantizer
-from model.serialization import ModelConfig, Pretrained
+from model.weights.serialization import ModelConfig, Pretrained
 
 RQVAE_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's ImageNet/FFHQ/LSUN autoencoder (f = 32, 8x8x4 codes), every field spelled

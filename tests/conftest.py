@@ -105,7 +105,7 @@ def classifier_weights(tmp_path_factory) -> str:
     features in the end-to-end runs (evaluate.weights=...)."""
     import torch
 
-    from model.classifier import ImageClassifier, ImageClassifierConfig
+    from model.evaluation.classifier import ImageClassifier, ImageClassifierConfig
 
     torch.manual_seed(0)
     folder = str(tmp_path_factory.mktemp("classifier") / "model")

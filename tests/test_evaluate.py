@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from model.classifier import ImageClassifier, ImageClassifierConfig
-from model.inception import (
+from model.evaluation.classifier import ImageClassifier, ImageClassifierConfig
+from model.evaluation.inception import (
     FIDInception,
     find_inception_weights,
     load_fid_inception,
     tf1_bilinear_resize,
 )
-from model.metrics import (
+from model.evaluation.metrics import (
     FeatureMoments,
     frechet_distance,
     inception_score,

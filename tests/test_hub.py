@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.hub import hub_repo
 from model.rqvae import RQVAE, RQVAEConfig
+from model.weights.hub import hub_repo
 
 REPO = Path(__file__).resolve().parents[1]
 

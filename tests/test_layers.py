@@ -9,17 +9,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+MODEL = ("model", "model.weights", "model.weights.official", "model.evaluation")
 # layer -> the layers its modules may import (besides the standard library and third parties)
 ALLOWED = {
     "pipeline": set(),  # pipeline/__init__.py: the layers' description, no code
-    "model": {"model"},
-    "pipeline.core": {"model", "pipeline.core"},
-    "pipeline.formats": {"model", "pipeline.core", "pipeline.formats"},
-    "pipeline.stages": {"model", "pipeline.core", "pipeline.formats"},  # never another stage
-    "pipeline.tools": {"model", "pipeline.core", "pipeline.formats", "pipeline.tools"},
-    "pipeline.run": {"model", "pipeline.core", "pipeline.stages"},
+    # model/: the paper's models and their training, over the weights helpers; never the
+    # networks that measure models, never the pipeline
+    "model": {"model", "model.weights"},
+    # how weights are stored and found: nothing of the models (fileio stays torch-free) ...
+    "model.weights": {"model.weights"},
+    # ... but the official checkpoints' layout maps tensors onto the paper's models
+    "model.weights.official": {"model", "model.weights"},
+    # the networks that measure models: the weights helpers only
+    "model.evaluation": {"model.weights", "model.evaluation"},
+    "pipeline.core": {*MODEL, "pipeline.core"},
+    "pipeline.formats": {*MODEL, "pipeline.core", "pipeline.formats"},
+    "pipeline.stages": {*MODEL, "pipeline.core", "pipeline.formats"},  # never another stage
+    "pipeline.tools": {*MODEL, "pipeline.core", "pipeline.formats", "pipeline.tools"},
+    "pipeline.run": {*MODEL, "pipeline.core", "pipeline.stages"},
     "pipeline.demo": {
-        "model",
+        *MODEL,
         "pipeline.core",
         "pipeline.formats",
         "pipeline.tools",
@@ -27,7 +36,7 @@ ALLOWED = {
         "pipeline.demo",
     },
     "pipeline.cli": {
-        "model",
+        *MODEL,
         "pipeline.core",
         "pipeline.formats",
         "pipeline.stages",
@@ -39,7 +48,8 @@ ALLOWED = {
 
 
 def layer_of(module: str) -> str | None:
-    """'pipeline.stages.shard' -> 'pipeline.stages'; 'model.rqvae' -> 'model'."""
+    """'pipeline.stages.shard' -> 'pipeline.stages'; 'model.rqvae' -> 'model';
+    'model.evaluation.inception' -> 'model.evaluation'."""
     return next((layer for layer in sorted(ALLOWED, key=len, reverse=True)
                  if module == layer or module.startswith(layer + ".")), None)  # fmt: skip
 
@@ -59,7 +69,7 @@ def project_imports(path: Path) -> list[tuple[int, str]]:
 
 
 def modules() -> list[tuple[str, Path]]:
-    files = sorted((ROOT / "model").glob("*.py")) + sorted((ROOT / "pipeline").rglob("*.py"))
+    files = sorted((ROOT / "model").rglob("*.py")) + sorted((ROOT / "pipeline").rglob("*.py"))
     out = []
     for path in files:
         parts = path.relative_to(ROOT).with_suffix("").parts
@@ -102,3 +112,26 @@ def test_the_checker_catches_wrong_imports(tmp_path):
     source.write_text("from pipeline.core import storage\n")
     assert len(violations("model.rqvae", source)) == 1
     assert violations("pipeline.stages.encode", source) == []
+
+
+def test_the_checker_keeps_the_models_apart_from_what_measures_them(tmp_path):
+    """model/'s folders: the paper's models may not import a measuring network; the weights
+    helpers (but the official layout) may not import a model; a measuring network may not
+    import a paper model; none of them may import the pipeline."""
+    source = tmp_path / "module.py"
+    source.write_text("from model.evaluation.inception import InceptionV3\n")
+    assert violations("model.rqvae", source) == [
+        "module.py:1 (model) imports model.evaluation.inception.InceptionV3 (model.evaluation)"
+    ]
+    assert violations("model.evaluation.metrics", source) == []
+    source.write_text("from model.rqvae import RQVAE\n")
+    assert len(violations("model.weights.serialization", source)) == 1
+    assert len(violations("model.evaluation.classifier", source)) == 1
+    assert violations("model.weights.official", source) == []
+    source.write_text("from model.weights.serialization import Pretrained\n")
+    assert violations("model.rqvae", source) == []
+    assert violations("model.evaluation.classifier", source) == []
+    source.write_text("import pipeline.core.storage\n")
+    for name in ("model.training", "model.weights.hub", "model.weights.official",
+                 "model.evaluation.inception"):  # fmt: skip
+        assert len(violations(name, source)) == 1, name

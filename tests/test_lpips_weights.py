@@ -103,7 +103,7 @@ def test_paper_config_checks_the_lpips_file_before_any_stage(weight_files, tmp_p
 
 def test_the_imagenet_recipe_plans_against_a_small_local_input(weight_files, tmp_path,
                                                                monkeypatch):  # fmt: skip
-    from model.inception import FIDInception
+    from model.evaluation.inception import FIDInception
     from pipeline.demo.data import write_demo_dataset
 
     vgg, heads = weight_files

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from model import official
 from model.rqtransformer import RQTransformer, RQTransformerConfig
 from model.rqvae import RQVAE, RQVAEConfig
+from model.weights import official
 from pipeline.cli import main
 from tests.official_layout import (
     PUBLISHED_RQTRANSFORMERS,

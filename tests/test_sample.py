@@ -147,7 +147,7 @@ def test_class_names_cannot_escape_and_credentials_are_not_saved(sampled_run):
 
 
 def test_resnets_have_torchvisions_names_and_sizes():
-    from model.resnet import ResNet
+    from model.evaluation.resnet import ResNet
 
     # torchvision's documented parameter counts of the ImageNet models
     for arch, params in {"resnet18": 11_689_512, "resnet50": 25_557_032,
@@ -161,7 +161,7 @@ def test_resnets_have_torchvisions_names_and_sizes():
 
 
 def test_rejection_sampling_keeps_the_best_candidate_of_each_slot(sampled_run, tmp_path):
-    from model.resnet import ResNet, load_resnet
+    from model.evaluation.resnet import ResNet, load_resnet
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "resnet18-4.pth"

@@ -41,7 +41,7 @@ def test_write_read_list_glob_exists(root):
 
 KILLED_MID_WRITE = """
 import os, signal, sys
-from model import fileio
+from model.weights import fileio
 os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)  # dies before the rename
 fileio.write_bytes_atomic(sys.argv[1], open(sys.argv[2], "rb").read())
 """

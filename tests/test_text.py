@@ -191,7 +191,7 @@ def tiny_clip(folder):
 
 
 def test_clip_score_on_a_small_random_clip(tmp_path):
-    from model.clip import CLIP_MEAN, CLIP_STD, preprocess
+    from model.evaluation.clip import CLIP_MEAN, CLIP_STD, preprocess
     from pipeline.cli import main
     from pipeline.formats.codes_table import codes_table, to_parquet_bytes
 

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import fsspec
 from fsspec.core import split_protocol
 
-from model.fileio import read_bytes, remove_temporaries, write_bytes_atomic
+from model.weights.fileio import read_bytes, remove_temporaries, write_bytes_atomic
 
 
 @dataclass(repr=False)
@@ -173,7 +173,7 @@ class Storage:
 def model_files(uri: str) -> str:
     """Where this process reads a model folder's files: an hf://org/name model fetched into
     the Hugging Face cache; any other URI made absolute."""
-    from model.hub import download_model, hub_repo
+    from model.weights.hub import download_model, hub_repo
 
     return download_model(uri) if hub_repo(uri) else absolute(uri)
 
@@ -182,14 +182,14 @@ def model_location(uri: str) -> tuple[str, str]:
     """-> (the URI Ray workers load the model from: a Hub model as given, since each worker
     fetches it into its own node's cache, any other URI made absolute; the folder this process
     reads the model's files from, to check and fingerprint it)."""
-    from model.hub import hub_repo
+    from model.weights.hub import hub_repo
 
     return (uri if hub_repo(uri) else absolute(uri)), model_files(uri)
 
 
 def require_model_folders(storage: Storage, section: str, **uris: str | None) -> None:
     """Plan-time check of the exported models a config names (`key=uri`, None: not given)."""
-    from model.hub import hub_repo
+    from model.weights.hub import hub_repo
 
     for key, uri in uris.items():
         if uri and hub_repo(uri) is None and not storage.exists(join(absolute(uri), "config.json")):

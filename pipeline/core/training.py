@@ -210,7 +210,7 @@ def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
 def init_from_fingerprint(storage: Any, uri: str, expected: Any, stage: str) -> str:
     """`init_from`'s identity for the fingerprint, after checking that the exported model
     there has the architecture `expected` (the stage's model config)."""
-    from model.serialization import architecture_changes
+    from model.weights.serialization import architecture_changes
     from pipeline.core.manifest import model_fingerprint
     from pipeline.core.storage import join
 

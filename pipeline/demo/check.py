@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from model.classifier import ImageClassifier, ImageClassifierConfig
+from model.evaluation.classifier import ImageClassifier, ImageClassifierConfig
 from pipeline.core.storage import Storage, join
 from pipeline.demo.data import DEMO_CLASSES, DEMO_COLOURS, UNSEEN, demo_image
 from pipeline.formats.images import center_square, to_model_tensor

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.fileio import write_bytes_atomic
+from model.weights.fileio import write_bytes_atomic
 
 RESIZE_MODES = ("center_crop", "pad", "none")
 ENCODINGS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}

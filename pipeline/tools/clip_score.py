@@ -2,7 +2,7 @@
 
 The score is the paper's (and the official repository's): the mean cosine similarity between
 CLIP's image and text embeddings of each sample and its prompt (ViT-B/32 in the paper: 0.26 on
-CC-3M), computed by model/clip.py with a CLIP folder the user gives. The evaluate stage reports
+CC-3M), computed by model/evaluation/clip.py with a CLIP folder the user gives. The evaluate stage reports
 the same figure with `evaluate.clip=FOLDER`.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from model.clip import clip_similarities, load_clip
+from model.evaluation.clip import clip_similarities, load_clip
 from pipeline.core.storage import Storage, join
 
 

@@ -6,7 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from model.hub import MODEL_FILES
+from model.weights.hub import MODEL_FILES
 from pipeline.core.storage import Storage, join
 
 

@@ -1,7 +1,7 @@
 """`rqpipe import-official`: an official checkpoint + its config.yaml -> our model folder.
 
 The checkpoint is opened with torch.load(weights_only=True): tensors and plain containers only,
-never an arbitrary unpickle. The mapping itself is model/official.py. Beside model.safetensors +
+never an arbitrary unpickle. The mapping itself is model/weights/official.py. Beside model.safetensors +
 config.json the folder gets `import.json`: where the weights came from (file name, SHA-256,
 which state dict) and every dropped tensor with why.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import yaml
 
-from model import official
 from model.rqvae import RQVAE
+from model.weights import official
 from pipeline.core.storage import Storage, join
 
 KINDS = ("rqvae", "rqtransformer")

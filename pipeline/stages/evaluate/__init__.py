@@ -9,7 +9,7 @@
 - The samples of RUN/samples: FID against the reference, Inception Score, precision and recall,
   and FID per class for a class-conditional run.
 
-Features come from the FID Inception network (model/inception.py; its weights from
+Features come from the FID Inception network (model/evaluation/inception.py; its weights from
 `weights` or torch hub's cache) or, with `features: classifier`, from a small classifier
 model folder (the demo's): then every Fréchet distance is called "demo FID".
 
@@ -64,7 +64,7 @@ class EvaluateConfig:
     )  # fmt: skip
 
     enabled: bool = True  # run as the last stage of `rqpipe run`
-    features: str = "inception"  # inception | classifier (a model/classifier.py folder)
+    features: str = "inception"  # inception | classifier (a model/evaluation/classifier.py folder)
     weights: str | None = (
         None  # inception: the .pth (default: torch hub's cache); classifier: its folder
     )
@@ -103,7 +103,7 @@ class EvaluateConfig:
         if not self.enabled:
             return
         if self.features == "inception":
-            from model.inception import find_inception_weights
+            from model.evaluation.inception import find_inception_weights
 
             find_inception_weights(self.weights)
         elif not Storage(self.storage).exists(join(self.weights, "config.json")):

@@ -27,7 +27,7 @@ from pipeline.core.storage import Storage, StorageConfig, join
 def extractor_identity(storage: Storage, kind: str, weights: str | None) -> str:
     """What identifies the feature network: its kind and the hash of its weights."""
     if kind == "inception":
-        from model.inception import find_inception_weights
+        from model.evaluation.inception import find_inception_weights
 
         with open(find_inception_weights(weights), "rb") as handle:
             digest = hashlib.file_digest(handle, "sha256").hexdigest()[:32]
@@ -41,12 +41,12 @@ def load_extractor(storage: Storage, kind: str, weights: str | None, device: str
     import torch
 
     if kind == "inception":
-        from model.inception import load_fid_inception
+        from model.evaluation.inception import load_fid_inception
 
         network = load_fid_inception(weights).to(device)
         run = network
     else:
-        from model.classifier import ImageClassifier
+        from model.evaluation.classifier import ImageClassifier
 
         network = ImageClassifier.from_pretrained(weights, storage_options=storage.options(weights))
         network.to(device)
@@ -102,7 +102,7 @@ class FeatureWorker:
         self.batch_size = batch_size
         self.vae = self.lpips = self.clip = None
         if clip is not None:
-            from model.clip import load_clip
+            from model.evaluation.clip import load_clip
 
             model, tokenizer = load_clip(clip)
             self.clip = (model.to(self.device), tokenizer)
@@ -133,7 +133,7 @@ class FeatureWorker:
         """Reconstructions of (N, R, R, 3) uint8 images: uint8 images and their metrics."""
         import torch
 
-        from model.metrics import ssim_per_image
+        from model.evaluation.metrics import ssim_per_image
         from model.training import psnr_per_image
 
         depth = self.vae.config.code_shape[-1]
@@ -188,7 +188,7 @@ class FeatureWorker:
 
     def _clip(self, images: list[np.ndarray], captions: list[str | None]) -> np.ndarray:
         """(N,) CLIP similarity of each image with its caption; NaN where there is none."""
-        from model.clip import clip_similarities
+        from model.evaluation.clip import clip_similarities
 
         scores = np.full(len(images), np.nan, np.float32)
         with_caption = [i for i, c in enumerate(captions) if c]

@@ -12,7 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from model.metrics import FeatureMoments, frechet_distance, inception_score, precision_recall
+from model.evaluation.metrics import (
+    FeatureMoments,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
 from pipeline.core.storage import Storage, join
 from pipeline.stages.evaluate.features import read_unit
 

@@ -56,7 +56,7 @@ class ChunkSampler:
         self.vae.eval()
         self.classifier = None
         if rejection is not None:  # (checkpoint path, architecture)
-            from model.resnet import load_resnet
+            from model.evaluation.resnet import load_resnet
 
             self.classifier = load_resnet(*rejection).to(self.device)
 

@@ -12,8 +12,8 @@ import torch
 
 from model.flops import rqtransformer_flops_per_sample, throughput_terms
 from model.rqtransformer import Block, RQTransformer, RQTransformerConfig
-from model.serialization import init_from_pretrained
 from model.training import ar_train_step, build_optimizer, soft_quantizer, validation_loss
+from model.weights.serialization import init_from_pretrained
 from pipeline.core.checkpoint import load_state, save_state
 from pipeline.core.config import to_dict
 from pipeline.core.fsdp import (

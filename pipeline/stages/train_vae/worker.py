@@ -10,8 +10,8 @@ from torch import Tensor
 
 from model.flops import counted_flops, throughput_terms
 from model.rqvae import RQVAE
-from model.serialization import init_from_pretrained
 from model.training import VAETrainState, build_train_state, psnr, vae_train_step
+from model.weights.serialization import init_from_pretrained
 from pipeline.core.checkpoint import load_state, save_state
 from pipeline.core.config import to_dict
 from pipeline.core.storage import Storage, join

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from model.serialization import ModelConfig, Pretrained
+from model.weights.serialization import ModelConfig, Pretrained
 
 
 @dataclass

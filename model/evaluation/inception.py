@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.serialization import load_checked, read_foreign_weights
+from model.weights.serialization import load_checked, read_foreign_weights
 
 WEIGHT_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
 INPUT_SIZE = 299

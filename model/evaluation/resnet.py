@@ -1,7 +1,7 @@
 """ImageNet ResNets in torchvision's layout, for the paper's rejection sampling: a classifier
 scores each sample's probability of the class it was sampled for.
 
-Our own module (torchvision cannot be imported on this CPU build, model/inception.py says
+Our own module (torchvision cannot be imported on this CPU build, model/evaluation/inception.py says
 why); the state-dict names are torchvision's (`conv1`, `bn1`, `layer{1-4}.{i}.conv{1-3}`,
 `.downsample.{0,1}`, `fc`), so a torchvision checkpoint such as `resnet101-cd907fc2.pth` (the
 paper used a ResNet-101) loads with `torch.load(weights_only=True)`, every name and shape
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.serialization import load_checked, read_foreign_weights
+from model.weights.serialization import load_checked, read_foreign_weights
 
 # arch -> (block, blocks per stage)
 ARCHITECTURES = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),

@@ -11,8 +11,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from model.fileio import read_bytes, write_bytes_atomic
-from model.hub import download_model, hub_repo
+from model.weights.fileio import read_bytes, write_bytes_atomic
+from model.weights.hub import download_model, hub_repo
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -45,7 +45,7 @@ def load_pretrained(
     uri: str, model_type: str, map_location: str = "cpu", storage_options: dict | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """-> (config dict, state dict) of a saved model, checking it is of `model_type`. `uri`: a
-    folder path, an fsspec URI, or a Hugging Face Hub model (hf://org/name, model/hub.py)."""
+    folder path, an fsspec URI, or a Hugging Face Hub model (hf://org/name, model/weights/hub.py)."""
     if hub_repo(uri) is not None:
         uri, storage_options = download_model(uri), None
     base = uri.rstrip("/")

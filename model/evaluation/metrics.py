@@ -1,6 +1,6 @@
 """Generative-model metrics over feature vectors: Fréchet distance (FID), Inception Score,
 precision and recall (Kynkäänniemi et al. 2019), SSIM. Pure functions over arrays; which
-features (the FID Inception network, model/inception.py, or another) is the caller's choice.
+features (the FID Inception network, model/evaluation/inception.py, or another) is the caller's choice.
 
 The choices are the ones torch-fidelity, clean-fid and the ADM evaluator agree on: covariance
 with the n - 1 denominator, the matrix square root by `scipy.linalg.sqrtm` in float64 (with
