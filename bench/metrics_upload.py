@@ -1,6 +1,6 @@
 """Bytes a training stage uploads for its metrics log on an object store, by run length.
 
-Before (issue 15): metrics.jsonl was rewritten whole at every log, so a run of N logs uploaded
+Before the change: metrics.jsonl was rewritten whole at every log, so a run of N logs uploaded
 about N^2 / 2 lines. Now: one part file per checkpoint with the records since the last one,
 N lines in all. Measured on fsspec's in-memory filesystem (an object store: nothing can be
 appended) through the same `Storage.write_bytes` every stage uses.

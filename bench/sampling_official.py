@@ -1,6 +1,6 @@
 """Our KV-cached sampler against the official `RQTransformer.sample`, same sizes, same process.
 
-The sizes a new user tries first on a CPU (issue 17): width 256, 8 heads, 4 spatial + 2 depth
+The sizes a new user tries first on a CPU: width 256, 8 heads, 4 spatial + 2 depth
 layers, K = 512, 8x8x4 codes, 10 classes, batch 32, both with their KV caches, full-vocabulary
 sampling at temperature 1. Both models get random weights of the same shapes (parameter counts
 printed). Then a profile of ours: where the time of one `generate` goes.

@@ -12,6 +12,7 @@ override (e.g. `storage.endpoint_url=...`) applies to every stage.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,59 +20,34 @@ from typing import Any
 
 from pipeline.core.config import ConfigError, load_config
 from pipeline.core.manifest import Manifest, read_manifest
-from pipeline.core.storage import Storage, join
+from pipeline.core.stage_folder import FOLDERS
+from pipeline.core.storage import Storage, absolute, join
+from pipeline.formats.inputs import InputDescription, describe_input
 
 
 @dataclass
 class Stage:
     name: str
-    directory: str  # under the run dir
-    load: Callable[[], tuple[type, Callable[..., Manifest]]]  # late imports: torch is slow
+    module: str  # pipeline.stages.<module>: its config class and its run_*_stage function
+    config_class: str
 
+    @property
+    def directory(self) -> str:  # under the run dir
+        return FOLDERS[self.name]
 
-def _shard() -> tuple[type, Callable[..., Manifest]]:
-    from pipeline.stages.shard import ShardConfig, run_shard_stage
-
-    return ShardConfig, run_shard_stage
-
-
-def _train_vae() -> tuple[type, Callable[..., Manifest]]:
-    from pipeline.stages.train_vae import TrainVAEConfig, run_train_vae_stage
-
-    return TrainVAEConfig, run_train_vae_stage
-
-
-def _encode() -> tuple[type, Callable[..., Manifest]]:
-    from pipeline.stages.encode import EncodeConfig, run_encode_stage
-
-    return EncodeConfig, run_encode_stage
-
-
-def _train_ar() -> tuple[type, Callable[..., Manifest]]:
-    from pipeline.stages.train_ar import TrainARConfig, run_train_ar_stage
-
-    return TrainARConfig, run_train_ar_stage
-
-
-def _sample() -> tuple[type, Callable[..., Manifest]]:
-    from pipeline.stages.sample import SampleConfig, run_sample_stage
-
-    return SampleConfig, run_sample_stage
-
-
-def _evaluate() -> tuple[type, Callable[..., Manifest]]:
-    from pipeline.stages.evaluate import EvaluateConfig, run_evaluate_stage
-
-    return EvaluateConfig, run_evaluate_stage
+    def load(self) -> tuple[type, Callable[..., Manifest]]:
+        """(config class, stage function), imported late: torch is slow to import."""
+        module = importlib.import_module(f"pipeline.stages.{self.module}")
+        return getattr(module, self.config_class), getattr(module, f"run_{self.module}_stage")
 
 
 STAGES = (
-    Stage("shard", "shards", _shard),
-    Stage("train-vae", "vae", _train_vae),
-    Stage("encode", "codes", _encode),
-    Stage("train-ar", "ar", _train_ar),
-    Stage("sample", "samples", _sample),
-    Stage("evaluate", "eval", _evaluate),
+    Stage("shard", "shard", "ShardConfig"),
+    Stage("train-vae", "train_vae", "TrainVAEConfig"),
+    Stage("encode", "encode", "EncodeConfig"),
+    Stage("train-ar", "train_ar", "TrainARConfig"),
+    Stage("sample", "sample", "SampleConfig"),
+    Stage("evaluate", "evaluate", "EvaluateConfig"),
 )
 
 
@@ -133,10 +109,40 @@ def plan_pipeline(config_path: str | None = None, overrides: list[str] = (),
     for p in planned:  # the files each stage will need, before any stage starts
         if hasattr(p.config, "preflight"):
             p.config.preflight()
-    if input_uri is not None and not Storage(planned[0].config.storage).list_files(input_uri):
-        raise FileNotFoundError(f"--input {input_uri}: nothing there (a folder of images, a "
-                                f"CSV/Parquet listing or WebDataset tars)")  # fmt: skip
+    if input_uri is not None:
+        described = describe_input(Storage(planned[0].config.storage), absolute(input_uri))
+        _fit_conditioning(planned, described)
     return planned
+
+
+def _fit_conditioning(plan: list[PlannedStage], described: InputDescription) -> None:
+    """Resolve train-ar's conditioning against what the input has (refusing what it cannot
+    serve) and check that the sample stage asks for what that model takes; the run's first
+    line says which."""
+    configs = {p.stage.name: p.config for p in plan}
+    train_ar, sample = configs["train-ar"], configs["sample"]
+    asked = train_ar.conditioning
+    train_ar.conditioning = train_ar.resolve_conditioning(described.labels, described.captions,
+                                                          f"the input ({described})")  # fmt: skip
+    how = " (auto)" if asked == "auto" else ""
+    print(f"rqpipe run: the input is {described}: the RQ-Transformer will be conditioned on "
+          f"{CONDITIONED_ON[train_ar.conditioning]}{how}", flush=True)  # fmt: skip
+    prompted = bool(sample.prompts or sample.prompts_file)
+    if prompted and train_ar.conditioning != "text":
+        raise ConfigError(f"sample.prompts / prompts_file are set, but the RQ-Transformer will be "
+                          f"conditioned on {CONDITIONED_ON[train_ar.conditioning]}: remove them "
+                          f"(sample.prompts=null), or give an input with captions")  # fmt: skip
+    if sample.cfg_scale != 1.0 and train_ar.conditioning == "none":
+        raise ConfigError(f"sample.cfg_scale={sample.cfg_scale} (guidance) needs a conditional "
+                          f"model, and the input has no labels or captions: set "
+                          f"sample.cfg_scale=1")  # fmt: skip
+    if sample.labels is not None and train_ar.conditioning != "class":
+        raise ConfigError(f"sample.labels is set, but the RQ-Transformer will be conditioned on "
+                          f"{CONDITIONED_ON[train_ar.conditioning]}: remove it "
+                          f"(sample.labels=null)")  # fmt: skip
+
+
+CONDITIONED_ON = {"text": "captions", "class": "class labels", "none": "nothing (unconditional)"}
 
 
 def run_pipeline(

@@ -1,4 +1,4 @@
-"""Sharded training (`strategy: fsdp`, issue 17 point 1): FSDP2 on the CPU with gloo, two Ray
+"""Sharded training (`strategy: fsdp`): FSDP2 on the CPU with gloo, two Ray
 Train workers on the real local Ray instance.
 
 The loop-level tests feed each rank fixed batches (drawn from (step % 2, rank)), so DDP and FSDP see

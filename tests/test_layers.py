@@ -26,7 +26,7 @@ ALLOWED = {
     "pipeline.formats": {*MODEL, "pipeline.core", "pipeline.formats"},
     "pipeline.stages": {*MODEL, "pipeline.core", "pipeline.formats"},  # never another stage
     "pipeline.tools": {*MODEL, "pipeline.core", "pipeline.formats", "pipeline.tools"},
-    "pipeline.run": {*MODEL, "pipeline.core", "pipeline.stages"},
+    "pipeline.run": {*MODEL, "pipeline.core", "pipeline.formats", "pipeline.stages"},
     "pipeline.demo": {
         *MODEL,
         "pipeline.core",

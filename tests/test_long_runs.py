@@ -216,7 +216,7 @@ def _loop_with_checkpoints(config):
 
 def test_checkpoint_upload_does_not_block_the_step_loop(ray_local, s3_bucket, s3_endpoint,
                                                         tmp_path):  # fmt: skip
-    """Point 7 of issue 17: a proxy in front of S3 holds every request into a Ray Train
+    """Checkpoints upload in the background, at most two in flight: a proxy in front of S3 holds every request into a Ray Train
     checkpoint folder until the test releases it. The loop goes on past a held upload; at two
     uploads in flight (the bound) the next checkpoint waits; once released, every checkpoint
     lands whole. (The hold stays under a second: the AWS SDK gives up on a stalled request
@@ -228,7 +228,8 @@ def test_checkpoint_upload_does_not_block_the_step_loop(ray_local, s3_bucket, s3
     from ray.train.torch import TorchTrainer
 
     from pipeline.core.storage import StorageConfig
-    from pipeline.core.training import MAX_PENDING_UPLOADS, train_run_config
+    from pipeline.core.train_driver import train_run_config
+    from pipeline.core.training import MAX_PENDING_UPLOADS
     from tests.tcp_proxy import Proxy
 
     assert MAX_PENDING_UPLOADS == 2  # the loop below is laid out for it

@@ -57,7 +57,7 @@ def _parquet_bytes(keys: list[str]) -> bytes:
 
 
 def test_a_writer_killed_mid_write_adds_no_rows_and_its_leftover_is_swept(tmp_path):
-    """A node lost while its actor wrote a table (CI, stop 25: 50 rows for 48 images): the
+    """A node lost while its actor wrote a table (seen in CI once: 50 rows for 48 images): the
     complete table plus the killed writer's temporary must still read as one copy."""
     import duckdb
     import pyarrow.parquet as pq

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from pipeline.core.storage import Storage, absolute, is_local, join
+from pipeline.core.storage import Storage, is_local, join
 
 LEASE_NAME = "_lease.json"
 DEFAULT_TTL_S = 60.0
@@ -186,9 +186,12 @@ def stage_lease(storage: Storage, stage_dir: str, stage: str, ttl_s: float = DEF
         lease.release()
 
 
-def single_writer(stage: str, directory: str | Callable[[str, Any], str]) -> Callable[[F], F]:
-    """Decorate a stage function `(..., run_dir, config, ...)`: it runs holding the lease of
-    RUN/{directory}, or of `directory(run_dir, config)` when the config can move it."""
+def single_writer(stage: str, folder: Callable[[str, Any], str | None] | None = None
+                  ) -> Callable[[F], F]:  # fmt: skip
+    """Decorate a stage function `(..., run_dir, config, ...)`: it runs holding the lease of its
+    stage folder (RUN/{FOLDERS[stage]}, or `folder(run_dir, config)` when a config can move
+    it)."""
+    from pipeline.core.stage_folder import StageFolder
 
     def decorate(run_stage: F) -> F:
         signature = inspect.signature(run_stage)
@@ -197,9 +200,9 @@ def single_writer(stage: str, directory: str | Callable[[str, Any], str]) -> Cal
         def run(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
             run_dir, config = bound.arguments["run_dir"], bound.arguments["config"]
-            run_dir = absolute(run_dir)
-            where = directory(run_dir, config) if callable(directory) else join(run_dir, directory)
-            with stage_lease(Storage(config.storage), absolute(where), stage):
+            uri = folder(run_dir, config) if folder is not None else None
+            where = StageFolder(run_dir, stage, config.storage, uri)
+            with stage_lease(where.storage, where.uri, stage):
                 return run_stage(*args, **kwargs)
 
         return run  # type: ignore[return-value]

@@ -4,7 +4,7 @@ The console shows rqpipe's lines and real errors; Ray's own chatter goes to its 
 (`/tmp/ray/session_latest/logs/` on the node that runs the driver, or the job's logs in the
 dashboard):
 - Ray's Python loggers, in the driver and every worker, at WARNING; Ray Train's own logger too
-  (`train_run_config`), so "Requesting resources", "Checkpoint successfully created" and the
+  (`train_driver.train_run_config`), so "Requesting resources", "Checkpoint successfully created" and the
   like stay in the files; on a local instance Ray Data's as well (`RAY_DATA_LOG_LEVEL`);
 - Ray Data's progress bars off: the training datasets stream endlessly, so their per-epoch
   bars are noise (the stages print their own progress);

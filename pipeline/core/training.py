@@ -1,7 +1,7 @@
-"""What the train-vae and train-ar stages share around the optimisation step: the step loop
-(`run_steps`), the plan-time batch check, the metrics log (`RunMetrics`), the shuffling and its
-seeds on resume, `init_from` checks, and the Ray Train plumbing (run config, worker setup,
-checkpoint reporting)."""
+"""What the train-vae and train-ar stages share inside their Ray Train workers, around the
+optimisation step: the step loop (`run_steps`), the metrics log (`RunMetrics`), the shuffling
+and its seeds on resume, the worker setup and checkpoint reporting. What their drivers share
+is in core/train_driver.py."""
 
 from __future__ import annotations
 
@@ -10,11 +10,6 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
-
-# Training-config fields that may change when a stage resumes or is extended (begin_stage):
-# more steps (the cosine schedule is then recomputed for the new total) and another number of
-# workers (the global batch changes from the resumed step on).
-RESUMABLE_FIELDS = ("steps", "num_workers")
 
 
 class RunMetrics:
@@ -150,17 +145,6 @@ def resume_seed(seed: int, step: int) -> int:
     return seed + 1_000_003 * step
 
 
-def check_one_batch(stage: str, train_rows: int, config: Any) -> None:
-    """Refuse at plan time a train split smaller than one global batch: with drop_last, no
-    worker would ever get a full batch."""
-    needed = config.batch_size * config.num_workers
-    if train_rows < needed:
-        raise ValueError(f"{stage}: the train split has {train_rows} rows, fewer than one global "
-                         f"batch (batch_size {config.batch_size} x num_workers "
-                         f"{config.num_workers} = {needed}): lower batch_size to at most "
-                         f"{max(1, train_rows // config.num_workers)}, or add data")  # fmt: skip
-
-
 def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
               train_step: Callable[[list[Any], int], tuple[dict[str, float], int]],
               log: Callable[[int, dict[str, float]], None],
@@ -207,38 +191,6 @@ def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
         epoch += 1
 
 
-def init_from_fingerprint(storage: Any, uri: str, expected: Any, stage: str) -> str:
-    """`init_from`'s identity for the fingerprint, after checking that the exported model
-    there has the architecture `expected` (the stage's model config)."""
-    from model.weights.serialization import architecture_changes
-    from pipeline.core.manifest import model_fingerprint
-    from pipeline.core.storage import join
-
-    if not storage.exists(join(uri, "config.json")):
-        raise FileNotFoundError(f"init_from={uri}: no exported model there (a model folder with "
-                                f"config.json + model.safetensors, e.g. RUN/vae/model)")  # fmt: skip
-    found = json.loads(storage.read_bytes(join(uri, "config.json")))["config"]
-    changes = architecture_changes(found, expected)
-    if changes:
-        raise ValueError(f"init_from={uri} is a model of another architecture "
-                         f"({'; '.join(changes)}): set model_preset / model.* to match it")  # fmt: skip
-    return model_fingerprint(storage, uri, stage)
-
-
-def latest_checkpoint_step(storage: Any, stage_dir: str) -> int:
-    """The step of the newest checkpoint Ray Train keeps in a stage dir (0 if none): what a
-    re-submitted stage resumes from."""
-    from pipeline.core.storage import join
-
-    steps = []
-    for uri in storage.glob(join(stage_dir, "checkpoint_*", "trainer.json")):
-        trainer = json.loads(storage.read_bytes(uri))
-        if "__dict__" in trainer:  # core/checkpoint.py's layout (DDP); else core/fsdp.py's
-            trainer = {k: v for k, v in trainer["__dict__"] if isinstance(k, str)}
-        steps.append(trainer["step"])
-    return max(steps, default=0)
-
-
 # Rank 0's checkpoint folders handed to Ray Train and not yet uploaded (Ray deletes each one
 # when its upload is done). At most MAX_PENDING_UPLOADS at a time: a bounded queue, so a store
 # slower than `checkpoint_every` costs the loop a wait, never unbounded local disk.
@@ -276,41 +228,6 @@ def report_checkpoint(step: int, rank: int, write: Callable[[str], None],
     _pending_uploads.append(directory)
     ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip
-
-
-def ordered_data_config():
-    """Ray Train's DataConfig with `preserve_order`: Ray Data hands the blocks over in the
-    seeded file order, not as its read tasks finish. Without it two train-ar runs of one config
-    trained different weights; with it the same weights bit for bit (one worker; tested)."""
-    from ray.data import DataContext, ExecutionOptions
-    from ray.train import DataConfig
-
-    # DataConfig.default_ingest_options() but for preserve_order; it also copies the deprecated
-    # exclude_resources, which prints a RayDeprecationWarning into the driver's console
-    current = DataContext.get_current().execution_options
-    options = ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
-                               verbose_progress=current.verbose_progress)  # fmt: skip
-    return DataConfig(execution_options=options)
-
-
-def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: int, storage: Any):
-    """Ray Train's RunConfig for a stage whose run lives at RUN/{name}: named after the run dir
-    so that a re-submitted job resumes from the last committed checkpoint."""
-    import os
-
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-
-    from pipeline.core.storage import is_local
-
-    filesystem, root = storage.arrow_fs(run_dir)
-    return RunConfig(
-        name=name,
-        storage_path=os.path.abspath(root) if is_local(run_dir) else root,
-        storage_filesystem=None if is_local(run_dir) else filesystem,
-        failure_config=FailureConfig(max_failures=max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
-        logging_config=LoggingConfig(log_level="WARNING"),  # its INFO lines: Ray's log files
-    )
 
 
 def train_worker_setup(threads: int | None) -> tuple[int, int, Any]:

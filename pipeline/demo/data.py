@@ -25,6 +25,12 @@ DEMO_COLOURS = {"red": (220, 50, 50), "green": (60, 200, 70), "blue": (70, 110, 
 UNSEEN = {("circle", "cyan"), ("square", "magenta"), ("triangle", "blue"), ("cross", "yellow")}
 
 
+def demo_prompts() -> list[str]:
+    """What the demo's caption model is asked for: every shape in every colour, "a large
+    {colour} {shape}", shape by shape; the UNSEEN combinations never occur in training."""
+    return [f"a large {colour} {shape}" for shape in DEMO_CLASSES for colour in DEMO_COLOURS]
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
                 colour: tuple[int, int, int]) -> None:  # fmt: skip
     if shape == "circle":

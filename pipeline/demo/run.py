@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.core.manifest import read_manifest
 from pipeline.core.storage import Storage, absolute
-from pipeline.demo.data import DEMO_CLASSES, demo_listing, write_demo_dataset
+from pipeline.demo.data import DEMO_CLASSES, demo_listing, demo_prompts, write_demo_dataset
 from pipeline.run import plan_pipeline, run_pipeline, stage, stage_overrides
 
 
@@ -77,11 +77,15 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
     run = Path(run_dir)
     started = time.time()
     overrides = _with_demo_classifier(run, config_path, list(overrides))
-    plan = plan_pipeline(config_path, overrides)
     paths = write_demo_dataset(run / "demo-data")
     listing = demo_listing(run / "demo-data")
     print(f"demo data: {len(paths)} captioned images in {len(DEMO_CLASSES)} classes under "
           f"{run / 'demo-data'}, listed in {listing}")  # fmt: skip
+    plan = plan_pipeline(config_path, overrides, str(listing))
+    sample = next(p.config for p in plan if p.stage.name == "sample")
+    text = next(p.config for p in plan if p.stage.name == "train-ar").conditioning == "text"
+    if text and not (sample.prompts or sample.prompts_file):
+        sample.prompts = demo_prompts()  # every shape in every colour, seen or not
     init_ray(ray_address)
     records = run_pipeline(str(listing), run_dir, plan, overwrite)
     report = _report(run)

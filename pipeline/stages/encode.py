@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
+from pipeline.core.actor_pool import POOL_FIELDS, ActorPool, ActorPoolConfig
 from pipeline.core.config import output_fields
 from pipeline.core.lease import single_writer
-from pipeline.core.manifest import (
-    Manifest,
-    begin_stage,
-    require_manifest,
-    vae_fingerprint,
-    write_manifest,
-)
+from pipeline.core.manifest import Manifest, vae_fingerprint
 from pipeline.core.progress import Progress
-from pipeline.core.storage import Storage, StorageConfig, absolute, join, model_location
+from pipeline.core.stage_folder import StageFolder
+from pipeline.core.storage import Storage, StorageConfig, join, model_location
 from pipeline.formats.codes_table import codes_table, finished_table, to_parquet_bytes
 from pipeline.formats.shard_tar import decode_shard
 
@@ -35,12 +30,12 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class EncodeConfig:
+class EncodeConfig(ActorPoolConfig):
     section: ClassVar[str] = "encode"
     execution_fields: ClassVar[tuple[str, ...]] = (
+        *POOL_FIELDS,
         "vae",  # which model is in the upstream fingerprint; its path changes nothing
-        "batch_size", "num_actors", "gpus_per_actor", "cpus_per_actor", "decode_cpus",
-        "shards_in_flight", "max_retries", "storage",
+        "batch_size", "decode_cpus", "shards_in_flight", "storage",
     )  # fmt: skip
 
     vae: str | None = None  # an RQ-VAE model folder; default RUN/vae/model
@@ -51,17 +46,14 @@ class EncodeConfig:
     # CPU without native bf16 the distances stay fp32 (model/quantizer.py warns).
     dtype: str = "float32"
     batch_size: int = 64
-    num_actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
     decode_cpus: float = 0.5
     # Shards queued per encoder actor: the one it encodes and those decoding for it. 0: one
     # decode per CPU core the actors leave free (see shards_in_flight()), at most 16.
     shards_in_flight: int = 0
-    max_retries: int = 3
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"encode.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.shards_in_flight < 0 or self.shards_in_flight == 1:
@@ -134,24 +126,22 @@ class ShardEncoder:
         return {"name": name, "rows": len(table), "bytes": len(data)}
 
 
-@single_writer("encode", "codes")
+@single_writer("encode")
 def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False) -> Manifest:
     import ray
 
     started = time.time()
-    run_dir = absolute(run_dir)  # before anything reaches a Ray worker (its own cwd)
-    storage = Storage(config.storage)
-    shards_dir, codes_dir = join(run_dir, "shards"), join(run_dir, "codes")
-    shards = require_manifest(storage, shards_dir, "shard")
+    codes = StageFolder(run_dir, "encode", config.storage)
+    storage, shards_dir = codes.storage, codes.of("shard").uri
+    shards = codes.upstream("shard")
     # vae_uri for the actors, vae_files read here (a Hub model's copy in the HF cache)
-    vae_uri, vae_files = model_location(config.vae or join(run_dir, "vae", "model"))
+    vae_uri, vae_files = model_location(config.vae or codes.run_path("vae", "model"))
     if not storage.exists(join(vae_files, "config.json")):
         raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: run train-vae first or pass vae=URI")
     vae_fp = vae_fingerprint(storage, vae_files)
     planned = Manifest("encode", FORMAT_VERSION, output_fields(config),
                        {"shard": shards.fingerprint, "vae": vae_fp})  # fmt: skip
-    finished = begin_stage(storage, codes_dir, planned, overwrite)
-    if finished is not None:
+    if (finished := codes.begin(planned, overwrite)) is not None:
         return finished
 
     fp = planned.fingerprint
@@ -161,48 +151,37 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
     names = [unit["name"].removesuffix(".tar") for unit in shards.units]
     results = {}
     for name in names:
-        done = finished_table(storage, join(codes_dir, f"{name}.parquet"), fp)
+        done = finished_table(storage, codes.path(f"{name}.parquet"), fp)
         if done is not None:
             results[name] = done
     pending = [n for n in names if n not in results]
-
-    decode = ray.remote(decode_shard).options(num_cpus=config.decode_cpus,
-                                              max_retries=config.max_retries)  # fmt: skip
-    actor_class = ray.remote(ShardEncoder).options(
-        num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
-        max_restarts=-1, max_task_retries=config.max_retries,
-    )  # fmt: skip
-    actors = [actor_class.remote(vae_uri, config.storage, config.gpus_per_actor > 0, config.dtype)
-              for _ in range(min(config.num_actors, max(1, len(pending))))]  # fmt: skip
-    per_actor = shards_in_flight(config, len(actors), ray.cluster_resources().get("CPU", 1))
-    print(f"encode: {len(names)} shards ({len(results)} already done, {len(pending)} to encode) "
-          f"with {len(actors)} encoder actor(s), {per_actor} shards in flight each -> "
-          f"{codes_dir}")  # fmt: skip
     rows = {unit["name"].removesuffix(".tar"): int(unit["rows"]) for unit in shards.units}
     progress = Progress("encode", len(pending), sum(rows[n] for n in pending))
-    queue, in_flight = list(pending), {}  # task -> the index of the actor it was given to
-    while queue or in_flight:
-        while queue and len(in_flight) < per_actor * len(actors):
-            name = queue.pop(0)
-            decoded = decode.remote(join(shards_dir, f"{name}.tar"), resolution, config.storage)
-            queued = Counter(in_flight.values())
-            index = min(range(len(actors)), key=queued.__getitem__)  # the shortest queue
-            out_uri = join(codes_dir, f"{name}.parquet")
-            task = actors[index].encode.remote(name, decoded, out_uri, config, vae_fp, fp)
-            in_flight[task] = index
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        del in_flight[ready[0]]
-        result = ray.get(ready[0])
+    decode = ray.remote(decode_shard).options(num_cpus=config.decode_cpus,
+                                              max_retries=config.max_retries)  # fmt: skip
+
+    def encode(actor: Any, name: str) -> Any:
+        decoded = decode.remote(join(shards_dir, f"{name}.tar"), resolution, config.storage)
+        return actor.encode.remote(name, decoded, codes.path(f"{name}.parquet"), config, vae_fp,
+                                   fp)  # fmt: skip
+
+    def done(result: dict[str, Any]) -> None:
         results[result["name"]] = {**result, "name": f"{result['name']}.parquet"}
         progress.update(result["rows"])
-    for actor in actors:
-        ray.kill(actor)
+
+    with ActorPool(ShardEncoder, config, len(pending), vae_uri, config.storage, config.use_gpu,
+                   config.dtype) as pool:  # fmt: skip
+        per_actor = shards_in_flight(config, len(pool), ray.cluster_resources().get("CPU", 1))
+        print(f"encode: {len(names)} shards ({len(results)} already done, {len(pending)} to "
+              f"encode) with {len(pool)} encoder actor(s), {per_actor} shards in flight each -> "
+              f"{codes.uri}")  # fmt: skip
+        pool.run(pending, encode, per_actor, done)
 
     planned.units = [results[n] for n in names]
     rows = sum(u["rows"] for u in planned.units)
     if rows != shards.counts.get("ok", rows):
         raise RuntimeError(f"encode: {rows} rows for {shards.counts['ok']} sharded images")
     planned.counts = {"rows": rows, "files": len(names)}
-    write_manifest(storage, codes_dir, planned)
+    codes.finish(planned)
     print(f"encode: {rows:,} images in {len(names)} tables, {time.time() - started:.1f} s")
     return planned

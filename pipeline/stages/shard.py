@@ -28,8 +28,9 @@ from typing import Any, ClassVar
 
 from pipeline.core.config import output_fields
 from pipeline.core.lease import single_writer
-from pipeline.core.manifest import Manifest, begin_stage, write_manifest
+from pipeline.core.manifest import Manifest
 from pipeline.core.progress import Progress
+from pipeline.core.stage_folder import StageFolder
 from pipeline.core.storage import Storage, StorageConfig, absolute, join
 from pipeline.formats.images import ENCODINGS, RESIZE_MODES, Reject, decode_image, encode_image
 from pipeline.formats.shard_tar import iter_tar, tar_bytes
@@ -275,7 +276,7 @@ def _write_rejects(storage: Storage, uri: str, rejects: list[dict[str, str]]) ->
     storage.write_bytes(uri, buffer.getvalue())
 
 
-@single_writer("shard", "shards")
+@single_writer("shard")
 def run_shard_stage(
     input_uri: str, run_dir: str, config: ShardConfig, overwrite: bool = False
 ) -> Manifest:
@@ -283,10 +284,9 @@ def run_shard_stage(
     import ray
 
     started = time.time()
-    # Resolved in the driver: a Ray worker runs in a working directory of its own.
-    input_uri, run_dir = absolute(input_uri), absolute(run_dir)
-    storage = Storage(config.storage)
-    shards_dir = join(run_dir, "shards")
+    input_uri = absolute(input_uri)  # in the driver: a Ray worker has a working dir of its own
+    shards = StageFolder(run_dir, "shard", config.storage)
+    storage, shards_dir = shards.storage, shards.uri
     sources, labels = plan_sources(storage, input_uri)
     planned = Manifest(
         stage="shard",
@@ -298,8 +298,7 @@ def run_shard_stage(
         },
         upstream={},
     )
-    finished = begin_stage(storage, shards_dir, planned, overwrite)
-    if finished is not None:
+    if (finished := shards.begin(planned, overwrite)) is not None:
         return finished
 
     fp = planned.fingerprint
@@ -339,7 +338,7 @@ def run_shard_stage(
     planned.units = [{"name": f"{s['shard']}.tar", "rows": s["ok"], "bytes": s["bytes"]}
                      for s in ordered]  # fmt: skip
     planned.counts = counts
-    write_manifest(storage, shards_dir, planned)
+    shards.finish(planned)
     print(f"shard: {counts['ok']:,} ok + {counts['rejected']:,} rejected = {counts['seen']:,} "
           f"seen, {len(units)} shards, {time.time() - started:.1f} s")  # fmt: skip
     return planned

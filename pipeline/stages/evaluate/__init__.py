@@ -25,19 +25,14 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from pipeline.core.config import output_fields, to_dict, write_resolved_config
+from pipeline.core.actor_pool import POOL_FIELDS, ActorPool, ActorPoolConfig
+from pipeline.core.config import output_fields
 from pipeline.core.lease import single_writer
-from pipeline.core.manifest import (
-    Manifest,
-    begin_stage,
-    read_manifest,
-    require_manifest,
-    vae_fingerprint,
-    write_manifest,
-)
+from pipeline.core.manifest import Manifest, read_manifest, require_manifest, vae_fingerprint
 from pipeline.core.progress import Progress
+from pipeline.core.stage_folder import StageFolder
 from pipeline.core.storage import Storage, StorageConfig, absolute, join, model_location
 from pipeline.formats.shard_tar import decode_shard
 from pipeline.stages.evaluate.features import FeatureWorker, extractor_identity, finished_unit
@@ -55,11 +50,11 @@ FEATURE_KINDS = ("inception", "classifier")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(ActorPoolConfig):
     section: ClassVar[str] = "evaluate"
     execution_fields: ClassVar[tuple[str, ...]] = (
-        "enabled", "vae", "samples_dir", "batch_size", "num_actors", "gpus_per_actor",
-        "cpus_per_actor", "decode_cpus", "max_retries", "storage",
+        *POOL_FIELDS,
+        "enabled", "vae", "samples_dir", "batch_size", "decode_cpus", "storage",
         "weights", "lpips_weights", "clip",  # fingerprinted as the hashes of what they hold
     )  # fmt: skip
 
@@ -79,22 +74,19 @@ class EvaluateConfig:
     vae: str | None = None  # RQ-VAE folder; default RUN/vae/model
     samples_dir: str | None = None  # default RUN/samples
     batch_size: int = 64
-    num_actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
     decode_cpus: float = 0.5
-    max_retries: int = 3
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.features not in FEATURE_KINDS:
             raise ValueError(f"evaluate.features must be one of {FEATURE_KINDS}, got "
                              f"{self.features!r}")  # fmt: skip
         if self.enabled and self.features == "classifier" and not self.weights:
             raise ValueError("evaluate.features=classifier needs weights=FOLDER (a model/"
-                             "classifier.py model folder; `rqpipe demo` trains one into "
+                             "evaluation/classifier.py model folder; `rqpipe demo` trains one into "
                              "RUN/demo-classifier), or set evaluate.enabled=false")  # fmt: skip
-        for name in ("batch_size", "num_actors", "precision_recall_k", "is_splits"):
+        for name in ("batch_size", "precision_recall_k", "is_splits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"evaluate.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -137,19 +129,18 @@ def _digest(storage: Storage, uri: str) -> str:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:32]
 
 
-@single_writer("evaluate", "eval")
+@single_writer("evaluate")
 def run_evaluate_stage(run_dir: str, config: EvaluateConfig, overwrite: bool = False) -> Manifest:
     import ray
 
     started = time.time()
-    run_dir = absolute(run_dir)
-    storage = Storage(config.storage)
-    eval_dir, units_dir = join(run_dir, "eval"), join(run_dir, "eval", "units")
-    shards = require_manifest(storage, join(run_dir, "shards"), "shard")
-    vae_uri, vae_files = model_location(config.vae or join(run_dir, "vae", "model"))
+    evaluation = StageFolder(run_dir, "evaluate", config.storage)
+    storage, run_dir, units_dir = evaluation.storage, evaluation.run_dir, evaluation.path("units")
+    shards = evaluation.upstream("shard")
+    vae_uri, vae_files = model_location(config.vae or evaluation.run_path("vae", "model"))
     if not storage.exists(join(vae_files, "config.json")):
         raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: run train-vae first or pass vae=URI")
-    samples_dir = absolute(config.samples_dir or join(run_dir, "samples"))
+    samples_dir = absolute(config.samples_dir or evaluation.of("sample").uri)
     samples = require_manifest(storage, samples_dir, "sample") if config.samples else None
     weights = absolute(config.weights) if config.weights else None
     upstream = {"shard": shards.fingerprint, "vae": vae_fingerprint(storage, vae_files),
@@ -167,8 +158,7 @@ def run_evaluate_stage(run_dir: str, config: EvaluateConfig, overwrite: bool = F
     if clip is not None:
         upstream["clip"] = _digest(storage, join(clip, "model.safetensors"))
     planned = Manifest("evaluate", FORMAT_VERSION, output_fields(config), upstream)
-    finished = begin_stage(storage, eval_dir, planned, overwrite)
-    if finished is not None:
+    if (finished := evaluation.begin(planned, overwrite, config)) is not None:
         return finished
 
     fp = planned.fingerprint
@@ -180,57 +170,47 @@ def run_evaluate_stage(run_dir: str, config: EvaluateConfig, overwrite: bool = F
     pending = [u for u in units if done[u[0]] is None]
     rows = {u["name"].removesuffix(".tar"): int(u["rows"]) for u in shards.units}
     print(f"evaluate: {len(units)} units ({len(units) - len(pending)} already done) with "
-          f"{config.features} features, {config.num_actors} actor(s) -> {eval_dir}")  # fmt: skip
+          f"{config.features} features, {config.num_actors} actor(s) -> {evaluation.uri}")  # fmt: skip
     if pending:
         resolution = json.loads(storage.read_bytes(join(vae_files, "config.json")))["config"][
             "resolution"
         ]
         with_vae = any(recon for _, _, recon in pending)
-        worker = ray.remote(FeatureWorker).options(
-            num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
-            max_restarts=-1, max_task_retries=config.max_retries)  # fmt: skip
-        actors = [worker.remote(config.features, weights, vae_uri if with_vae else None,
-                                config.lpips_weights, config.storage, config.gpus_per_actor > 0,
-                                config.batch_size, clip)
-                  for _ in range(min(config.num_actors, len(pending)))]  # fmt: skip
         decode = ray.remote(decode_shard).options(num_cpus=config.decode_cpus,
                                                   max_retries=config.max_retries)  # fmt: skip
         sample_rows = int(samples.counts.get("samples", 0)) if samples is not None else 0
         total = sum(rows.get(n, 0) for n, kind, _ in pending if kind == "shard")
         progress = Progress("evaluate", len(pending), total + sample_rows)
-        queue, in_flight = list(pending), []
-        while queue or in_flight:
-            while queue and len(in_flight) < 2 * len(actors):
-                name, kind, recon = queue.pop(0)
-                actor = actors[len(in_flight) % len(actors)]
-                if kind == "shard":
-                    decoded = decode.remote(join(run_dir, "shards", f"{name}.tar"), resolution,
-                                            config.storage)  # fmt: skip
-                    in_flight.append(actor.shard_unit.remote(name, decoded, units_dir, recon, fp))
-                else:
-                    table = f"{name.removeprefix('samples-')}.parquet"
-                    in_flight.append(actor.sample_unit.remote(name, samples_dir, table,
-                                                              units_dir, fp))  # fmt: skip
-            ready, in_flight = ray.wait(in_flight, num_returns=1)
-            result = ray.get(ready[0])
+
+        def extract(actor: Any, unit: tuple[str, str, bool]) -> Any:
+            name, kind, recon = unit
+            if kind == "shard":
+                decoded = decode.remote(evaluation.of("shard").path(f"{name}.tar"), resolution,
+                                        config.storage)  # fmt: skip
+                return actor.shard_unit.remote(name, decoded, units_dir, recon, fp)
+            table = f"{name.removeprefix('samples-')}.parquet"
+            return actor.sample_unit.remote(name, samples_dir, table, units_dir, fp)
+
+        def finished(result: dict[str, Any]) -> None:
             done[result["name"]] = result
             progress.update(result["rows"])
-        for actor in actors:
-            ray.kill(actor)
 
-    metrics = _metrics(storage, run_dir, eval_dir, config, units, weights, upstream)
-    storage.write_bytes(join(eval_dir, "metrics.json"), json.dumps(metrics, indent=2).encode())
-    written = write_report(storage, eval_dir, metrics)
-    write_resolved_config(storage, join(eval_dir, "config.yaml"),
-                          {EvaluateConfig.section: to_dict(config)})  # fmt: skip
+        with ActorPool(FeatureWorker, config, len(pending), config.features, weights,
+                       vae_uri if with_vae else None, config.lpips_weights, config.storage,
+                       config.use_gpu, config.batch_size, clip) as pool:  # fmt: skip
+            pool.run(pending, extract, 2, finished)
+
+    metrics = _metrics(storage, run_dir, evaluation.uri, config, units, weights, upstream)
+    storage.write_bytes(evaluation.path("metrics.json"), json.dumps(metrics, indent=2).encode())
+    written = write_report(storage, evaluation.uri, metrics)
     planned.units = [{"name": f"units/{n}.npz", "rows": done[n]["rows"]} for n, _, _ in units]
     planned.counts = {"units": len(units), "reference_images": metrics["reference"]["images"] or 0}
     for part in ("vae", "samples"):
         if part in metrics:
             planned.counts[f"{part}_images"] = metrics[part]["images"]
-    write_manifest(storage, eval_dir, planned)
-    _print_summary(metrics, time.time() - started, [join(eval_dir, "metrics.json"),
-                                                    *(join(eval_dir, w) for w in written)])  # fmt: skip
+    evaluation.finish(planned)
+    _print_summary(metrics, time.time() - started, [evaluation.path("metrics.json"),
+                                                    *(evaluation.path(w) for w in written)])  # fmt: skip
     return planned
 
 

@@ -27,21 +27,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
-from pipeline.core.config import output_fields, to_dict, write_resolved_config
+from pipeline.core.actor_pool import POOL_FIELDS, ActorPool, ActorPoolConfig
+from pipeline.core.config import output_fields
 from pipeline.core.lease import single_writer
-from pipeline.core.manifest import (
-    Manifest,
-    begin_stage,
-    model_fingerprint,
-    vae_fingerprint,
-    write_manifest,
-)
+from pipeline.core.manifest import Manifest, model_fingerprint, vae_fingerprint
 from pipeline.core.progress import Progress
+from pipeline.core.stage_folder import StageFolder
 from pipeline.core.storage import (
     Storage,
     StorageConfig,
@@ -53,7 +49,12 @@ from pipeline.core.storage import (
 )
 from pipeline.formats.codes_table import finished_table
 from pipeline.stages.sample.actor import ChunkSampler, sample_key
-from pipeline.stages.sample.prompts import prompt_tokens, resolve_labels, resolve_prompts
+from pipeline.stages.sample.prompts import (
+    default_prompts,
+    prompt_tokens,
+    resolve_labels,
+    resolve_prompts,
+)
 
 __all__ = ["SampleConfig", "resolve_prompts", "run_sample_stage"]
 
@@ -61,11 +62,11 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(ActorPoolConfig):
     section: ClassVar[str] = "sample"
     execution_fields: ClassVar[tuple[str, ...]] = (
-        "ar", "vae", "out", "num_actors", "gpus_per_actor", "cpus_per_actor", "max_retries",
-        "storage",
+        *POOL_FIELDS,
+        "ar", "vae", "out", "storage",
         "prompts_file", "prompts_column",  # fingerprinted as the prompts they hold (upstream)
         "rejection_classifier",  # fingerprinted as the hash of its weights (upstream)
         "cuda_graphs",  # how a GPU actor runs the sampler, not what it samples
@@ -92,13 +93,9 @@ class SampleConfig:
     ar: str | None = None  # RQ-Transformer folder; default RUN/ar/model
     vae: str | None = None  # RQ-VAE folder; default RUN/vae/model
     out: str | None = None  # output folder; default RUN/samples
-    num_actors: int = 1
-    gpus_per_actor: float = 0.0
     # GPU actors record each sampling step as a CUDA graph (fixed-shape KV caches: one launch a
     # step, not one a kernel; RQTransformer.generate `static`). false: the growing caches.
     cuda_graphs: bool = True
-    cpus_per_actor: float = 1.0
-    max_retries: int = 3
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def preflight(self) -> None:
@@ -109,7 +106,8 @@ class SampleConfig:
                                     f"no such file (a torchvision ResNet .pth)")  # fmt: skip
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "chunk_size", "num_actors"):
+        super().__post_init__()
+        for name in ("num_samples", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -160,17 +158,14 @@ def write_grids(storage: Storage, out_dir: str, labels: list[int | None], label_
     return written
 
 
-@single_writer("sample", lambda run_dir, config: config.out or join(run_dir, "samples"))
+@single_writer("sample", lambda run_dir, config: config.out)
 def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False) -> Manifest:
-    import ray
-
     started = time.time()
-    run_dir = absolute(run_dir)  # before anything reaches a Ray worker (its own cwd)
-    storage = Storage(config.storage)
+    out = StageFolder(run_dir, "sample", config.storage, config.out)
+    storage = out.storage
     # hf://org/name models: the actors fetch them; the driver reads a copy in its HF cache
-    ar_uri, ar_files = model_location(config.ar or join(run_dir, "ar", "model"))
-    vae_uri, vae_files = model_location(config.vae or join(run_dir, "vae", "model"))
-    out_dir = absolute(config.out or join(run_dir, "samples"))
+    ar_uri, ar_files = model_location(config.ar or out.run_path("ar", "model"))
+    vae_uri, vae_files = model_location(config.vae or out.run_path("vae", "model"))
     for what, uri, stage in (
         ("RQ-Transformer", ar_files, "train-ar"),
         ("RQ-VAE", vae_files, "train-vae"),
@@ -179,7 +174,7 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
             raise FileNotFoundError(f"no {what} at {uri}: run the {stage} stage first "
                                     f"(jobs/{stage.replace('-', '_')}.py) or pass its folder")  # fmt: skip
     ar_config = json.loads(storage.read_bytes(join(ar_files, "config.json")))["config"]
-    names_uri = join(run_dir, "shards", "labels.json")
+    names_uri = out.of("shard").path("labels.json")
     names = json.loads(storage.read_bytes(names_uri)) if storage.exists(names_uri) else {}
     prompts = resolve_prompts(config, storage)
     tokens = None
@@ -187,6 +182,10 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
         if config.labels is not None:
             raise ValueError(f"the RQ-Transformer at {ar_uri} is text-conditioned: give "
                              f"prompts, not labels")  # fmt: skip
+        if not prompts:  # none asked for: captions of the run's own val split
+            prompts = default_prompts(storage, out.of("encode"))
+            print(f"sample: no prompts given: {len(prompts)} captions of the run's val split "
+                  f"(set sample.prompts or prompts_file to choose)")  # fmt: skip
         tokens = prompt_tokens(storage, ar_files, ar_uri, prompts, ar_config["text_length"])
         cycle = list(range(len(prompts)))
     elif prompts:
@@ -210,67 +209,56 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
         with open(rejection[0], "rb") as handle:
             upstream["rejection"] = hashlib.file_digest(handle, "sha256").hexdigest()[:32]
     planned = Manifest("sample", FORMAT_VERSION, output_fields(config), upstream)
-    finished = begin_stage(storage, out_dir, planned, overwrite)
-    if finished is not None:
+    if (finished := out.begin(planned, overwrite, config)) is not None:
         return finished
-    write_resolved_config(
-        storage, join(out_dir, "config.yaml"), {SampleConfig.section: to_dict(config)}
-    )
 
     n, size = config.num_samples, config.chunk_size
     labels: list[int | None] = [cycle[i % len(cycle)] for i in range(n)] if cycle else [None] * n
     chunks = [(c, c * size, min(n, (c + 1) * size)) for c in range(math.ceil(n / size))]
     results = {}
     for c, _, _ in chunks:
-        done = finished_table(storage, join(out_dir, "codes", f"chunk-{c:05d}.parquet"),
+        done = finished_table(storage, out.path("codes", f"chunk-{c:05d}.parquet"),
                               planned.fingerprint)  # fmt: skip
         if done is not None:
             results[c] = done
     pending = [chunk for chunk in chunks if chunk[0] not in results]
-    print(f"sample: {n} samples in {len(chunks)} chunks ({len(results)} already done) with "
-          f"{min(config.num_actors, max(1, len(pending)))} actor(s) -> {out_dir}")  # fmt: skip
-
-    actor_class = ray.remote(ChunkSampler).options(
-        num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
-        max_restarts=-1, max_task_retries=config.max_retries,
-    )  # fmt: skip
-    actors = [actor_class.remote(ar_uri, vae_uri, config.storage, config.gpus_per_actor > 0,
-                                 rejection)
-              for _ in range(min(config.num_actors, max(1, len(pending))))]  # fmt: skip
     progress = Progress("sample", len(pending), sum(end - first for _, first, end in pending),
                         "samples")  # fmt: skip
-    sampling_started, queue, in_flight = time.time(), list(pending), []
-    while queue or in_flight:
-        while queue and len(in_flight) < 2 * len(actors):
-            c, first, end = queue.pop(0)
-            chunk_labels = labels[first:end] if cycle and tokens is None else None
-            chunk_prompts = [(prompts[i], tokens[i].tolist()) for i in labels[first:end]] \
-                if tokens is not None else None  # fmt: skip
-            actor = actors[c % len(actors)]
-            in_flight.append(actor.sample.remote(c, first, chunk_labels, end - first, config,
-                                                 out_dir, vae_fp, planned.fingerprint,
-                                                 chunk_prompts))  # fmt: skip
-        ready, in_flight = ray.wait(in_flight, num_returns=1)
-        result = ray.get(ready[0])
+
+    def sample(actor: Any, chunk: tuple[int, int, int]) -> Any:
+        c, first, end = chunk
+        chunk_labels = labels[first:end] if cycle and tokens is None else None
+        chunk_prompts = [(prompts[i], tokens[i].tolist()) for i in labels[first:end]] \
+            if tokens is not None else None  # fmt: skip
+        return actor.sample.remote(c, first, chunk_labels, end - first, config, out.uri, vae_fp,
+                                   planned.fingerprint, chunk_prompts)  # fmt: skip
+
+    def done(result: dict[str, Any]) -> None:
         results[result["chunk"]] = result
         progress.update(result["rows"])
+
+    sampling_started = time.time()
+    with ActorPool(ChunkSampler, config, len(pending), ar_uri, vae_uri, config.storage,
+                   config.use_gpu, rejection) as pool:  # fmt: skip
+        print(f"sample: {n} samples in {len(chunks)} chunks ({len(results)} already done) with "
+              f"{len(pool)} actor(s) -> {out.uri}")  # fmt: skip
+        pool.run(pending, sample, 2, done)
+        actors = len(pool)
     seconds = time.time() - sampling_started
-    for actor in actors:
-        ray.kill(actor)
 
     label_names = {index: name for name, index in names.items()}
-    grids = write_grids(storage, out_dir, labels, label_names, config.grid_size,
+    grids = write_grids(storage, out.uri, labels, label_names, config.grid_size,
                         prompts if tokens is not None else None)  # fmt: skip
     sampled = sum(results[c].get("rows", 0) for c in results if "seconds" in results[c])
     report = {"samples": n, "sampled_now": sampled, "seconds": round(seconds, 3),
               "samples_per_s": round(sampled / seconds, 3) if sampled else None,
-              "actors": len(actors), "grids": grids, "acceptance_rate": config.acceptance_rate,
+              "actors": actors, "grids": grids, "acceptance_rate": config.acceptance_rate,
               "candidates": sum(r.get("candidates", 0) for r in results.values())}  # fmt: skip
-    storage.write_bytes(join(out_dir, "sampling.json"), json.dumps(report, indent=2).encode())
+    storage.write_bytes(out.path("sampling.json"), json.dumps(report, indent=2).encode())
     planned.units = [{k: results[c][k] for k in ("name", "rows", "bytes")} for c, _, _ in chunks]
     planned.counts = {"samples": n, "chunks": len(chunks)}
-    write_manifest(storage, out_dir, planned)
+    out.finish(planned)
     rate = f", {report['samples_per_s']} samples/s" if sampled else ""
-    shown = ", ".join(grids) if len(grids) <= 4 else f"{len(grids)} in {out_dir}"
+    shown = ", ".join(grids) if len(grids) <= 4 else f"{len(grids)} in {out.uri}"
     print(f"sample: {n} images in {time.time() - started:.1f} s{rate}; grids: {shown}")
     return planned

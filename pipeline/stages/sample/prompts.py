@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.core.stage_folder import StageFolder
 from pipeline.core.storage import Storage, absolute, join
 
 if TYPE_CHECKING:
@@ -55,14 +56,38 @@ def resolve_prompts(config: SampleConfig, storage: Storage) -> list[str]:
     return prompts
 
 
+DEFAULT_PROMPTS = 16
+
+
+def default_prompts(storage: Storage, codes: StageFolder) -> list[str]:
+    """A caption model asked for no prompts samples the first DEFAULT_PROMPTS distinct captions
+    of the run's val tables (train tables where there is no val split), in key order: prompts
+    like the data it was trained on. [] when the run has no code tables."""
+    import pyarrow.parquet as pq
+
+    manifest = codes.manifest()
+    if manifest is None:
+        return []
+    names = [u["name"] for u in manifest.units]
+    found: dict[str, None] = {}
+    for name in [n for n in names if n.startswith("val-")] or names:
+        filesystem, path = storage.arrow_fs(codes.path(name))
+        column = pq.read_table(path, filesystem=filesystem, columns=["caption"]).column("caption")
+        found.update(dict.fromkeys(c for c in column.to_pylist() if c))
+        if len(found) >= DEFAULT_PROMPTS:
+            break
+    return list(found)[:DEFAULT_PROMPTS]
+
+
 def prompt_tokens(storage: Storage, ar_files: str, ar_uri: str, prompts: list[str],
                   context_length: int) -> np.ndarray:  # fmt: skip
     """(P, L) token ids of the prompts, with the tokenizer saved beside the model."""
     from model.text import encode_captions
 
     if not prompts:
-        raise ValueError(f"the RQ-Transformer at {ar_uri} is text-conditioned: give prompts "
-                         f"(--prompt TEXT, repeatable, or --prompts-file FILE)")  # fmt: skip
+        raise ValueError(f"the RQ-Transformer at {ar_uri} is text-conditioned and the run has no "
+                         f"captions to take prompts from: give prompts (--prompt TEXT, "
+                         f"repeatable, or --prompts-file FILE)")  # fmt: skip
     if not storage.exists(join(ar_files, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer.json beside the RQ-Transformer at {ar_uri}: put "
                                 f"the tokenizer it was trained with there")  # fmt: skip

@@ -6,9 +6,11 @@ This module holds the config and the driver; `data.py` the tables, captions and 
 Data: Ray Data streams the code tables (`train-*.parquet`; `val-*` rows score the validation
 loss) to the workers through `get_dataset_shard`. The frozen code embeddings are the codebook
 of the RQ-VAE that made the tables: the tables record its fingerprint, and a different VAE is
-refused. Labels make the model class-conditional (with label dropout, for classifier-free
-guidance); tables without labels train an unconditional model. `conditioning: text` trains a
-caption-conditioned model instead (the paper's CC-3M setup, model/text.py): a BPE tokenizer is
+refused. `conditioning: auto` (the default) fits the model to the data: captions give a
+caption-conditioned model, labels a class-conditional one, neither an unconditional one; the
+resolved choice is what is fingerprinted and saved. Labels make the model class-conditional
+(with label dropout, for classifier-free guidance). A caption model (`text`; the paper's CC-3M
+setup, model/text.py): a BPE tokenizer is
 trained on the train tables' captions (or `text.tokenizer` is used), written to
 RUN/ar/tokenizer.json and RUN/ar/model/tokenizer.json, and its hash is part of the fingerprint;
 captions are tokenized with BPE dropout in the data pipeline, dropped to the empty caption with
@@ -38,27 +40,22 @@ from typing import Any, ClassVar
 
 from model.rqtransformer import RQTransformerConfig
 from model.text import TextConfig, check_tokenizer
-from pipeline.core.config import output_fields, to_dict, write_resolved_config
+from pipeline.core.config import output_fields
 from pipeline.core.lease import single_writer
-from pipeline.core.manifest import Manifest, begin_stage, require_manifest, write_manifest
-from pipeline.core.storage import (
-    Storage,
-    StorageConfig,
-    absolute,
-    join,
-    model_location,
-    require_model_folders,
-)
-from pipeline.core.tracking import TrackingConfig
-from pipeline.core.training import (
+from pipeline.core.manifest import Manifest
+from pipeline.core.stage_folder import StageFolder
+from pipeline.core.storage import Storage, StorageConfig, model_location, require_model_folders
+from pipeline.core.train_driver import (
     RESUMABLE_FIELDS,
+    TRAINER_FIELDS,
+    TrainerConfig,
+    add_init_from,
     check_one_batch,
-    init_from_fingerprint,
+    finish_training,
+    fit,
     latest_checkpoint_step,
-    ordered_data_config,
-    resume_seed,
-    train_run_config,
 )
+from pipeline.core.training import resume_seed
 from pipeline.formats.codes_table import inspect_tables
 from pipeline.stages.train_ar.data import (
     caption_tokenizer,
@@ -74,26 +71,25 @@ __all__ = ["SamplePreview", "TrainARConfig", "run_train_ar_stage", "train_datase
 
 FORMAT_VERSION = 1
 TARGETS = ("hard", "soft")
-CONDITIONINGS = ("class", "text")
+# auto: captions give a text model, labels a class model, neither an unconditional one
+CONDITIONINGS = ("auto", "text", "class", "none")
 STRATEGIES = ("ddp", "fsdp")
 # set by the tables (and the tokenizer), not the user
 DATA_FIELDS = ("code_shape", "codebook_size", "num_classes", "text_vocab_size", "text_length")
 
 
 @dataclass
-class TrainARConfig:
+class TrainARConfig(TrainerConfig):
     section: ClassVar[str] = "train_ar"
     execution_fields: ClassVar[tuple[str, ...]] = (
-        "vae", "use_gpu", "compile", "strategy", "cpus_per_worker", "threads_per_worker", "log_every",
-        "checkpoint_every", "num_to_keep", "max_failures", "val_rows", "preview_per_class",
-        "storage", "tracking",
+        *TRAINER_FIELDS, "vae", "strategy", "val_rows", "preview_per_class", "storage",
         "init_from",  # fingerprinted as the model's own fingerprint (upstream "init_from")
     )  # fmt: skip
 
     model_preset: str = "tiny"  # an RQTransformerConfig preset ...
     model: dict[str, Any] = field(default_factory=dict)  # ... and field overrides on top of it
     init_from: str | None = None  # an exported RQ-Transformer (model folder) to fine-tune from
-    conditioning: str = "class"  # labels where the tables have them; or "text": captions
+    conditioning: str = "auto"  # auto | text (captions) | class (labels) | none (unconditional)
     text: TextConfig = field(default_factory=TextConfig)  # the captions, when "text"
     targets: str = "hard"  # or "soft": stochastic codes from the tables' latents column
     soft_temperature: float = 0.5  # the paper's value
@@ -107,24 +103,14 @@ class TrainARConfig:
     shuffle_buffer: int = 4096  # rows; tables come in a new order each epoch (shuffled_batches)
     seed: int = 0
     grad_accum_steps: int = 1
-    num_workers: int = 1
     strategy: str = "ddp"  # or "fsdp": parameters, gradients and Adam state sharded (core/fsdp.py)
-    bf16: bool = True  # autocast on GPU
-    compile: bool = False  # torch.compile the model's forward (and backward); off: eager
     vae: str | None = None  # the RQ-VAE whose codebook the tables use; default RUN/vae/model
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    threads_per_worker: int | None = None  # torch threads; default: Ray's (whole CPUs)
-    log_every: int = 50
-    checkpoint_every: int = 500
-    num_to_keep: int = 2
-    max_failures: int = 3  # worker failures within a run, each resumed from the last checkpoint
     val_rows: int = 256
     preview_per_class: int = 8  # samples per class in samples.png at each checkpoint; 0: none
     storage: StorageConfig = field(default_factory=StorageConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.targets not in TARGETS:
             raise ValueError(f"targets={self.targets!r}: use one of {list(TARGETS)}")
         if self.conditioning not in CONDITIONINGS:
@@ -138,10 +124,22 @@ class TrainARConfig:
         if fixed:
             raise ValueError(f"model.{fixed[0]} comes from the code tables and cannot be set")
         self.model_config([1, 1, 1], 2, 0)  # unknown presets or keys fail at load time
-        for name in ("steps", "batch_size", "log_every", "grad_accum_steps", "num_workers",
-                     "checkpoint_every"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def resolve_conditioning(self, labels: bool, captions: bool, where: str) -> str:
+        """What the model is conditioned on, given whether the data has labels and captions:
+        `auto` picks captions, then labels, then nothing; an explicit choice the data cannot
+        serve is refused here, before anything trains."""
+        if self.conditioning == "auto":
+            return "text" if captions else "class" if labels else "none"
+        if self.conditioning == "text" and not captions:
+            raise ValueError(f"train_ar.conditioning=text needs captions, and {where} has none: "
+                             f"give a CSV/Parquet listing with a caption column (or WebDataset "
+                             f"tars with captions), or set train_ar.conditioning=auto")  # fmt: skip
+        if self.conditioning == "class" and not labels:
+            raise ValueError(f"train_ar.conditioning=class needs labels, and {where} has none: "
+                             f"give class sub-folders or a listing with a label column, or set "
+                             f"train_ar.conditioning=auto")  # fmt: skip
+        return self.conditioning
 
     def preflight(self) -> None:
         """The models this stage will read, checked before any stage of a run starts."""
@@ -157,93 +155,67 @@ class TrainARConfig:
         return RQTransformerConfig.preset(self.model_preset, **{**self.model, **data})
 
 
-@single_writer("train-ar", "ar")
+@single_writer("train-ar")
 def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = False) -> Manifest:
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     started = time.time()
-    run_dir = absolute(run_dir)  # before anything reaches a Ray worker (its own cwd)
     config.preflight()
-    storage = Storage(config.storage)
-    codes_dir, ar_dir = join(run_dir, "codes"), join(run_dir, "ar")
-    encoded = require_manifest(storage, codes_dir, "encode")
+    ar = StageFolder(run_dir, "train-ar", config.storage)
+    storage, codes_dir = ar.storage, ar.of("encode").uri
+    encoded = ar.upstream("encode")
     tables = inspect_tables(storage, codes_dir, encoded.units)
     check_one_batch("train-ar", tables.train_rows, config)
     upstream = {"encode": encoded.fingerprint}
+    # resolved before the fingerprint: `auto` on captioned tables trains what `text` would
+    config.conditioning = config.resolve_conditioning(tables.num_classes > 0,
+                                                      tables.captioned_rows > 0, codes_dir)  # fmt: skip
     tokenizer_json, text_vocab_size = None, 0
     if config.conditioning == "text":
         tokenizer_json = caption_tokenizer(storage, config, tables, codes_dir)
         text_vocab_size = check_tokenizer(tokenizer_json)
         upstream["tokenizer"] = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:32]
-    num_classes = 0 if tokenizer_json else tables.num_classes
+    num_classes = tables.num_classes if config.conditioning == "class" else 0
     model_config = config.model_config(tables.code_shape, tables.codebook_size, num_classes,
                                        text_vocab_size)  # fmt: skip
-    if config.init_from:  # the workers load config.init_from; this process reads init_files
-        config.init_from, init_files = model_location(config.init_from)
-        upstream["init_from"] = init_from_fingerprint(storage, init_files, model_config,
-                                                      "train-ar")  # fmt: skip
+    add_init_from(ar, config, model_config, upstream)
     planned = Manifest("train-ar", FORMAT_VERSION, output_fields(config), upstream)
-    finished = begin_stage(storage, ar_dir, planned, overwrite, RESUMABLE_FIELDS)
-    if finished is not None:
-        return finished
-
     if config.targets == "soft" and not tables.has_latents:
         raise ValueError(f"targets=soft needs the latents column in {codes_dir}: re-run encode "
                          f"with with_latents=true (and --overwrite), or use targets=hard")  # fmt: skip
-    vae_uri, vae_files = model_location(config.vae or join(run_dir, "vae", "model"))
+    finished = ar.begin(planned, overwrite, config, RESUMABLE_FIELDS,
+                        model=dataclasses.asdict(model_config))  # fmt: skip
+    if finished is not None:
+        return finished
+
+    vae_uri, vae_files = model_location(config.vae or ar.run_path("vae", "model"))
     code_embeddings = load_code_embeddings(storage, vae_files, tables)
-    write_resolved_config(
-        storage,
-        join(ar_dir, "config.yaml"),
-        {TrainARConfig.section: to_dict(config), "model": dataclasses.asdict(model_config)},
-    )
     columns = ["codes", "label"] + (["latents"] if config.targets == "soft" else [])
     text = prompts = None
     if tokenizer_json:
-        storage.write_bytes(join(ar_dir, "tokenizer.json"), tokenizer_json.encode())
+        storage.write_bytes(ar.path("tokenizer.json"), tokenizer_json.encode())
         columns.append("caption")
         text = {"tokenizer_json": tokenizer_json, "context_length": config.text.context_length}
-        prompts = preview_prompts(storage, tables, text, config.preview_per_class, ar_dir)
-    val = validation_rows(storage, tables, config.val_rows, columns, text)
+        prompts = preview_prompts(storage, tables, text, config.preview_per_class, ar.uri)
+    loop_config = {
+        "config": config,
+        "model_config": model_config,
+        "run_dir": ar.run_dir,
+        "vae_uri": vae_uri,
+        "code_embeddings": code_embeddings,
+        "val": validation_rows(storage, tables, config.val_rows, columns, text),
+        "tokenizer_json": tokenizer_json,
+        "preview_prompts": prompts,
+    }
     train_text = text and {**text, "bpe_dropout": config.text.bpe_dropout}
-    trainer = TorchTrainer(
-        train_ar_worker,
-        train_loop_config={
-            "config": config,
-            "model_config": model_config,
-            "run_dir": run_dir,
-            "vae_uri": vae_uri,
-            "code_embeddings": code_embeddings,
-            "val": val,
-            "tokenizer_json": tokenizer_json,
-            "preview_prompts": prompts,
-        },
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=train_run_config(run_dir, "ar", config.max_failures, config.num_to_keep,
-                                    storage),
-        datasets={"train": train_dataset(storage, tables, columns,
-                                         resume_seed(config.seed, latest_checkpoint_step(storage, ar_dir)),
-                                         train_text)},
-        dataset_config=ordered_data_config(),  # reproducible: the same run trains the same model
-    )  # fmt: skip
-    kind = f"{tables.num_classes} classes" if tables.num_classes else "unconditional"
+    seed = resume_seed(config.seed, latest_checkpoint_step(storage, ar.uri))
+    dataset = train_dataset(storage, tables, columns, seed, train_text)
+    kind = f"{num_classes} classes" if num_classes else "unconditional"
     if tokenizer_json:
         kind = f"captions of {config.text.context_length} tokens, vocabulary {text_vocab_size}"
     print(f"train-ar: {config.steps} steps on {config.num_workers} worker(s), {tables.rows:,} "
           f"code stacks {tables.code_shape} (K={tables.codebook_size}, {kind}, "
-          f"{config.targets} targets), writing {ar_dir}", flush=True)  # fmt: skip
-    trainer.fit()
-
-    weights = join(ar_dir, "model", "model.safetensors")
-    fs, path = storage.fs(weights)
-    planned.units = [{"name": "model/model.safetensors", "rows": config.steps,
-                      "bytes": int(fs.size(path))}]  # fmt: skip
-    planned.counts = {"steps": config.steps, "num_classes": num_classes,
-                      "train_rows": tables.rows}  # fmt: skip
+          f"{config.targets} targets), writing {ar.uri}", flush=True)  # fmt: skip
+    fit(ar, train_ar_worker, loop_config, config, dataset)
+    counts = {"num_classes": num_classes, "train_rows": tables.rows}
     if tokenizer_json:
-        planned.counts["text_vocab_size"] = text_vocab_size
-    write_manifest(storage, ar_dir, planned)
-    print(f"train-ar: done in {time.time() - started:.0f} s; model {join(ar_dir, 'model')}")
-    return planned
+        counts["text_vocab_size"] = text_vocab_size
+    return finish_training(ar, planned, config, started, **counts)

@@ -51,10 +51,6 @@ def caption_tokenizer(storage: Storage, config: Any, tables: CodeTables,
                       codes_dir: str) -> str:  # fmt: skip
     """The tokenizer.json text: the user's (text.tokenizer), or a BPE trained on the train
     tables' captions (deterministic: a re-run trains the same one)."""
-    if not tables.captioned_rows:
-        raise ValueError(f"conditioning=text needs captions, and the tables in {codes_dir} have "
-                         f"none: give the shard stage a listing with a caption column (or "
-                         f"WebDataset .txt members), or use conditioning=class")  # fmt: skip
     if config.text.tokenizer:
         return storage.read_bytes(absolute(config.text.tokenizer)).decode()
     return train_tokenizer(read_captions(storage, tables.train), config.text.vocab_size)

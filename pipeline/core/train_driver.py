@@ -1,0 +1,162 @@
+"""What the train-vae and train-ar stages' drivers share around Ray Train: the knobs of the
+trainer (`TrainerConfig`, inherited by both stage configs), the plan-time checks (one global
+batch, `init_from`'s architecture), the Ray Train run (named after the run dir, so a
+re-submitted job resumes; blocks in the seeded order, so one config trains one model) and the
+manifest of the exported model. What runs inside the workers is core/training.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.core.manifest import Manifest, model_fingerprint
+from pipeline.core.stage_folder import StageFolder
+from pipeline.core.storage import Storage, is_local, join, model_location
+from pipeline.core.tracking import TrackingConfig
+
+# Training-config fields that may change when a stage resumes or is extended (begin_stage):
+# more steps (the cosine schedule is then recomputed for the new total) and another number of
+# workers (the global batch changes from the resumed step on).
+RESUMABLE_FIELDS = ("steps", "num_workers")
+# Where and how fast a stage trains, not what it learns: execution fields (not fingerprinted)
+# of both training configs.
+TRAINER_FIELDS = ("use_gpu", "compile", "cpus_per_worker", "threads_per_worker", "log_every",
+                  "checkpoint_every", "num_to_keep", "max_failures", "tracking")  # fmt: skip
+
+
+@dataclass
+class TrainerConfig:
+    """The Ray Train knobs of a training stage; TrainVAEConfig and TrainARConfig inherit them,
+    so the keys stay flat (`train_ar.num_workers=32`)."""
+
+    num_workers: int = 1  # the global batch is batch_size x num_workers x grad_accum_steps
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int | None = None  # torch threads; default: Ray's (whole CPUs)
+    bf16: bool = True  # autocast on GPU
+    compile: bool = False  # torch.compile the model's forward (and backward); off: eager
+    log_every: int = 50
+    checkpoint_every: int = 500
+    num_to_keep: int = 2
+    max_failures: int = 3  # worker failures within a run, each resumed from the last checkpoint
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "grad_accum_steps", "num_workers",
+                     "checkpoint_every"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def check_one_batch(stage: str, train_rows: int, config: Any) -> None:
+    """Refuse at plan time a train split smaller than one global batch: with drop_last, no
+    worker would ever get a full batch."""
+    needed = config.batch_size * config.num_workers
+    if train_rows < needed:
+        raise ValueError(f"{stage}: the train split has {train_rows} rows, fewer than one global "
+                         f"batch (batch_size {config.batch_size} x num_workers "
+                         f"{config.num_workers} = {needed}): lower batch_size to at most "
+                         f"{max(1, train_rows // config.num_workers)}, or add data")  # fmt: skip
+
+
+def add_init_from(
+    folder: StageFolder, config: Any, expected: Any, upstream: dict[str, str]
+) -> None:
+    """`init_from` (an exported model to fine-tune from): checked to have the architecture
+    `expected` (the stage's model config), its identity added to `upstream`, and the config
+    pointed at the URI the workers load (a Hub model as given, a local path made absolute)."""
+    from model.weights.serialization import architecture_changes
+
+    if not config.init_from:
+        return
+    config.init_from, files = model_location(config.init_from)
+    storage = folder.storage
+    if not storage.exists(join(files, "config.json")):
+        raise FileNotFoundError(f"init_from={config.init_from}: no exported model there (a model "
+                                f"folder with config.json + model.safetensors, e.g. "
+                                f"RUN/vae/model)")  # fmt: skip
+    found = json.loads(storage.read_bytes(join(files, "config.json")))["config"]
+    changes = architecture_changes(found, expected)
+    if changes:
+        raise ValueError(f"init_from={config.init_from} is a model of another architecture "
+                         f"({'; '.join(changes)}): set model_preset / model.* to match it")  # fmt: skip
+    upstream["init_from"] = model_fingerprint(storage, files, folder.stage)
+
+
+def latest_checkpoint_step(storage: Storage, stage_dir: str) -> int:
+    """The step of the newest checkpoint Ray Train keeps in a stage dir (0 if none): what a
+    re-submitted stage resumes from."""
+    steps = []
+    for uri in storage.glob(join(stage_dir, "checkpoint_*", "trainer.json")):
+        trainer = json.loads(storage.read_bytes(uri))
+        if "__dict__" in trainer:  # core/checkpoint.py's layout (DDP); else core/fsdp.py's
+            trainer = {k: v for k, v in trainer["__dict__"] if isinstance(k, str)}
+        steps.append(trainer["step"])
+    return max(steps, default=0)
+
+
+def ordered_data_config():
+    """Ray Train's DataConfig with `preserve_order`: Ray Data hands the blocks over in the
+    seeded file order, not as its read tasks finish. Without it two train-ar runs of one config
+    trained different weights; with it the same weights bit for bit (one worker; tested)."""
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train import DataConfig
+
+    # DataConfig.default_ingest_options() but for preserve_order; it also copies the deprecated
+    # exclude_resources, which prints a RayDeprecationWarning into the driver's console
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                               verbose_progress=current.verbose_progress)  # fmt: skip
+    return DataConfig(execution_options=options)
+
+
+def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: int, storage: Any):
+    """Ray Train's RunConfig for a stage whose run lives at RUN/{name}: named after the run dir
+    so that a re-submitted job resumes from the last committed checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+    filesystem, root = storage.arrow_fs(run_dir)
+    return RunConfig(
+        name=name,
+        storage_path=os.path.abspath(root) if is_local(run_dir) else root,
+        storage_filesystem=None if is_local(run_dir) else filesystem,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+        logging_config=LoggingConfig(log_level="WARNING"),  # its INFO lines: Ray's log files
+    )
+
+
+def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: TrainerConfig,
+        dataset: Any) -> None:  # fmt: skip
+    """Run `worker` (Ray Train's train_loop_per_worker) on `config.num_workers` workers over
+    `dataset`, checkpointing into the stage folder; returns when training is done."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    name = folder.uri.rstrip("/").rsplit("/", 1)[-1]
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=train_run_config(folder.run_dir, name, config.max_failures, config.num_to_keep,
+                                    folder.storage),
+        datasets={"train": dataset},
+        dataset_config=ordered_data_config(),  # reproducible: the same run trains the same model
+    )  # fmt: skip
+    trainer.fit()
+
+
+def finish_training(folder: StageFolder, planned: Manifest, config: Any, started: float,
+                    **counts: Any) -> Manifest:  # fmt: skip
+    """The manifest of a trained stage: its exported model as the unit, the steps and `counts`;
+    written last."""
+    planned.units = [{"name": "model/model.safetensors", "rows": config.steps,
+                      "bytes": folder.size("model", "model.safetensors")}]  # fmt: skip
+    planned.counts = {"steps": config.steps, **counts}
+    folder.finish(planned)
+    print(f"{folder.stage}: done in {time.time() - started:.0f} s; model {folder.path('model')}")
+    return planned
