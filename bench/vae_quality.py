@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.losses import reconstruction_loss
 from model.rqvae import RQVAE
-from model.training import build_train_state, psnr_per_image, vae_train_step, warmup_cosine
+from model.training import build_train_state, learning_rate, psnr_per_image, vae_train_step
 from pipeline.core.config import load_config
 from pipeline.demo.data import DEMO_CLASSES, demo_image
 from pipeline.formats.images import decode_image, to_model_tensor
@@ -154,7 +154,7 @@ def continuous_ceiling(config: TrainVAEConfig, batches: Callable[[int], torch.Te
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.betas))
     for step in range(config.steps):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * warmup_cosine(step, config.steps, config.warmup_steps)
+            group["lr"] = learning_rate(step, config)
         x = batches(step)
         recon = model.decode_latents(model.encode_latents(x))
         loss = reconstruction_loss(recon, x, config.loss.recon_loss)

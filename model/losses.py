@@ -24,14 +24,20 @@ class VAELossConfig:
     recon_weight: float = 1.0
     perceptual_weight: float = 0.0  # the paper uses 1.0; needs perceptual_weights_path
     perceptual_weights_path: str | None = None  # local .safetensors, see PerceptualLoss
-    gan_weight: float = 0.75
+    gan_weight: float = 0.75  # the generator's GAN term (x the adaptive weight)
     gan_start_step: int = 0
     adaptive_weight_max: float = 1e4
+    # The discriminator: the official one by default (in256-rqvae-8x8x4.yaml: 2 layers,
+    # convolutions initialised N(0, 0.02), its hinge loss scaled by disc_weight 0.75);
+    # disc_layers: 3, disc_init: default, disc_loss_weight: 1.0 is rqpipe's earlier one.
     disc_channels: int = 64
-    disc_layers: int = 3
+    disc_layers: int = 2
+    disc_init: str = "normal"  # normal: N(0, 0.02) convs, N(1, 0.02) norms; default: PyTorch's
+    disc_loss_weight: float = 0.75
 
 
 RECON_LOSSES = ("l1", "mse")
+DISC_INITS = ("normal", "default")
 
 
 def _check_recon_kind(kind: str) -> None:
@@ -47,12 +53,16 @@ def reconstruction_loss(recon: Tensor, target: Tensor, kind: str = "l1") -> Tens
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix): a logit per overlapping patch, (B, 3, R, R) -> (B, 1, ~R/8, ~R/8).
+    """PatchGAN (pix2pix, as taming's NLayerDiscriminator): a logit per overlapping patch,
+    (B, 3, R, R) -> (B, 1, ~R/2^L, ~R/2^L) for L = num_layers.
 
     GroupNorm instead of BatchNorm: batch statistics would differ between DDP ranks.
+    init="normal" is the official weights_init: convolutions N(0, 0.02), norm scales
+    N(1, 0.02) and shifts 0.
     """
 
-    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3) -> None:
+    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 2,
+                 init: str = "normal") -> None:  # fmt: skip
         super().__init__()
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, channels, 4, stride=2, padding=1),
@@ -70,6 +80,15 @@ class PatchDiscriminator(nn.Module):
             width = out
         layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
+        if init not in DISC_INITS:
+            raise ValueError(f"disc_init={init!r}: use one of {DISC_INITS}")
+        if init == "normal":
+            for module in self.net:
+                if isinstance(module, nn.Conv2d):
+                    nn.init.normal_(module.weight, 0.0, 0.02)
+                elif isinstance(module, nn.GroupNorm):
+                    nn.init.normal_(module.weight, 1.0, 0.02)
+                    nn.init.zeros_(module.bias)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
@@ -183,11 +202,10 @@ class VAELoss(nn.Module):
             if config.perceptual_weight > 0
             else None
         )
-        self.discriminator = (
-            PatchDiscriminator(in_channels, config.disc_channels, config.disc_layers)
-            if config.gan_weight > 0
-            else None
-        )
+        self.discriminator = None
+        if config.gan_weight > 0:
+            self.discriminator = PatchDiscriminator(in_channels, config.disc_channels,
+                                                    config.disc_layers, config.disc_init)  # fmt: skip
 
     def gan_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.config.gan_start_step
@@ -225,9 +243,10 @@ class VAELoss(nn.Module):
         # One forward over both halves: DDP expects one forward per backward.
         logits = self.discriminator(torch.cat([images.detach(), recon.detach()]))
         logits_real, logits_fake = logits.chunk(2)
-        loss = hinge_discriminator_loss(logits_real, logits_fake)
+        hinge = hinge_discriminator_loss(logits_real, logits_fake)
+        loss = self.config.disc_loss_weight * hinge  # the official (disc_weight * loss_disc)
         return loss, {
-            "disc": loss.item(),
+            "disc": hinge.item(),
             "logits_real": logits_real.mean().item(),
             "logits_fake": logits_fake.mean().item(),
         }

@@ -11,7 +11,8 @@ The codebook is not learned by gradient descent: it follows the exponential movi
 (EMA) of the vectors assigned to each code, with Laplace smoothing of the counts, and codes whose
 EMA count falls below `restart_threshold` are restarted from residuals of the current batch.
 `ema_update` says when: "per_depth" (the paper's, the official RQBottleneck) updates the
-codebook after each depth's assignment, so depth d+1 already sees the moved codebook;
+codebook after each depth's lookup, so depth d's embedding is the one its code was found with
+and depth d+1 already sees the moved codebook;
 "joint" (our earlier choice) feeds all depths' assignments of a forward pass to one update,
 after the whole stack is quantized. Under torch.distributed,
 counts and sums are all-reduced and restart vectors broadcast from rank 0, so every rank keeps a
@@ -227,8 +228,11 @@ class ResidualQuantizer(nn.Module):
     ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Greedy residual quantization of (N, C) -> codes (N, D), the code embeddings that
         were subtracted (N, D, C) and the D residuals that were quantized. With update=True and
-        ema_update="per_depth" the codebook is EMA-updated after each depth, before its code
-        embedding is subtracted (the official order)."""
+        ema_update="per_depth" the codebook is EMA-updated after each depth's lookup, as the
+        official RQBottleneck does (VQEmbedding.forward: find the nearest codes, update the
+        EMA buffers and restart unused codes, embed with the weights as they were, then
+        refresh the weights): depth d's embedding comes from the codebook its codes were found
+        in, and depth d+1 is searched in the codebook depth d moved."""
         per_depth = update and self.ema_update == "per_depth"
         sq_norms = self.codebooks.pow(2).sum(-1)  # (books, K)
         residual = z_flat.detach().float().clone()
@@ -236,11 +240,11 @@ class ResidualQuantizer(nn.Module):
         for d in range(self.depth):
             book = self.book_of_depth(d)
             code = self._nearest(residual, book, sq_norms[book])  # (N,)
+            embedding = self.codebooks[book][code]  # (N, C): looked up before the update
             residual_inputs.append(residual)  # never modified in place below
             if per_depth:
                 self._ema_update_book(book, code, residual_inputs[-1])
                 sq_norms = self.codebooks.pow(2).sum(-1)
-            embedding = self.codebooks[book][code]  # (N, C)
             residual = residual - embedding
             codes.append(code)
             embedded.append(embedding)

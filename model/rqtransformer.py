@@ -46,7 +46,7 @@ from model.weights.serialization import ModelConfig, Pretrained
 _PAPER: dict[str, Any] = dict(
     code_shape=[8, 8, 4], codebook_size=16384, mlp_ratio=4, dropout=0.1, attn_dropout=0.0,
     label_dropout=0.0, null_label_embedding=False, spatial_final_norm=False, text_vocab_size=0,
-    text_length=0,
+    text_length=0, caption_dropout=0.0,
 )  # fmt: skip
 _IMAGENET256 = {**_PAPER, "width": 1536, "heads": 24, "num_classes": 1000}
 _UNCONDITIONAL = {**_PAPER, "num_classes": 0}
@@ -96,6 +96,10 @@ class RQTransformerConfig(ModelConfig):
     spatial_final_norm: bool = True  # LayerNorm after the spatial stack; the paper: none
     text_vocab_size: int = 0  # > 0: conditioned on captions of text_length tokens, not classes
     text_length: int = 0
+    # Captions replaced by the empty one in training, which guidance contrasts with; the paper:
+    # none (its CC-3M model samples unguided). 0.1, our default, is also what every caption
+    # model rqpipe trained before this field was recorded used (their config.json lacks it).
+    caption_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         self.code_shape = list(self.code_shape)
@@ -111,6 +115,9 @@ class RQTransformerConfig(ModelConfig):
         if self.num_classes and not self.null_label_embedding and self.label_dropout > 0:
             raise ValueError("label_dropout needs null_label_embedding: true (dropped labels "
                              "become the no-label row)")  # fmt: skip
+        for name in ("label_dropout", "caption_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     @property
     def num_label_rows(self) -> int:
@@ -292,6 +299,9 @@ class RQTransformer(Pretrained, nn.Module):
         if self.training and labels is not None and self.config.label_dropout > 0:
             dropped = torch.rand(b, device=codes.device) < self.config.label_dropout
             labels = labels.masked_fill(dropped, self.null_label)
+        if self.training and text is not None and self.config.caption_dropout > 0:
+            dropped = torch.rand(b, device=codes.device) < self.config.caption_dropout
+            text = text.masked_fill(dropped[:, None], PAD_ID)  # the empty caption
         flat = codes.reshape(b, h * w, d)  # (B, T, D)
         # (B, T, D, C): at depth d, the sum of the first d+1 code embeddings
         partial = embed_codes(self.code_embeddings, flat).cumsum(dim=2)
@@ -348,6 +358,11 @@ class RQTransformer(Pretrained, nn.Module):
             text = torch.as_tensor(text, dtype=torch.long, device=device)
             batch = text.shape[0]
             if cfg_scale != 1.0:  # guidance contrasts each caption with the empty one
+                if not self.config.caption_dropout:
+                    raise ValueError("cfg_scale != 1 needs a caption model trained with caption "
+                                     "dropout (model.caption_dropout > 0): this one never saw "
+                                     "the empty caption guidance contrasts with, like the "
+                                     "paper's CC-3M model: sample with cfg_scale=1")  # fmt: skip
                 text = torch.cat([text, torch.full_like(text, PAD_ID)])
         elif labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long, device=device)

@@ -29,7 +29,6 @@ class TextConfig:
     vocab_size: int = 16384  # the BPE's size (at most; a small corpus gives fewer merges)
     context_length: int = 32  # tokens per caption, after truncation and padding
     bpe_dropout: float = 0.1  # in training only
-    caption_dropout: float = 0.1  # captions trained as the empty one, for guidance
     loss_weight: float = 0.1  # the caption loss's share; the image codes get 1 - loss_weight
     tokenizer: str | None = None  # a tokenizer.json to use instead of training one
 
@@ -38,7 +37,7 @@ class TextConfig:
             raise ValueError(f"text.context_length must be >= 2, got {self.context_length}")
         if self.vocab_size < 8:
             raise ValueError(f"text.vocab_size must be >= 8, got {self.vocab_size}")
-        for name in ("bpe_dropout", "caption_dropout", "loss_weight"):
+        for name in ("bpe_dropout", "loss_weight"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"text.{name} must be in [0, 1), got {getattr(self, name)}")
 

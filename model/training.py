@@ -19,21 +19,73 @@ from model.losses import VAELoss
 from model.quantizer import ResidualQuantizer
 from model.rqtransformer import RQTransformer
 from model.rqvae import RQVAE
-from model.text import PAD_ID
+
+LR_DECAYS = ("cosine", "linear", "constant")
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> float:
-    """Multiplier of the base learning rate: linear warmup, then cosine decay to min_ratio."""
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay: str = "cosine",
+                  final_ratio: float = 0.1) -> float:  # fmt: skip
+    """Multiplier of the base learning rate at `step`: a linear warmup over `warmup_steps`,
+    then `decay` ("cosine" or "linear" to `final_ratio` at the last step, or "constant").
+    The official recipes: stage 1 constant after its warmup (cosine to min_lr = init_lr),
+    stage 2 no warmup and cosine to 0."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if decay == "constant":
+        return 1.0
+    if decay == "linear":
+        return 1.0 - (1.0 - final_ratio) * progress
+    if decay == "cosine":
+        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"lr decay {decay!r}: use one of {list(LR_DECAYS)}")
+
+
+def learning_rate(step: int, config: Any) -> float:
+    """The learning rate of `step` under a training config's schedule fields (lr, steps,
+    warmup_steps, lr_decay, final_lr_ratio)."""
+    return config.lr * lr_multiplier(step, config.steps, config.warmup_steps, config.lr_decay,
+                                     config.final_lr_ratio)  # fmt: skip
 
 
 def psnr_per_image(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """(B,) PSNR in dB of (B, 3, H, W) reconstructions against images, both in [-1, 1]."""
     mse = (recon.clamp(-1, 1) - images).pow(2).flatten(1).mean(1).clamp_min(1e-10)
     return 10 * torch.log10(4.0 / mse)  # peak-to-peak range 2 -> peak^2 = 4
+
+
+class WeightEMA:
+    """An exponential moving average of a model's weights, held in `average`: a module of the
+    same architecture (and, under FSDP, sharded the same way) whose every floating tensor of
+    the state dict (parameters and buffers, as the official `ExponentialMovingAverage`
+    averages the whole state dict) moves towards the model's after each optimizer step, with
+    the official warmup decay_t = min(decay, (1 + t) / (10 + t)), so the first steps do not
+    keep the random init. Under FSDP the tensors are the rank's shards (DTensors) and so is
+    the average: nothing is gathered to update it. Checkpoints save `average`'s state dict
+    bit for bit; the exported model is `average`."""
+
+    def __init__(self, average: torch.nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+        self.average, self.decay = average.eval().requires_grad_(False), decay
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, decay: float) -> WeightEMA:
+        """The average of `model`, starting at its weights (before any sharding)."""
+        import copy
+
+        return cls(copy.deepcopy(model), decay)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """After optimizer step `step` (0-based). State-dict tensors alias the modules' own."""
+        decay = min(self.decay, (1.0 + step) / (10.0 + step))
+        state = model.state_dict()
+        for name, average in self.average.state_dict().items():
+            if average.is_floating_point():
+                average.lerp_(state[name].detach(), 1.0 - decay)
+            else:
+                average.copy_(state[name])
 
 
 # -- RQ-VAE ---------------------------------------------------------------------------------------
@@ -66,9 +118,9 @@ def vae_train_step(
     state: VAETrainState, micro_batches: list[Tensor], step: int, config: Any
 ) -> dict[str, float]:
     """One optimisation step over (B, 3, R, R) micro-batches in [-1, 1] -> scalar metrics."""
-    scale = warmup_cosine(step, config.steps, config.warmup_steps)
+    lr = learning_rate(step, config)
     for group in state.optimizer.param_groups:
-        group["lr"] = config.lr * scale
+        group["lr"] = lr
     forward = state.model if state.forward is None else state.forward
     use_gan = state.disc_optimizer is not None and state.loss.gan_active(step)
     n = len(micro_batches)
@@ -97,7 +149,7 @@ def vae_train_step(
             for k, v in d_terms.items():
                 terms[k] = terms.get(k, 0.0) + v / n
         state.disc_optimizer.step()
-    terms["lr"] = config.lr * scale
+    terms["lr"] = lr
     perplexity, usage = stats[-1]
     for d, (p, u) in enumerate(zip(perplexity.tolist(), usage.tolist(), strict=True)):
         terms[f"perplexity_d{d + 1}"], terms[f"usage_d{d + 1}"] = p, u
@@ -138,20 +190,14 @@ def soft_quantizer(code_embeddings: torch.Tensor, depth: int) -> ResidualQuantiz
     return quantizer.eval()
 
 
-def _condition(
-    batch: dict[str, torch.Tensor], condition: str, config: Any, generator: torch.Generator | None
-) -> dict[str, torch.Tensor]:
-    """The forward's conditioning keywords for a batch: labels, or caption tokens with caption
-    dropout (in training, when a generator is given) to the empty caption."""
+def _condition(batch: dict[str, torch.Tensor], condition: str) -> dict[str, torch.Tensor]:
+    """The forward's conditioning keywords for a batch: labels, or caption tokens (the model
+    drops either in training, with its label_dropout / caption_dropout, for guidance)."""
     if condition == "class":
         return {"labels": batch["label"].long()}
     if condition != "text":
         return {}
-    text = batch["text"].long()  # (B, L)
-    if generator is not None and config.text.caption_dropout > 0:
-        drop = torch.rand(text.shape[0], generator=generator, device=text.device)
-        text = text.masked_fill((drop < config.text.caption_dropout)[:, None], PAD_ID)
-    return {"text": text, "return_text_logits": True}
+    return {"text": batch["text"].long(), "return_text_logits": True}
 
 
 def _ar_loss(forward: Any, codes: torch.Tensor, targets: torch.Tensor | None,
@@ -183,9 +229,9 @@ def ar_train_step(
     """One optimisation step over micro-batches of {"codes" (B, H, W, D), "label" (B,),
     ["latents" (B, H, W, C)], ["text" (B, L)]} -> scalar metrics. condition: "class",
     "text" or "none"."""
-    scale = warmup_cosine(step, config.steps, config.warmup_steps)
+    lr = learning_rate(step, config)
     for group in optimizer.param_groups:
-        group["lr"] = config.lr * scale
+        group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     n, sums, per_depth = len(micro_batches), {}, None
     for batch in micro_batches:
@@ -193,7 +239,7 @@ def ar_train_step(
         if quantizer is not None:
             codes, targets = quantizer.soft_codes(batch["latents"].float(),
                                                   config.soft_temperature, generator=generator)  # fmt: skip
-        kwargs = _condition(batch, condition, config, generator)
+        kwargs = _condition(batch, condition)
         bf16 = codes.device.type == "cuda" and config.bf16
         loss, depth_loss, image, caption = _ar_loss(forward, codes, targets, kwargs, config, bf16)
         (loss / n).backward()
@@ -206,7 +252,7 @@ def ar_train_step(
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
-    terms = {**sums, "lr": config.lr * scale, "grad_norm": float(grad_norm)}
+    terms = {**sums, "lr": lr, "grad_norm": float(grad_norm)}
     for d, value in enumerate(per_depth.tolist()):
         terms[f"loss_d{d + 1}"] = value
     return terms
@@ -231,7 +277,7 @@ def validation_loss(
     for start in range(0, len(val["codes"]), 64):
         batch = {k: v[start : start + 64] for k, v in val.items()}
         codes = batch["codes"].long()
-        kwargs = _condition(batch, condition, config, None)
+        kwargs = _condition(batch, condition)
         _, _, hard, caption = _ar_loss(model, codes, None, kwargs, config, False)
         sums["val_loss_hard"] += hard.item() * len(codes)
         if caption is not None:

@@ -92,21 +92,21 @@ def test_the_plan_fits_the_conditioning_to_the_input(class_folders, tmp_path, ca
     flat = tmp_path / "flat"
     flat.mkdir()
     (flat / "a.png").write_bytes(PNG)
-    with pytest.raises(ConfigError, match="set sample.cfg_scale=1"):
+    with pytest.raises(ConfigError, match=r"set sample\.cfg_scale=1"):
         plan_pipeline(DEMO, [OFF], str(flat))
     plan = plan_pipeline(DEMO, [OFF, "sample.cfg_scale=1"], str(flat))
     assert conditioning(plan) == "none"
 
 
 def test_what_the_input_cannot_serve_is_refused_before_any_stage(class_folders, tmp_path):
-    with pytest.raises(ValueError, match="conditioning=text needs captions.*folder with labels"):
+    with pytest.raises(ValueError, match=r"conditioning=text needs captions.*folder with labels"):
         plan_pipeline(DEMO, [OFF, "train_ar.conditioning=text"], class_folders)
     (tmp_path / "listing.csv").write_text("path,caption\nin/cat/a.png,a cat\n")
     with pytest.raises(ValueError, match="conditioning=class needs labels"):
         plan_pipeline(DEMO, [OFF, "train_ar.conditioning=class"], str(tmp_path / "listing.csv"))
-    with pytest.raises(ConfigError, match="sample.prompts / prompts_file are set"):
+    with pytest.raises(ConfigError, match=r"sample\.prompts / prompts_file are set"):
         plan_pipeline(DEMO, [OFF, "sample.prompts=[a red cat]"], class_folders)
-    with pytest.raises(ConfigError, match="sample.labels is set"):
+    with pytest.raises(ConfigError, match=r"sample\.labels is set"):
         plan_pipeline(DEMO, [OFF, "sample.labels=[0]"], str(tmp_path / "listing.csv"))
     # an explicit choice the input can serve stands
     plan = plan_pipeline(DEMO, [OFF, "train_ar.conditioning=none", "sample.cfg_scale=1"],

@@ -54,6 +54,32 @@ def test_patch_discriminator_gives_a_logit_map():
     assert logits.shape[:2] == (2, 1) and logits.shape[-1] > 1
 
 
+def test_the_default_discriminator_is_the_official_one():
+    """in256-rqvae-8x8x4.yaml's: taming's NLayerDiscriminator with num_layers 2, ndf 64 (convs
+    3->64 s2, 64->128 s2, 128->256 s1, 256->1 s1, 4x4 kernels: a 62x62 logit map at 256 px),
+    convolutions drawn from N(0, 0.02), its hinge loss scaled by disc_weight 0.75; rqpipe's
+    earlier 3-layer one stays available."""
+    torch.manual_seed(0)
+    loss = VAELoss(VAELossConfig(gan_weight=0.75))
+    convs = [m for m in loss.discriminator.net if isinstance(m, torch.nn.Conv2d)]
+    assert [tuple(c.weight.shape) for c in convs] == [(64, 3, 4, 4), (128, 64, 4, 4),
+                                                     (256, 128, 4, 4), (1, 256, 4, 4)]  # fmt: skip
+    assert [c.stride for c in convs] == [(2, 2), (2, 2), (1, 1), (1, 1)]
+    assert loss.discriminator(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 62, 62)
+    big = convs[2].weight
+    assert abs(big.mean().item()) < 1e-3 and 0.019 < big.std().item() < 0.021
+    norms = [m for m in loss.discriminator.net if isinstance(m, torch.nn.GroupNorm)]
+    assert all(0.9 < n.weight.mean() < 1.1 and n.bias.abs().max() == 0 for n in norms)
+    images, recon = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    scaled, terms = loss.discriminator_loss(images, recon)
+    assert torch.isclose(scaled, torch.tensor(0.75 * terms["disc"]))
+
+    earlier = VAELoss(VAELossConfig(disc_layers=3, disc_init="default", disc_loss_weight=1.0))
+    assert earlier.discriminator(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 30, 30)
+    with pytest.raises(ValueError, match="disc_init"):
+        VAELoss(VAELossConfig(disc_init="xavier"))
+
+
 def test_perceptual_loss_needs_weights_only_when_asked():
     VAELoss(VAELossConfig(perceptual_weight=0.0))  # no weights needed
     with pytest.raises(FileNotFoundError, match="perceptual_weights_path"):

@@ -212,38 +212,80 @@ def test_codebooks_identical_across_ranks(tmp_path):
     assert not torch.equal(a["codebooks"], initial)
 
 
-def test_per_depth_ema_updates_the_codebook_between_depths():
-    """ema_update="per_depth" (the official RQBottleneck's order): depth 0's codes move the
-    codebook before depth 1 is quantized against it. Reference written out step by step."""
+def _official_ema_step(vectors, book, count, total, decay, eps, threshold):
+    """One VQEmbedding.forward of the official RQBottleneck, written out: nearest codes; EMA of
+    the counts and sums; codes whose EMA count is below `threshold` restarted from the
+    vectors (drawn without replacement, as torch.randperm); the embedding looked up in the
+    book as it was; then the book refreshed with Laplace smoothing."""
+    k, dim = book.shape
+    codes = ((vectors[:, None] - book[None]) ** 2).sum(-1).argmin(1)
+    hits = torch.zeros(k).index_add_(0, codes, torch.ones(len(codes)))
+    sums = torch.zeros(k, dim).index_add_(0, codes, vectors)
+    count = decay * count + (1 - decay) * hits
+    total = decay * total + (1 - decay) * sums
+    dead = count < threshold
+    if dead.any():
+        total[dead] = vectors[torch.randperm(len(vectors))[: int(dead.sum())]]
+        count[dead] = 1.0
+    embedding = book[codes]
+    n = count.sum()
+    refreshed = total / ((count + eps) / (n + k * eps) * n)[:, None]
+    return codes, embedding, refreshed, count, total
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.0], ids=["restarts", "no-restarts"])
+def test_per_depth_ema_follows_the_official_order(threshold):
+    """ema_update="per_depth": each depth looks its codes up in the codebook they were found
+    in, then moves the codebook (and restarts unused codes) before the next depth is searched,
+    as the official RQBottleneck. With restarts on, the first step restarts most codes (their
+    EMA counts start at 0): updating before the lookup would embed those codes as random
+    residuals, which this reference catches."""
     torch.manual_seed(0)
     k, dim, decay, eps = 8, 4, 0.9, 1e-5
-    rq = ResidualQuantizer(dim, k, depth=2, decay=decay, restart_threshold=0.0,
+    rq = ResidualQuantizer(dim, k, depth=2, decay=decay, restart_threshold=threshold,
                            ema_update="per_depth").train()  # fmt: skip
     z = torch.randn(2, 3, 5, dim)
     flat = z.reshape(-1, dim)
     book, count, total = rq.codebooks[0].clone(), rq.ema_count[0].clone(), rq.ema_sum[0].clone()
 
-    def step(vectors, book, count, total):
-        codes = ((vectors[:, None] - book[None]) ** 2).sum(-1).argmin(1)
-        hits = torch.zeros(k).index_add_(0, codes, torch.ones(len(codes)))
-        sums = torch.zeros(k, dim).index_add_(0, codes, vectors)
-        count = decay * count + (1 - decay) * hits
-        total = decay * total + (1 - decay) * sums
-        n = count.sum()
-        return codes, total / ((count + eps) / (n + k * eps) * n)[:, None], count, total
-
-    codes0, book1, count, total = step(flat, book, count, total)
-    codes1, book2, count, total = step(flat - book1[codes0], book1, count, total)
+    torch.manual_seed(1)
+    codes0, emb0, book1, count, total = _official_ema_step(flat, book, count, total, decay, eps,
+                                                           threshold)  # fmt: skip
+    codes1, emb1, book2, count, total = _official_ema_step(flat - emb0, book1, count, total,
+                                                           decay, eps, threshold)  # fmt: skip
+    torch.manual_seed(1)
     out = rq(z)
     assert torch.equal(out.codes.reshape(-1, 2), torch.stack([codes0, codes1], 1))
+    torch.testing.assert_close(out.quantized.reshape(-1, dim), emb0 + emb1)
     torch.testing.assert_close(rq.codebooks[0], book2)
-    torch.testing.assert_close(out.quantized.reshape(-1, dim), book1[codes0] + book2[codes1])
-
-    joint = ResidualQuantizer(dim, k, depth=2, decay=decay, restart_threshold=0.0,
-                              ema_update="joint").train()  # fmt: skip
-    joint.load_state_dict({**rq.state_dict(), "codebooks": book[None], "ema_count": 0 * count[None],
-                           "ema_sum": book[None].clone()})  # fmt: skip
-    joint(z)
-    assert not torch.allclose(joint.codebooks[0], book2)  # one update from both depths
+    torch.testing.assert_close(rq.ema_count[0], count)
+    if threshold:  # the first step restarted codes: the embedding is the book as it was
+        assert not torch.allclose(book1[codes0], emb0)
     with pytest.raises(ValueError, match="ema_update"):
         ResidualQuantizer(dim, k, depth=2, ema_update="sometimes")
+
+
+def test_joint_ema_updates_once_from_every_depth():
+    """ema_update="joint" (the tiny preset's): the whole stack is quantized against the book as
+    it was, then one EMA step takes every depth's assignments together."""
+    torch.manual_seed(0)
+    k, dim, decay, eps = 8, 4, 0.9, 1e-5
+    rq = ResidualQuantizer(dim, k, depth=2, decay=decay, restart_threshold=0.0,
+                           ema_update="joint").train()  # fmt: skip
+    z = torch.randn(2, 3, 5, dim)
+    flat = z.reshape(-1, dim)
+    book, count, total = rq.codebooks[0].clone(), rq.ema_count[0].clone(), rq.ema_sum[0].clone()
+    codes0 = ((flat[:, None] - book[None]) ** 2).sum(-1).argmin(1)
+    residual = flat - book[codes0]
+    codes1 = ((residual[:, None] - book[None]) ** 2).sum(-1).argmin(1)
+    codes, vectors = torch.cat([codes0, codes1]), torch.cat([flat, residual])
+    hits = torch.zeros(k).index_add_(0, codes, torch.ones(len(codes)))
+    count = decay * count + (1 - decay) * hits
+    total = decay * total + (1 - decay) * torch.zeros(k, dim).index_add_(0, codes, vectors)
+    n = count.sum()
+    out = rq(z)
+    assert torch.equal(out.codes.reshape(-1, 2), torch.stack([codes0, codes1], 1))
+    torch.testing.assert_close(out.quantized.reshape(-1, dim), book[codes0] + book[codes1])
+    torch.testing.assert_close(
+        rq.codebooks[0], total / ((count + eps) / (n + k * eps) * n)[:, None]
+    )

@@ -20,7 +20,6 @@ from model.text import (
     encode_captions,
     train_tokenizer,
 )
-from model.training import _condition
 from pipeline.core.storage import Storage
 from pipeline.stages.sample import SampleConfig, resolve_prompts
 
@@ -92,19 +91,38 @@ def test_text_prefix_is_causal_and_conditions_the_image():
         model(codes, text=text[:, :4])
 
 
-def test_caption_dropout_empties_whole_captions():
-    text = torch.randint(1, 20, (4000, 5))
-    batch = {"text": text}
+def test_caption_dropout_empties_whole_captions_in_training_only():
+    """model.caption_dropout: in training each row's caption is replaced, whole, by the empty
+    one at that rate (every row's logits are those of its caption or of the empty caption);
+    in eval mode never."""
+    model = text_model(caption_dropout=0.25, dropout=0.0)
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (400, 3, 3, 2), generator=g)
+    text = torch.randint(1, 20, (400, 5), generator=g)
+    with torch.no_grad():
+        given = model(codes, text=text)
+        empty = model(codes, text=torch.full_like(text, PAD_ID))
+        assert torch.equal(model(codes, text=text), given)  # eval: never dropped
+        torch.manual_seed(0)
+        trained = model.train()(codes, text=text)
+    as_given = (trained - given).flatten(1).abs().amax(1) < 1e-5
+    as_empty = (trained - empty).flatten(1).abs().amax(1) < 1e-5
+    assert torch.all(as_given ^ as_empty)
+    assert 0.18 < as_empty.float().mean() < 0.32
 
-    class Config:
-        text = TextConfig(caption_dropout=0.25)
 
-    g = torch.Generator().manual_seed(0)
-    dropped = _condition(batch, "text", Config, g)["text"]
-    empty = (dropped == PAD_ID).all(1)
-    assert 0.2 < empty.float().mean() < 0.3  # the rate asked for ...
-    assert torch.equal(dropped[~empty], text[~empty])  # ... whole captions, the rest untouched
-    assert torch.equal(_condition(batch, "text", Config, None)["text"], text)  # validation: none
+def test_guidance_needs_a_model_trained_with_caption_dropout():
+    """The paper's CC-3M model has no caption dropout: the empty caption guidance contrasts
+    with was never trained, so guided sampling is refused (unguided sampling works)."""
+    model = text_model(caption_dropout=0.0)
+    text = torch.tensor([[3, 4, 5, 0, 0]])
+    with pytest.raises(ValueError, match="caption dropout"):
+        model.generate(text=text, cfg_scale=3.0)
+    assert model.generate(text=text).shape == (1, 3, 3, 2)
+    assert RQTransformerConfig.preset("cc3m-650M").caption_dropout == 0.0
+    # a caption model saved before the field was recorded trained with 0.1: guidance stays open
+    saved = {k: v for k, v in text_model().config.__dict__.items() if k != "caption_dropout"}
+    assert RQTransformerConfig.from_dict(saved).caption_dropout == 0.1
 
 
 def test_cached_sampling_with_captions_and_guidance_equals_uncached():
@@ -228,8 +246,9 @@ def test_a_training_step_with_captions_and_soft_targets():
 
     model = text_model().train()
     config = SimpleNamespace(steps=10, warmup_steps=1, lr=1e-3, betas=[0.9, 0.95],
+                             lr_decay="cosine", final_lr_ratio=0.1,
                              weight_decay=0.0, grad_clip=1.0, bf16=False, soft_temperature=0.5,
-                             text=TextConfig(caption_dropout=0.5, loss_weight=0.1))  # fmt: skip
+                             text=TextConfig(loss_weight=0.1))  # fmt: skip
     optimizer = build_optimizer(model, config)
     quantizer = soft_quantizer(model.code_embeddings, depth=2)
     g = torch.Generator().manual_seed(0)

@@ -2,10 +2,11 @@
 precision and recall (Kynkäänniemi et al. 2019), SSIM. Pure functions over arrays; which
 features (the FID Inception network, model/evaluation/inception.py, or another) is the caller's choice.
 
-The choices are the ones torch-fidelity, clean-fid and the ADM evaluator agree on: covariance
-with the n - 1 denominator, the matrix square root by `scipy.linalg.sqrtm` in float64 (with
-the eps-offset retry of the TTUR code when the product is singular), IS from the logits
-without the fc bias over 10 splits, precision/recall with k = 3 nearest neighbours.
+The choices are torch-fidelity 0.4's: covariance with the n - 1 denominator, the trace of the
+matrix square root from the eigenvalues of S1 S2 in float64 (never fails; pytorch-fid, clean-fid
+and ADM take `scipy.linalg.sqrtm` with an eps-offset retry, the same figure where that
+succeeds), IS from the logits without the fc bias over 10 splits, precision/recall with k = 3
+nearest neighbours.
 """
 
 from __future__ import annotations
@@ -49,28 +50,32 @@ class FeatureMoments:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray, eps: float = 1e-6) -> float:  # fmt: skip
+                     sigma2: np.ndarray, counts: tuple[int | None, int | None] = (None, None)
+                     ) -> float:  # fmt: skip
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)): FID when the moments are Inception
-    pool features."""
-    from scipy import linalg
+    pool features.
 
+    Tr((S1 S2)^(1/2)) is the sum of the square roots of S1 S2's eigenvalues, as torch-fidelity
+    0.4 computes it: S1 S2 is similar to the positive semi-definite S1^(1/2) S2 S1^(1/2), so
+    its eigenvalues are real and >= 0, and rounding's small negative or complex ones add only
+    their roots' real parts. Unlike a matrix square root (scipy's `sqrtm`, which left an
+    imaginary part of 0.0014 on one 200-against-200 pair of real features) it cannot fail on
+    a singular covariance. `counts`: the number of vectors behind each covariance, when known:
+    fewer than the feature dimensions make it singular, and the distance is then biased high
+    (a warning says so)."""
     mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
     sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature statistics of different sizes: {mu1.shape} and {mu2.shape}")
+    few = [n for n in counts if n is not None and n <= len(mu1)]
+    if few:
+        warnings.warn(f"a Fréchet distance from {min(few)} feature vectors of {len(mu1)} "
+                      f"dimensions: the covariance is singular and the distance biased high; "
+                      f"compare figures only at equal sample counts", stacklevel=2)  # fmt: skip
     diff = mu1 - mu2
-    with warnings.catch_warnings():  # fewer vectors than dimensions: singular, still finite
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # singular product: offset both diagonals (TTUR)
-        offset = np.eye(len(sigma1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm left an imaginary part of "
-                             f"{np.max(np.abs(covmean.imag)):.3g}: the statistics are degenerate")  # fmt: skip
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    eigenvalues = np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)
+    trace_covmean = np.sqrt(eigenvalues).real.sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:

@@ -142,6 +142,7 @@ def rqtransformer_config(document: dict[str, Any]) -> RQTransformerConfig:
         num_classes=classes if classes > 1 and not text else 0, label_dropout=0.0,
         null_label_embedding=False, spatial_final_norm=False,
         text_vocab_size=classes if text else 0, text_length=text_length if text else 0,
+        caption_dropout=0.0,
     )  # fmt: skip
 
 

@@ -44,25 +44,29 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                average: torch.nn.Module | None = None,
                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
-    """({"model.{fqn}" | "optim.{fqn}.{moment}": tensor}, the optimizer's state dict)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """({"model.{fqn}" | "optim.{fqn}.{moment}" | "ema.{fqn}": tensor}, the optimizer's state
+    dict); `average`: the weights' moving average (WeightEMA), sharded as the model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
     flat = {f"model.{k}": v for k, v in model_state.items()}
     for fqn, moments in optim_state["state"].items():
         flat.update({f"optim.{fqn}.{name}": v for name, v in moments.items()})
+    if average is not None:
+        flat.update({f"ema.{k}": v for k, v in get_model_state_dict(average).items()})
     return flat, optim_state
 
 
 def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                 directory: str, rank: int) -> None:  # fmt: skip
+                 directory: str, rank: int, average: torch.nn.Module | None = None) -> None:  # fmt: skip
     """Collective: every rank writes its shards to `directory`/sharded (its own folder)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
-    flat, optim_state = _flat_state(model, optimizer)
+    flat, optim_state = _flat_state(model, optimizer, average)
     path = os.path.join(directory, SHARDED_DIR)
     os.makedirs(path, exist_ok=True)
     dcp.save(flat, storage_writer=HuggingFaceStorageWriter(path, save_distributed=True))
@@ -71,15 +75,15 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step:
             json.dump({"step": step, "param_groups": optim_state["param_groups"]}, f)
 
 
-def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 directory: str) -> int:  # fmt: skip
-    """Collective: a checkpoint written by save_sharded (any number of ranks) into `model` and
-    `optimizer`, sharded or not; -> its step."""
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str,
+                 average: torch.nn.Module | None = None) -> int:  # fmt: skip
+    """Collective: a checkpoint written by save_sharded (any number of ranks) into `model`,
+    `optimizer` and the weights' `average`, sharded or not; -> its step."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    flat, optim_state = _flat_state(model, optimizer)  # the layout to read into
+    flat, optim_state = _flat_state(model, optimizer, average)  # the layout to read into
     dcp.load(flat, storage_reader=HuggingFaceStorageReader(os.path.join(directory, SHARDED_DIR)))
     with open(os.path.join(directory, "trainer.json")) as f:
         trainer = json.load(f)
@@ -91,6 +95,9 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                       for k, v in saved.items() if k != "params"})  # fmt: skip
     model_state = {k[len("model.") :]: v for k, v in flat.items() if k.startswith("model.")}
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    if average is not None:
+        set_model_state_dict(average, {k[len("ema.") :]: v for k, v in flat.items()
+                                       if k.startswith("ema.")})  # fmt: skip
     return int(trainer["step"])
 
 
@@ -109,6 +116,16 @@ def load_full_into_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimi
     }  # fmt: skip
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_full,
                    options=StateDictOptions(full_state_dict=True))  # fmt: skip
+
+
+def load_full_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Full weights (a DDP-layout checkpoint's) into a model, sharded or not."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

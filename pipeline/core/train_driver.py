@@ -32,6 +32,13 @@ class TrainerConfig:
     """The Ray Train knobs of a training stage; TrainVAEConfig and TrainARConfig inherit them,
     so the keys stay flat (`train_ar.num_workers=32`)."""
 
+    # The learning rate after the stage's warmup_steps: "cosine" or "linear" decay to
+    # final_lr_ratio x lr at the last step, or "constant" (model/training.py lr_multiplier).
+    lr_decay: str = "cosine"
+    final_lr_ratio: float = 0.1
+    # > 0: an exponential moving average of the weights (model/training.py WeightEMA), updated
+    # every step and checkpointed; the stage exports it as model/ (the raw weights: model-raw/).
+    ema_decay: float = 0.0
     num_workers: int = 1  # the global batch is batch_size x num_workers x grad_accum_steps
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -45,10 +52,20 @@ class TrainerConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        from model.training import LR_DECAYS
+
         for name in ("steps", "batch_size", "log_every", "grad_accum_steps", "num_workers",
                      "checkpoint_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay={self.lr_decay!r}: use one of {list(LR_DECAYS)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if not 0 <= self.final_lr_ratio <= 1:
+            raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
 
 
 def check_one_batch(stage: str, train_rows: int, config: Any) -> None:

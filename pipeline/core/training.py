@@ -145,24 +145,51 @@ def resume_seed(seed: int, step: int) -> int:
     return seed + 1_000_003 * step
 
 
+def one_view_per_image(batches: Any, epoch: int, views: int, batch_size: int) -> Any:
+    """The rows of this epoch's view of each image, in full batches: tables with augmented
+    views (encode.views = N) carry a `slot` column, (view - an offset seeded by the image's
+    key) mod N, and epoch e keeps the rows whose slot is e mod N, so every image gives one view
+    an epoch and each of its N views once in N epochs, in a seeded order of its own. The kept
+    rows are re-cut into batches of `batch_size`; the remainder ends the epoch (drop_last)."""
+    import torch
+
+    kept: list[dict[str, Any]] = []
+    count = 0
+    for batch in batches:
+        keep = batch["slot"] == epoch % views
+        part = {k: v[keep] for k, v in batch.items()}
+        kept.append(part)
+        count += int(keep.sum())
+        while count >= batch_size:
+            joined = {k: torch.cat([p[k] for p in kept]) for k in part}
+            yield {k: v[:batch_size] for k, v in joined.items()}
+            kept = [{k: v[batch_size:] for k, v in joined.items()}]
+            count -= batch_size
+
+
 def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
               train_step: Callable[[list[Any], int], tuple[dict[str, float], int]],
               log: Callable[[int, dict[str, float]], None],
-              checkpoint: Callable[[int], None], dtypes: Any = None) -> None:  # fmt: skip
+              checkpoint: Callable[[int], None], dtypes: Any = None,
+              views: int = 1) -> None:  # fmt: skip
     """Steps `start` -> `config.steps` over epochs of a Ray Train dataset shard.
 
     `train_step(micro_batches, step) -> (terms, rows)` runs one optimizer step on
     `grad_accum_steps` micro-batches; `log(step, terms)` gets the terms every `log_every`
     steps with `rows_per_s_per_worker` and `data_wait_fraction` (training time only) added;
-    `checkpoint(step)` runs every `checkpoint_every` steps and at the last. An epoch that
-    yields no full batch is an error, never an endless loop."""
+    `checkpoint(step)` runs every `checkpoint_every` steps and at the last. `views` > 1: the
+    rows are views of images, one per image and epoch is kept (`one_view_per_image`). An
+    epoch that yields no full batch is an error, never an endless loop."""
     step, rows, waited, window, epoch = start, 0, 0.0, time.time(), 0
     micro: list[Any] = []
     while step < config.steps:
         batches, fetch = 0, time.time()
         seed = (resume_seed(config.seed, start) + 7919 * epoch + 104729 * rank) % 2**31
-        for batch in shuffled_batches(shard, config.batch_size, config.shuffle_buffer, device,
-                                      dtypes, seed):  # fmt: skip
+        stream = shuffled_batches(shard, config.batch_size, config.shuffle_buffer, device,
+                                  dtypes, seed)  # fmt: skip
+        if views > 1:
+            stream = one_view_per_image(stream, epoch, views, config.batch_size)
+        for batch in stream:
             batches += 1
             waited += time.time() - fetch
             micro.append(batch)

@@ -3,14 +3,17 @@
 | column  | type                                  | meaning                                    |
 | key     | string                                | the sample's WebDataset key                |
 | label   | int32, nullable                       | class index, where the dataset has one     |
-| caption | string, nullable                      | where the dataset has one                  |
+| view    | uint8                                 | 0: the image's centre crop; 1..N-1 its    |
+|         |                                       | augmented views (encode.views)             |
+| caption | string, nullable                      | where the dataset has one (a flipped       |
+|         |                                       | view's with left and right swapped)        |
 | codes   | fixed_size_list<uint16>[H*W*D]        | raster order over (h, w), depth fastest;   |
 |         | (uint32 when K > 65536)               | codes.reshape(H, W, D) gives the stack     |
 | psnr    | float32 (optional)                    | reconstruction PSNR of the image, dB       |
 | latents | fixed_size_list<float16>[H*W*C]       | encoder output before quantization, (h, w, |
 |         | (optional)                            | c) order: soft codes without the encoder   |
 
-Rows are sorted by key; zstd compression. File metadata (key b"rqpipe"): JSON with code_shape
+Rows are sorted by (key, view): one row per image, or per view of an image; zstd compression. File metadata (key b"rqpipe"): JSON with code_shape
 [H, W, D], codebook_size, vae_fingerprint, format_version, and stage_fingerprint (the encode or
 sample run that wrote the file).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +33,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.storage import Storage, join
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the view column
 METADATA_KEY = b"rqpipe"
 
 
@@ -47,14 +51,18 @@ def codes_table(
     psnr: np.ndarray | None = None,
     latents: np.ndarray | None = None,
     stage_fingerprint: str | None = None,
+    views: list[int] | None = None,
 ) -> pa.Table:
-    """codes (N, H, W, D) integer array -> the table, sorted by key, with its metadata."""
+    """codes (N, H, W, D) integer array -> the table, sorted by (key, view), with its
+    metadata. `views`: each row's view number (default: all 0, one row per image)."""
     n, h, w, d = codes.shape
-    order = np.argsort(np.asarray(keys, dtype=object), kind="stable")
+    views = [0] * n if views is None else list(views)
+    order = sorted(range(n), key=lambda i: (keys[i], views[i]))
     numpy_type = np.uint16 if codebook_size <= 65536 else np.uint32
     flat = codes.reshape(n, h * w * d)[order].astype(numpy_type)
     columns: dict[str, pa.Array] = {
         "key": pa.array([keys[i] for i in order], pa.string()),
+        "view": pa.array([views[i] for i in order], pa.uint8()),
         "label": pa.array([labels[i] for i in order], pa.int32()),
         "caption": pa.array([captions[i] for i in order], pa.string()),
         "codes": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), h * w * d),
@@ -111,11 +119,21 @@ def finished_table(storage: Any, uri: str, stage_fingerprint: str) -> dict[str, 
 # -- reading tables for training ------------------------------------------------------------------
 
 
+def view_slots(keys: list[str], views: np.ndarray, num_views: int, seed: int) -> np.ndarray:
+    """(B,) each row's slot, (view - offset) mod num_views, the offset drawn from (seed, key):
+    epoch e trains on the rows of slot e mod num_views (core/training.py one_view_per_image),
+    so each image shows its views in an order of its own."""
+    offsets = np.array([zlib.crc32(f"{seed}/{k}".encode()) % num_views for k in keys])
+    return (views.astype(np.int64) - offsets) % num_views
+
+
 def table_to_arrays(batch: pa.Table, code_shape: list[int], null_label: int,
-                    text: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                    text: dict[str, Any] | None = None, views: int = 1,
+                    seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Ray Data map (pyarrow batches): code-table rows -> {"codes": (B, H, W, D) int32,
     "label": (B,) int64 with missing labels as the null label, ["latents": (B, H, W, C)],
-    ["text": (B, L) int64 caption token ids]}. `text`: encode_captions' keyword arguments
+    ["text": (B, L) int64 caption token ids], ["slot": (B,) int64 with views > 1: the epoch
+    each row's view belongs to, `view_slots`]}. `text`: encode_captions' keyword arguments
     (tokenizer_json, context_length, bpe_dropout), when the model reads captions."""
     h, w, d = code_shape
     flat = batch.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -131,6 +149,9 @@ def table_to_arrays(batch: pa.Table, code_shape: list[int], null_label: int,
         from model.text import encode_captions
 
         arrays["text"] = encode_captions(captions=batch.column("caption").to_pylist(), **text)
+    if views > 1:
+        arrays["slot"] = view_slots(batch.column("key").to_pylist(),
+                                    batch.column("view").to_numpy(), views, seed)  # fmt: skip
     return arrays
 
 
@@ -146,11 +167,17 @@ class CodeTables:
     num_classes: int
     has_latents: bool
     rows: int
-    train_rows: int
+    train_rows: int  # rows: with augmented views, views x the images
     captioned_rows: int = 0  # rows with a non-empty caption
+    views: int = 1  # code stacks per train image (encode.views)
+
+    @property
+    def train_images(self) -> int:
+        return self.train_rows // self.views
 
 
-def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]) -> CodeTables:
+def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]],
+                   views: int = 1) -> CodeTables:  # fmt: skip
     uris = [join(codes_dir, unit["name"]) for unit in units]
     train = [u for u in uris if u.rsplit("/", 1)[-1].startswith("train-")]
     val = [u for u in uris if u.rsplit("/", 1)[-1].startswith("val-")]
@@ -174,14 +201,24 @@ def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]
     (shape, k, fp) = shapes.pop()
     rows = {join(codes_dir, unit["name"]): int(unit["rows"]) for unit in units}
     return CodeTables(train, val, list(shape), k, fp, max_label + 1, has_latents,
-                      sum(rows.values()), sum(rows[u] for u in train), captioned)  # fmt: skip
+                      sum(rows.values()), sum(rows[u] for u in train), captioned, views)  # fmt: skip
 
 
 def read_captions(storage: Storage, uris: list[str]) -> list[str]:
-    """Every caption of the tables (missing ones as ""), in table and row order."""
+    """Every image's caption (missing ones as ""), in table and row order: view 0's where
+    the tables hold augmented views."""
     captions: list[str] = []
     for uri in uris:
         filesystem, path = storage.arrow_fs(uri)
-        column = pq.read_table(path, filesystem=filesystem, columns=["caption"]).column("caption")
-        captions += [c or "" for c in column.to_pylist()]
+        names = pq.read_schema(path, filesystem=filesystem).names
+        columns = ["caption"] + (["view"] if "view" in names else [])
+        table = first_views(pq.read_table(path, filesystem=filesystem, columns=columns))
+        captions += [c or "" for c in table.column("caption").to_pylist()]
     return captions
+
+
+def first_views(table: pa.Table) -> pa.Table:
+    """The rows of view 0 (each image once) of a table that may hold augmented views."""
+    if "view" not in table.column_names:
+        return table
+    return table.filter(pc.equal(table.column("view"), 0))

@@ -19,7 +19,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.weights.fileio import write_bytes_atomic
 
-RESIZE_MODES = ("center_crop", "pad", "none")
+RESIZE_MODES = ("center_crop", "shorter_side", "pad", "none")
+# shorter_side keeps the aspect ratio up to this (longer / shorter); a longer side beyond it is
+# centre-cropped, so a panorama cannot multiply a shard's size.
+MAX_ASPECT = 2.0
 ENCODINGS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 
@@ -60,6 +63,15 @@ def _resize(image: Image.Image, size: int, mode: str) -> Image.Image:
         image = image.resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=3.0)
         left, top = (rw - size) // 2, (rh - size) // 2
         return image.crop((left, top, left + size, top + size))
+    if (
+        mode == "shorter_side"
+    ):  # the official Resize(size): random crops then move along the long side
+        scale = size / min(w, h)
+        rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        cw, ch = min(rw, round(MAX_ASPECT * size)), min(rh, round(MAX_ASPECT * size))
+        left, top = (rw - cw) // 2, (rh - ch) // 2
+        return image.crop((left, top, left + cw, top + ch)) if (cw, ch) != (rw, rh) else image
     if mode == "pad":
         scale = size / max(w, h)
         rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
@@ -85,7 +97,7 @@ def decode_image(
             image.seek(0)  # animated: the first frame
             if image.format == "JPEG" and resize_mode != "none":
                 # libjpeg decodes at 1/2, 1/4 or 1/8 scale for free, never below the target
-                fit = min if resize_mode == "center_crop" else max
+                fit = min if resize_mode in ("center_crop", "shorter_side") else max
                 scale = size / fit(w, h)
                 image.draft(image.mode, (math.ceil(w * scale), math.ceil(h * scale)))
             image.load()

@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipeline.core.storage import Storage, StorageConfig
 from pipeline.formats.images import center_square
+from pipeline.formats.views import augmented_view, flips, swap_sides, view_rng
 
 IMAGE_EXTENSIONS = ("png", "jpg", "webp")  # the members that hold a sample's image
 
@@ -53,20 +54,34 @@ def image_member(parts: dict[str, bytes]) -> bytes | None:
     return next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
 
 
-def decode_shard(tar_uri: str, resolution: int, storage_config: StorageConfig) -> dict[str, Any]:
-    """A shard tar -> keys, labels, captions and (N, R, R, 3) uint8 images."""
+def decode_shard(tar_uri: str, resolution: int, storage_config: StorageConfig, views: int = 1,
+                 augment: str = "crop_flip", seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """A shard tar -> keys, views, labels, captions and (N, R, R, 3) uint8 images: for each
+    sample its centre square (view 0), then `views - 1` augmented views (formats/views.py),
+    a flipped view with its caption's sides swapped."""
     storage = Storage(storage_config)
-    keys, labels, captions, images = [], [], [], []
+    keys, numbers, labels, captions, images = [], [], [], [], []
     for key, parts in iter_tar(storage.read_bytes(tar_uri)):
         data = image_member(parts)
         if data is None:
             continue
         meta = json.loads(parts["json"]) if "json" in parts else {}
         with Image.open(io.BytesIO(data)) as image:
-            images.append(center_square(image, resolution))
-        keys.append(key)
-        labels.append(meta.get("label"))
-        captions.append(meta.get("caption"))
+            image.load()
+            for view in range(views):
+                caption = meta.get("caption")
+                if view == 0:
+                    pixels = center_square(image, resolution)
+                else:
+                    flipped = flips(augment, view)
+                    pixels = augmented_view(image, resolution, augment, view_rng(seed, key, view),
+                                            flipped)  # fmt: skip
+                    caption = swap_sides(caption) if flipped else caption
+                keys.append(key)
+                numbers.append(view)
+                labels.append(meta.get("label"))
+                captions.append(caption)
+                images.append(pixels)
     empty = np.zeros((0, resolution, resolution, 3), np.uint8)
-    return {"keys": keys, "labels": labels, "captions": captions,
+    return {"keys": keys, "views": numbers, "labels": labels, "captions": captions,
             "images": np.stack(images) if images else empty}  # fmt: skip

@@ -1,8 +1,9 @@
 """The encode stage: every image of RUN/shards/ to its code stack, RUN/codes/{shard}.parquet.
 
-Per input shard: a CPU Ray task decodes the tar (centre crop to the model's resolution), and an
-encoder actor, which loads the RQ-VAE once, encodes it in batches and writes the shard's
-Parquet file in one atomic write. Each file records the stage fingerprint in its metadata, so
+Per input shard: a CPU Ray task decodes the tar (centre crop to the model's resolution, and with
+`views` > 1 that many augmented views of each train image: formats/views.py), and an encoder
+actor, which loads the RQ-VAE once, encodes it in batches and writes the shard's Parquet file
+in one atomic write. Each file records the stage fingerprint in its metadata, so
 a resumed run skips exactly the shards finished under the same configuration; the manifest is
 written last.
 """
@@ -25,8 +26,9 @@ from pipeline.core.stage_folder import StageFolder
 from pipeline.core.storage import Storage, StorageConfig, join, model_location
 from pipeline.formats.codes_table import codes_table, finished_table, to_parquet_bytes
 from pipeline.formats.shard_tar import decode_shard
+from pipeline.formats.views import VIEW_AUGMENTS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tables' view column
 
 
 @dataclass
@@ -41,6 +43,13 @@ class EncodeConfig(ActorPoolConfig):
     vae: str | None = None  # an RQ-VAE model folder; default RUN/vae/model
     with_psnr: bool = False  # a psnr column: each image's reconstruction PSNR
     with_latents: bool = False  # a float16 latents column, for soft targets in train-ar
+    # Code stacks per train image: view 0 its centre crop, views 1..N-1 drawn by `augment`
+    # (crop_flip: ImageNet's; resized_crop_flip: FFHQ's; dalle: CC-3M's), seeded by
+    # (view_seed, key, view); train-ar reads one view of each image per epoch. The val split
+    # is encoded once (view 0).
+    views: int = 1
+    augment: str = "crop_flip"
+    view_seed: int = 0
     # bfloat16: the encoder under bf16 autocast and bf16 candidate distances (exact re-rank).
     # Off by default: on the demo's trained RQ-VAE it moved codes (docs/benchmarks.md); on a
     # CPU without native bf16 the distances stay fp32 (model/quantizer.py warns).
@@ -56,6 +65,10 @@ class EncodeConfig(ActorPoolConfig):
         super().__post_init__()
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"encode.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not 1 <= self.views <= 255:
+            raise ValueError(f"encode.views must be in [1, 255], got {self.views}")
+        if self.augment not in VIEW_AUGMENTS:
+            raise ValueError(f"encode.augment={self.augment!r}: use one of {list(VIEW_AUGMENTS)}")
         if self.shards_in_flight < 0 or self.shards_in_flight == 1:
             raise ValueError(f"encode.shards_in_flight must be 0 (auto) or >= 2 (one encoding, "
                              f"one decoding), got {self.shards_in_flight}")  # fmt: skip
@@ -120,7 +133,7 @@ class ShardEncoder:
                             np.concatenate(psnrs) if with_psnr and psnrs else
                             (np.zeros(0, np.float32) if with_psnr else None),
                             np.concatenate(latents) if latents else None,
-                            stage_fingerprint)  # fmt: skip
+                            stage_fingerprint, decoded["views"])  # fmt: skip
         data = to_parquet_bytes(table)
         self.storage.write_bytes(out_uri, data)
         return {"name": name, "rows": len(table), "bytes": len(data)}
@@ -155,19 +168,23 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
         if done is not None:
             results[name] = done
     pending = [n for n in names if n not in results]
-    rows = {unit["name"].removesuffix(".tar"): int(unit["rows"]) for unit in shards.units}
-    progress = Progress("encode", len(pending), sum(rows[n] for n in pending))
+    rows_of = {unit["name"].removesuffix(".tar"): int(unit["rows"]) for unit in shards.units}
+    progress = Progress("encode", len(pending), sum(rows_of[n] for n in pending))
     decode = ray.remote(decode_shard).options(num_cpus=config.decode_cpus,
                                               max_retries=config.max_retries)  # fmt: skip
 
+    def views_of(name: str) -> int:  # augmented views are for training: the val split gets one
+        return config.views if name.startswith("train-") else 1
+
     def encode(actor: Any, name: str) -> Any:
-        decoded = decode.remote(join(shards_dir, f"{name}.tar"), resolution, config.storage)
+        decoded = decode.remote(join(shards_dir, f"{name}.tar"), resolution, config.storage,
+                                views_of(name), config.augment, config.view_seed)  # fmt: skip
         return actor.encode.remote(name, decoded, codes.path(f"{name}.parquet"), config, vae_fp,
                                    fp)  # fmt: skip
 
     def done(result: dict[str, Any]) -> None:
         results[result["name"]] = {**result, "name": f"{result['name']}.parquet"}
-        progress.update(result["rows"])
+        progress.update(result["rows"] // views_of(result["name"]))
 
     with ActorPool(ShardEncoder, config, len(pending), vae_uri, config.storage, config.use_gpu,
                    config.dtype) as pool:  # fmt: skip
@@ -179,9 +196,13 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
 
     planned.units = [results[n] for n in names]
     rows = sum(u["rows"] for u in planned.units)
-    if rows != shards.counts.get("ok", rows):
-        raise RuntimeError(f"encode: {rows} rows for {shards.counts['ok']} sharded images")
-    planned.counts = {"rows": rows, "files": len(names)}
+    images = sum(u["rows"] // views_of(n) for n, u in zip(names, planned.units, strict=True))
+    if images != shards.counts.get("ok", images) or rows != sum(
+            rows_of[n] * views_of(n) for n in names):  # fmt: skip
+        raise RuntimeError(f"encode: {rows} rows ({images} images) for {shards.counts['ok']} "
+                           f"sharded images")  # fmt: skip
+    planned.counts = {"rows": rows, "images": images, "views": config.views, "files": len(names)}
     codes.finish(planned)
-    print(f"encode: {rows:,} images in {len(names)} tables, {time.time() - started:.1f} s")
+    print(f"encode: {images:,} images ({rows:,} code stacks) in {len(names)} tables, "
+          f"{time.time() - started:.1f} s")  # fmt: skip
     return planned

@@ -47,7 +47,10 @@ class ShardConfig:
                                                    "max_in_flight", "storage")  # fmt: skip
 
     image_size: int = 256
-    resize_mode: str = "center_crop"  # center_crop | pad | none
+    # center_crop: the centre square at image_size; shorter_side: the shorter side at image_size,
+    # the aspect kept up to 2:1 (random crops then move along the longer side: ImageNet's
+    # Resize + RandomCrop); pad; none
+    resize_mode: str = "center_crop"
     encoding: str = "png"  # png | jpg | webp
     quality: int = 95  # jpg / webp
     samples_per_shard: int = 1000

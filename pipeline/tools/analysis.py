@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.manifest import read_manifest
 from pipeline.core.storage import Storage, join, model_files
-from pipeline.formats.codes_table import METADATA_KEY, codes_array, table_metadata
+from pipeline.formats.codes_table import METADATA_KEY, codes_array, first_views, table_metadata
 
 
 def codes_dir(storage: Storage, uri: str) -> str:
@@ -53,6 +53,9 @@ def read_codes(storage: Storage, codes_uri: str, columns: list[str] | None = Non
 
 
 def code_stats(table: pa.Table, top: int = 10, max_duplicate_groups: int = 20) -> dict[str, Any]:
+    """Per-depth usage, entropy and perplexity, frequent codes and duplicate stacks of the
+    images' codes (view 0 of tables with augmented views: each image once)."""
+    table = first_views(table)
     meta = table_metadata(table.schema)
     k = meta["codebook_size"]
     codes = codes_array(table)  # (N, H, W, D)

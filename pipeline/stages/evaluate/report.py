@@ -86,7 +86,8 @@ def reconstruction_metrics(storage: Storage, eval_dir: str, val_units: list[str]
     lpips = np.concatenate([u["lpips"] for u in units])
     report = {"images": len(real),
               names["rfid"]: frechet_distance(*FeatureMoments.of(real).mean_cov(),
-                                              *FeatureMoments.of(recon).mean_cov()),
+                                              *FeatureMoments.of(recon).mean_cov(),
+                                              counts=(len(real), len(recon))),
               "psnr": float(psnr_depth[:, -1].mean()),
               "psnr_per_depth": [round(float(v), 3) for v in psnr_depth.mean(0)],
               "ssim": float(np.concatenate([u["ssim"] for u in units]).mean()),
@@ -113,7 +114,8 @@ def sample_metrics(storage: Storage, eval_dir: str, sample_units: list[str],
         "images": len(features),
         "reference_images": reference["count"],
         names["fid"]: frechet_distance(*FeatureMoments.of(features).mean_cov(),
-                                       reference["mu"], reference["sigma"]),
+                                       reference["mu"], reference["sigma"],
+                                       counts=(len(features), reference["count"])),
         names["is"]: {"mean": mean, "std": std, "splits": min(splits, len(features))},
     }  # fmt: skip
     if reference["features"] is None:
@@ -136,7 +138,8 @@ def sample_metrics(storage: Storage, eval_dir: str, sample_units: list[str],
         if (labels == c).sum() >= 2 and class_moments.count >= 2:
             per_class_report[str(c)] = {
                 fid: frechet_distance(*FeatureMoments.of(features[labels == c]).mean_cov(),
-                                      *class_moments.mean_cov()),
+                                      *class_moments.mean_cov(),
+                                      counts=(int((labels == c).sum()), class_moments.count)),
                 "images": int((labels == c).sum()), "reference_images": class_moments.count}  # fmt: skip
     if per_class_report:
         report[f"{fid}_per_class"] = per_class_report

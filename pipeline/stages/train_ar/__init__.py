@@ -162,8 +162,8 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
     ar = StageFolder(run_dir, "train-ar", config.storage)
     storage, codes_dir = ar.storage, ar.of("encode").uri
     encoded = ar.upstream("encode")
-    tables = inspect_tables(storage, codes_dir, encoded.units)
-    check_one_batch("train-ar", tables.train_rows, config)
+    tables = inspect_tables(storage, codes_dir, encoded.units, encoded.counts.get("views", 1))
+    check_one_batch("train-ar", tables.train_images, config)
     upstream = {"encode": encoded.fingerprint}
     # resolved before the fingerprint: `auto` on captioned tables trains what `text` would
     config.conditioning = config.resolve_conditioning(tables.num_classes > 0,
@@ -204,16 +204,18 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
         "val": validation_rows(storage, tables, config.val_rows, columns, text),
         "tokenizer_json": tokenizer_json,
         "preview_prompts": prompts,
+        "views": tables.views,
     }
     train_text = text and {**text, "bpe_dropout": config.text.bpe_dropout}
     seed = resume_seed(config.seed, latest_checkpoint_step(storage, ar.uri))
-    dataset = train_dataset(storage, tables, columns, seed, train_text)
+    dataset = train_dataset(storage, tables, columns, seed, train_text, config.seed)
     kind = f"{num_classes} classes" if num_classes else "unconditional"
     if tokenizer_json:
         kind = f"captions of {config.text.context_length} tokens, vocabulary {text_vocab_size}"
+    views = f", {tables.views} views an image" if tables.views > 1 else ""
     print(f"train-ar: {config.steps} steps on {config.num_workers} worker(s), {tables.rows:,} "
           f"code stacks {tables.code_shape} (K={tables.codebook_size}, {kind}, "
-          f"{config.targets} targets), writing {ar.uri}", flush=True)  # fmt: skip
+          f"{config.targets} targets{views}), writing {ar.uri}", flush=True)  # fmt: skip
     fit(ar, train_ar_worker, loop_config, config, dataset)
     counts = {"num_classes": num_classes, "train_rows": tables.rows}
     if tokenizer_json:

@@ -12,23 +12,26 @@ from model.text import encode_captions, train_tokenizer
 from pipeline.core.manifest import vae_fingerprint
 from pipeline.core.storage import Storage, absolute, join
 from pipeline.core.training import epoch_file_order
-from pipeline.formats.codes_table import CodeTables, read_captions, table_to_arrays
+from pipeline.formats.codes_table import CodeTables, first_views, read_captions, table_to_arrays
 
 
 def train_dataset(storage: Storage, tables: CodeTables, columns: list[str], seed: int = 0,
-                  text: dict[str, Any] | None = None):  # fmt: skip
+                  text: dict[str, Any] | None = None, view_seed: int = 0):  # fmt: skip
     """Streaming Ray Dataset of the train tables as arrays, the tables in a new seeded order
     each epoch (the seed includes a resumed run's step: core/training.py); the workers'
-    shuffle buffer mixes rows across tables (shuffled_batches)."""
+    shuffle buffer mixes rows across tables (shuffled_batches). Tables with augmented views
+    give every row its `slot` (the epoch it is trained in), drawn from `view_seed`."""
     import ray.data
 
     filesystem, _ = storage.arrow_fs(tables.train[0])
     dataset = ray.data.read_parquet([storage.arrow_fs(u)[1] for u in tables.train],
                                     filesystem=filesystem, shuffle=epoch_file_order(seed))  # fmt: skip
+    if tables.views > 1:
+        columns = [*columns, "key", "view"]
     return dataset.select_columns(columns).map_batches(
         table_to_arrays, batch_format="pyarrow", batch_size=1024,
         fn_kwargs={"code_shape": tables.code_shape, "null_label": tables.num_classes,
-                   "text": text},
+                   "text": text, "views": tables.views, "seed": view_seed},
     )  # fmt: skip
 
 
@@ -40,7 +43,9 @@ def validation_rows(storage: Storage, tables: CodeTables, count: int, columns: l
     arrays: list[dict[str, np.ndarray]] = []
     for uri in tables.val or tables.train[:1]:
         filesystem, path = storage.arrow_fs(uri)
-        table = pq.read_table(path, filesystem=filesystem, columns=columns)
+        names = pq.read_schema(path, filesystem=filesystem).names
+        read = columns + (["view"] if "view" in names else [])
+        table = first_views(pq.read_table(path, filesystem=filesystem, columns=read))
         arrays.append(table_to_arrays(table, tables.code_shape, tables.num_classes, text))
         if sum(len(a["label"]) for a in arrays) >= count:
             break

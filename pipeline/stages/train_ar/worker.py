@@ -12,7 +12,13 @@ import torch
 
 from model.flops import rqtransformer_flops_per_sample, throughput_terms
 from model.rqtransformer import Block, RQTransformer, RQTransformerConfig
-from model.training import ar_train_step, build_optimizer, soft_quantizer, validation_loss
+from model.training import (
+    WeightEMA,
+    ar_train_step,
+    build_optimizer,
+    soft_quantizer,
+    validation_loss,
+)
 from model.weights.serialization import init_from_pretrained
 from pipeline.core.checkpoint import load_state, save_state
 from pipeline.core.config import to_dict
@@ -21,6 +27,7 @@ from pipeline.core.fsdp import (
     full_model_state,
     is_sharded,
     load_full_into_sharded,
+    load_full_model,
     load_sharded,
     save_sharded,
     shard_model,
@@ -71,19 +78,24 @@ class SamplePreview:
             save_png(grid, uri, storage_options)
 
 
-def _save_checkpoint(model: RQTransformer, optimizer, step: int, rank: int,
-                     directory: str) -> None:  # fmt: skip
+def _save_checkpoint(model: RQTransformer, optimizer, ema: WeightEMA | None, step: int,
+                     rank: int, directory: str) -> None:  # fmt: skip
+    average = ema.average if ema is not None else None
     if is_sharded(model):  # collective: each rank its shards
-        save_sharded(model, optimizer, step, directory, rank)
+        save_sharded(model, optimizer, step, directory, rank, average)
         return
     save_state({"model": model.state_dict()}, directory, "model")
     save_state({"step": step, "optimizer": optimizer.state_dict()}, directory, "trainer")
+    if average is not None:
+        save_state({"model": average.state_dict()}, directory, "ema")
 
 
-def _load_checkpoint(model: RQTransformer, optimizer, directory: str) -> int:
+def _load_checkpoint(model: RQTransformer, optimizer, ema: WeightEMA | None,
+                     directory: str) -> int:  # fmt: skip
     """Either layout into either strategy (a run may change `strategy` when it resumes)."""
+    average = ema.average if ema is not None else None
     if os.path.isdir(os.path.join(directory, SHARDED_DIR)):
-        return load_sharded(model, optimizer, directory)
+        return load_sharded(model, optimizer, directory, average)
     model_state = load_state(directory, "model")["model"]
     trainer = load_state(directory, "trainer")
     if is_sharded(model):
@@ -91,6 +103,8 @@ def _load_checkpoint(model: RQTransformer, optimizer, directory: str) -> int:
     else:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(trainer["optimizer"])
+    if average is not None:
+        load_full_model(average, load_state(directory, "ema")["model"])
     return int(trainer["step"])
 
 
@@ -141,19 +155,25 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
             raise ValueError(f"init_from={config.init_from} was trained on the codes of another "
                              f"RQ-VAE than the one that encoded these tables")  # fmt: skip
     model.to(device)
+    # the weights' average, exported in their place (ema_decay > 0); sharded as the model
+    ema = WeightEMA.of(model, config.ema_decay) if config.ema_decay else None
     if config.strategy == "fsdp":  # each transformer block a shard group
         shard_model(model, (Block,))
+        if ema is not None:
+            shard_model(ema.average, (Block,))
     optimizer = build_optimizer(model, config)  # after sharding: over the DTensor parameters
     start = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            start = _load_checkpoint(model, optimizer, directory)
+            start = _load_checkpoint(model, optimizer, ema, directory)
     forward = model
     if world > 1 and config.strategy == "ddp":
         forward = ray.train.torch.prepare_model(model)
     if config.compile:  # the forward and its backward through torch.compile (inductor)
         forward = torch.compile(forward)
-    whole = RankZeroCopy(model, rank, code_embeddings, device)
+    # rank 0's whole copies: of what is exported (the average, when on) and of the raw weights
+    whole = RankZeroCopy(ema.average if ema is not None else model, rank, code_embeddings, device)
+    raw = RankZeroCopy(model, rank, code_embeddings, device) if ema is not None else None
     quantizer = (
         soft_quantizer(code_embeddings, model_config.depth).to(device)
         if config.targets == "soft"
@@ -177,18 +197,24 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     def train_step(micro: list[dict[str, torch.Tensor]], step: int) -> tuple[dict[str, float], int]:
         terms = ar_train_step(forward, optimizer, micro, step, config, condition, quantizer,
                               generator)  # fmt: skip
+        if ema is not None:
+            ema.update(model, step)
         return terms, sum(len(m["codes"]) for m in micro)
 
     flops_per_row = rqtransformer_flops_per_sample(model_config, code_embeddings.shape[-1])
 
     def log(step: int, terms: dict[str, float]) -> None:  # every rank: whole.at is collective
         evaluated = whole.at(step)
+        unaveraged = raw.at(step) if raw is not None else None
         if metrics is None:
             return
         rows_per_s = terms.pop("rows_per_s_per_worker")
         terms["tokens_per_s_per_worker"] = rows_per_s * tokens_per_row
         terms.update(throughput_terms(rows_per_s, flops_per_row, device))
         terms.update(validation_loss(evaluated, val, condition, quantizer, config))
+        if unaveraged is not None:  # the raw weights' figure beside the average's
+            raw_val = validation_loss(unaveraged, val, condition, quantizer, config)
+            terms["val_loss_raw"] = raw_val["val_loss"]
         metrics.write({"step": step, **terms})
 
     def save(step: int) -> None:
@@ -202,15 +228,18 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
                 ]
                 preview.write(evaluated, grids, storage.options(ar_dir))
             metrics.checkpoint(step, grids[:1])
-        report_checkpoint(step, rank, partial(_save_checkpoint, model, optimizer, step, rank),
+        report_checkpoint(step, rank, partial(_save_checkpoint, model, optimizer, ema, step, rank),
                           every_rank=is_sharded(model))  # fmt: skip
 
     run_steps(ray.train.get_dataset_shard("train"), config, device, start, rank, train_step,
-              log, save)  # fmt: skip
-    final = whole.at(config.steps)
+              log, save, views=loop_config["views"])  # fmt: skip
+    exports = {"model": whole.at(config.steps)}  # every rank: collective under FSDP
+    if raw is not None:  # the raw weights stay exportable
+        exports["model-raw"] = raw.at(config.steps)
     if metrics is not None:
-        final.eval().save_pretrained(join(ar_dir, "model"), storage.options(ar_dir))
-        if condition == "text":  # the tokenizer travels with the model
-            storage.write_bytes(join(ar_dir, "model", "tokenizer.json"),
-                                loop_config["tokenizer_json"].encode())  # fmt: skip
+        for folder, final in exports.items():
+            final.eval().save_pretrained(join(ar_dir, folder), storage.options(ar_dir))
+            if condition == "text":  # the tokenizer travels with the model
+                storage.write_bytes(join(ar_dir, folder, "tokenizer.json"),
+                                    loop_config["tokenizer_json"].encode())  # fmt: skip
         metrics.close()

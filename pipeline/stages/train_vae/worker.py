@@ -10,7 +10,7 @@ from torch import Tensor
 
 from model.flops import counted_flops, throughput_terms
 from model.rqvae import RQVAE
-from model.training import VAETrainState, build_train_state, psnr, vae_train_step
+from model.training import VAETrainState, WeightEMA, build_train_state, psnr, vae_train_step
 from model.weights.serialization import init_from_pretrained
 from pipeline.core.checkpoint import load_state, save_state
 from pipeline.core.config import to_dict
@@ -28,10 +28,11 @@ def pixels_to_model(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _save_checkpoint(
-    state: VAETrainState, discriminator: torch.nn.Module | None, step: int, directory: str
-) -> None:
+def _save_checkpoint(state: VAETrainState, discriminator: torch.nn.Module | None,
+                     ema: WeightEMA | None, step: int, directory: str) -> None:  # fmt: skip
     save_state({"model": state.model.state_dict()}, directory, "model")
+    if ema is not None:
+        save_state({"model": ema.average.state_dict()}, directory, "ema")
     trainer: dict[str, Any] = {"step": step, "optimizer": state.optimizer.state_dict()}
     if discriminator is not None:
         trainer["discriminator"] = discriminator.state_dict()
@@ -39,8 +40,10 @@ def _save_checkpoint(
     save_state(trainer, directory, "trainer")
 
 
-def _load_checkpoint(state: VAETrainState, directory: str) -> int:
+def _load_checkpoint(state: VAETrainState, ema: WeightEMA | None, directory: str) -> int:
     state.model.load_state_dict(load_state(directory, "model")["model"])
+    if ema is not None:
+        ema.average.load_state_dict(load_state(directory, "ema")["model"])
     trainer = load_state(directory, "trainer")
     state.optimizer.load_state_dict(trainer["optimizer"])
     if state.disc_optimizer is not None:
@@ -77,13 +80,18 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     discriminator = state.loss.discriminator  # unwrapped, for checkpoints
     start = 0
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.init_from:  # fine-tuning: its weights, fresh optimizers
+        init_from_pretrained(state.model, config.init_from, storage.options(config.init_from))
+    # the weights' average, exported in their place (ema_decay > 0)
+    ema = WeightEMA.of(state.model, config.ema_decay) if config.ema_decay else None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            start = _load_checkpoint(state, directory)
-    elif config.init_from:  # fine-tuning: the exported model's weights, fresh optimizers
-        init_from_pretrained(state.model, config.init_from, storage.options(config.init_from))
+            start = _load_checkpoint(state, ema, directory)
     state.model.to(device)
     state.loss.to(device)
+    exported = state.model  # what the stage exports, validates and reconstructs with
+    if ema is not None:
+        exported = ema.average.to(device)
     for optimizer in (state.optimizer, state.disc_optimizer):
         if optimizer is not None:  # state loaded on CPU follows the parameters to the device
             optimizer.load_state_dict(optimizer.state_dict())
@@ -110,7 +118,10 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
 
     def train_step(micro: list[dict[str, Tensor]], step: int) -> tuple[dict[str, float], int]:
         images = [pixels_to_model(batch["image"]) for batch in micro]
-        return vae_train_step(state, images, step, config), sum(len(i) for i in images)
+        terms = vae_train_step(state, images, step, config)
+        if ema is not None:
+            ema.update(state.model, step)
+        return terms, sum(len(i) for i in images)
 
     # Model FLOPs of one training image: 3 forwards of encoder, quantizer and decoder.
     flops_per_image = 3 * counted_flops(state.model, val[:1]) if metrics is not None else 0.0
@@ -119,7 +130,9 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
         terms["images_per_s_per_worker"] = terms.pop("rows_per_s_per_worker")
         terms.update(throughput_terms(terms["images_per_s_per_worker"], flops_per_image, device))
         state.model.eval()
-        terms["val_psnr"] = psnr(state.model, val)
+        terms["val_psnr"] = psnr(exported, val)
+        if ema is not None:  # the raw weights' figure beside the average's
+            terms["val_psnr_raw"] = psnr(state.model, val)
         state.model.train()
         metrics.write({"step": step, **terms})
 
@@ -128,13 +141,16 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
             grids = [join(vae_dir, "reconstructions.png"),  # the latest, and one per checkpoint
                      join(vae_dir, "reconstructions", f"step-{step:07d}.png")]  # fmt: skip
             for uri in grids:
-                reconstruction_grid(state.model, val[:16], uri, storage.options(vae_dir))
+                reconstruction_grid(exported, val[:16], uri, storage.options(vae_dir))
             metrics.checkpoint(step, grids[:1])
-        report_checkpoint(step, rank,
-                          lambda directory: _save_checkpoint(state, discriminator, step, directory))  # fmt: skip
+        report_checkpoint(step, rank, lambda directory: _save_checkpoint(
+            state, discriminator, ema, step, directory))  # fmt: skip
 
     run_steps(ray.train.get_dataset_shard("train"), config, device, start, rank, train_step,
               log if metrics is not None else lambda step, terms: None, save, torch.uint8)  # fmt: skip
     if metrics is not None:
-        state.model.eval().save_pretrained(join(vae_dir, "model"), storage.options(vae_dir))
+        exported.eval().save_pretrained(join(vae_dir, "model"), storage.options(vae_dir))
+        if ema is not None:  # the raw weights stay exportable
+            state.model.eval().save_pretrained(join(vae_dir, "model-raw"),
+                                               storage.options(vae_dir))  # fmt: skip
         metrics.close()
