@@ -90,7 +90,7 @@ def test_encode_local_tables(ray_local, demo_images, tmp_path):
     assert keys == sorted(keys)
     meta = table_metadata(one.schema)
     assert meta["code_shape"] == [8, 8, 4] and meta["codebook_size"] == 256
-    assert meta["format_version"] == 1 and meta["vae_fingerprint"]
+    assert meta["format_version"] == 2 and meta["vae_fingerprint"]
     assert set(one.column("label").to_pylist()) <= {0, 1, 2, 3}
     frame = one.to_pandas()  # pandas reads it as-is
     assert len(frame) == len(one) and frame["psnr"].between(5, 60).all()
