@@ -33,11 +33,38 @@ def stage_dir(request, tmp_path):
     return f"s3://{bucket}/run/vae", request.getfixturevalue("s3_endpoint")
 
 
-def _hold(uri: str, endpoint: str, ttl_s: float, stage: str = "train-vae") -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, uri, endpoint, str(ttl_s), stage],
+def _hold(uri: str, endpoint: str, ttl_s: float, stage: str = "train-vae",
+          script: str = HOLDER) -> subprocess.Popen:  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", script, uri, endpoint, str(ttl_s), stage],
                               stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+# A driver that holds the GIL for 6 s (a C call made through ctypes.PyDLL keeps it, as a long
+# sort or a C extension does), four times the lease's TTL.
+STALLED = HOLDER.replace("time.sleep(600)", """import ctypes
+print("stalling", flush=True)
+ctypes.PyDLL(None).sleep(6)
+time.sleep(600)""")
+
+
+def test_a_driver_that_holds_the_gil_past_the_ttl_keeps_its_lease(tmp_path):
+    """The heartbeat renews from a process of its own: a driver stalled in a GIL-holding call
+    for four TTLs still holds the lease, and a second writer is refused throughout (a
+    heartbeat thread would have been starved: the lease expired and was taken over)."""
+    uri = str(tmp_path / "run" / "codes")
+    holder = _hold(uri, "", ttl_s=1.5, stage="encode", script=STALLED)
+    try:
+        assert holder.stdout.readline().strip() == "stalling"
+        for _ in range(4):
+            time.sleep(1.2)
+            with pytest.raises(StageBusy, match="another encode run"):
+                Lease(Storage(), uri, "encode").acquire()
+        assert holder.poll() is None  # still stalled or just past it: it never let go
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
 
 
 def test_a_second_writer_is_refused_while_the_holder_lives(stage_dir, capsys):

@@ -159,16 +159,23 @@ def test_killed_driver_resumes_the_step_count_then_noops(encoded_run, ray_local,
 @pytest.mark.slow
 def test_the_same_run_trains_the_same_model(encoded_run, tmp_path):
     """Reproducible: two runs of one config on the same tables give the same weights bit for
-    bit (Ray Data keeps the seeded file order: `ordered_data_config`)."""
-    weights = []
-    for name in ("a", "b"):
+    bit (Ray Data keeps the seeded file order: `ordered_data_config`). A moving average of the
+    weights (ema_decay) changes nothing of the training: the second run, with it on, exports
+    the same raw weights as model-raw/ and the average as model/, whose validation loss is
+    logged beside the raw weights'."""
+    for name, ema in (("a", 0.0), ("b", 0.9)):
         run = tmp_path / name
         shutil.copytree(encoded_run, run)
         config = ar_config(num_workers=1, cpus_per_worker=1.0, steps=16, log_every=8,
-                           checkpoint_every=16, preview_per_class=0)  # fmt: skip
+                           checkpoint_every=16, preview_per_class=0, ema_decay=ema)  # fmt: skip
         run_train_ar_stage(str(run), config)
-        weights.append((run / "ar" / "model" / "model.safetensors").read_bytes())
-    assert weights[0] == weights[1]
+    weights = (tmp_path / "a" / "ar" / "model" / "model.safetensors").read_bytes()
+    assert weights == (tmp_path / "b" / "ar" / "model-raw" / "model.safetensors").read_bytes()
+    average = RQTransformer.from_pretrained(str(tmp_path / "b" / "ar" / "model"))
+    trained = RQTransformer.from_pretrained(str(tmp_path / "a" / "ar" / "model"))
+    assert not torch.equal(average.head.weight, trained.head.weight)
+    records = [m for m in metrics(tmp_path / "b" / "ar") if "event" not in m]
+    assert records[-1]["val_loss"] != records[-1]["val_loss_raw"]
 
 
 @pytest.mark.slow

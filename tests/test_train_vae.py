@@ -112,15 +112,23 @@ def test_augmentation_is_drawn_anew_each_epoch_and_reproducibly(ray_local, demo_
 
 def test_the_same_run_trains_the_same_model(ray_local, demo_images, tmp_path):
     """Reproducible: two runs of one config on the same shards give the same weights bit for
-    bit (the kept file order, and crops and flips drawn from the seed)."""
+    bit (the kept file order, and crops and flips drawn from the seed). A moving average of
+    the weights (ema_decay) changes nothing of the training: the second run, with it on,
+    exports the same raw weights as model-raw/, and the average as model/."""
     shards = Path(sharded_run(demo_images, str(tmp_path / "shards")))
-    weights = []
-    for name in ("a", "b"):
+    for name, ema in (("a", 0.0), ("b", 0.9)):
         shutil.copytree(shards, tmp_path / name)
-        config = train_config(num_workers=1, cpus_per_worker=1.0, steps=8, checkpoint_every=8)
+        config = train_config(num_workers=1, cpus_per_worker=1.0, steps=8, checkpoint_every=8,
+                              ema_decay=ema)  # fmt: skip
         run_train_vae_stage(str(tmp_path / name), config)
-        weights.append((tmp_path / name / "vae" / "model" / "model.safetensors").read_bytes())
-    assert weights[0] == weights[1]
+    weights = tmp_path / "a" / "vae" / "model" / "model.safetensors"
+    raw = tmp_path / "b" / "vae" / "model-raw" / "model.safetensors"
+    assert weights.read_bytes() == raw.read_bytes()
+    average = RQVAE.from_pretrained(str(tmp_path / "b" / "vae" / "model")).state_dict()
+    trained = RQVAE.from_pretrained(str(tmp_path / "a" / "vae" / "model")).state_dict()
+    assert not torch.equal(average["decoder.conv_out.weight"], trained["decoder.conv_out.weight"])
+    records = metrics(tmp_path / "b")
+    assert "val_psnr_raw" in records[-1] and "val_psnr" in records[-1]
 
 
 def test_train_from_s3(ray_local, demo_images, s3_bucket, s3_endpoint):

@@ -1,7 +1,10 @@
 """One writer per stage directory: a lease file, `_lease.json`, on local disk or an object store.
 
 A stage holds the lease of its directory (RUN/vae, RUN/codes, ...) while it runs and renews it
-from a heartbeat thread every `ttl_s / 3` seconds. A second run of the same stage on the same
+every `ttl_s / 3` seconds from a heartbeat process of its own: a driver busy in a long call
+that holds the GIL (a sort of millions of keys, a C extension) would starve a heartbeat thread
+past the TTL and let a second writer in; a process is never starved. It stops when the lease is
+released, and by itself when the driver's process is gone, so a killed driver's lease expires. A second run of the same stage on the same
 run dir is refused with a message naming the holder and when its lease expires. A lease whose
 holder died (killed, node lost) expires after `ttl_s` without a heartbeat and is taken over;
 at once when the holder was a process on this host that no longer runs (a killed driver
@@ -24,7 +27,6 @@ import json
 import os
 import socket
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -63,14 +65,15 @@ class Lease:
         self.storage, self.stage, self.ttl_s = storage, stage, ttl_s
         self.uri = join(stage_dir, LEASE_NAME)
         self.owner = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.pid = os.getpid()  # the holder (the driver), also in the heartbeat process's renewals
+        self._heartbeat_process: Any = None
+        self._stop: Any = None
 
     def _record(self) -> bytes:
         now = time.time()
         return json.dumps({
             "owner": self.owner, "stage": self.stage, "host": socket.gethostname(),
-            "pid": os.getpid(), "heartbeat": now, "expires": now + self.ttl_s,
+            "pid": self.pid, "heartbeat": now, "expires": now + self.ttl_s,
             "expires_utc": _when(now + self.ttl_s),
         }).encode()  # fmt: skip
 
@@ -148,25 +151,22 @@ class Lease:
     # -- the lease's life ---------------------------------------------------------------------
 
     def acquire(self) -> None:
-        self._swap(take=True)
-        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="lease")
-        self._thread.start()
+        import multiprocessing
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
-            try:
-                self._swap(take=False)
-            except StageBusy as e:
-                print(f"{self.stage}: lost the stage lease: {e}", file=sys.stderr, flush=True)
-                return
-            except Exception as e:  # a storage hiccup: try again at the next beat
-                print(f"{self.stage}: lease heartbeat failed ({type(e).__name__}); retrying",
-                      file=sys.stderr, flush=True)  # fmt: skip
+        self._swap(take=True)
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no Ray, no threads
+        self._stop = context.Event()
+        self._heartbeat_process = context.Process(
+            target=_heartbeat, args=(self.storage.config, self.uri, self.stage, self.ttl_s,
+                                     self.owner, self.pid, self._stop),
+            daemon=True, name=f"rqpipe-lease-{self.stage}",
+        )  # fmt: skip
+        self._heartbeat_process.start()
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._heartbeat_process is not None:
+            self._stop.set()
+            self._heartbeat_process.join()
         fs, path = self.storage.fs(self.uri)
         try:
             holder = json.loads(fs.cat_file(path))
@@ -174,6 +174,25 @@ class Lease:
             return
         if holder.get("owner") == self.owner:
             fs.rm_file(path)
+
+
+def _heartbeat(storage_config: Any, uri: str, stage: str, ttl_s: float, owner: str, pid: int,
+               stop: Any) -> None:  # fmt: skip
+    """The heartbeat process: renew the lease every ttl_s / 3 until `stop`, or until the
+    holder's process is gone (then the lease expires: a killed driver's is taken over)."""
+    lease = Lease(Storage(storage_config), uri.rsplit("/", 1)[0], stage, ttl_s)
+    lease.owner, lease.pid = owner, pid
+    while not stop.wait(ttl_s / 3):
+        if not _alive(pid):
+            return
+        try:
+            lease._swap(take=False)
+        except StageBusy as e:
+            print(f"{stage}: lost the stage lease: {e}", file=sys.stderr, flush=True)
+            return
+        except Exception as e:  # a storage hiccup: try again at the next beat
+            print(f"{stage}: lease heartbeat failed ({type(e).__name__}); retrying",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
 
 @contextmanager

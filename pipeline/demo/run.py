@@ -140,5 +140,6 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
     print(f"  curves:          {run / 'vae' / 'curves.png'}, {run / 'ar' / 'curves.png'}  "
           f"(and MLflow: mlflow ui --backend-store-uri sqlite:///{run / 'mlflow' / 'mlflow.db'})")  # fmt: skip
     print(f"  evaluation:      {run / 'eval' / 'report.md'}, {run / 'eval' / 'metrics.json'}")
-    print(f"  report:          {run / 'demo-report.json'}")
+    kind = "prompt check" if "prompt_check" in report else "class check"
+    print(f"  {kind + ':':<17}{run / 'demo-report.json'}")
     return {"stages": records, "report": report}
