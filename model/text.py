@@ -31,12 +31,18 @@ class TextConfig:
     bpe_dropout: float = 0.1  # in training only
     loss_weight: float = 0.1  # the caption loss's share; the image codes get 1 - loss_weight
     tokenizer: str | None = None  # a tokenizer.json to use instead of training one
+    # The BPE is trained on a seeded sample of at most this many train captions (each image
+    # once), read table by table: a bounded cost at any size, the same tokenizer for the same
+    # tables and config.
+    tokenizer_sample: int = 1_000_000
 
     def __post_init__(self) -> None:
         if self.context_length < 2:
             raise ValueError(f"text.context_length must be >= 2, got {self.context_length}")
         if self.vocab_size < 8:
             raise ValueError(f"text.vocab_size must be >= 8, got {self.vocab_size}")
+        if self.tokenizer_sample < 1:
+            raise ValueError(f"text.tokenizer_sample must be >= 1, got {self.tokenizer_sample}")
         for name in ("bpe_dropout", "loss_weight"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"text.{name} must be in [0, 1), got {getattr(self, name)}")

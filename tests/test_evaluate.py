@@ -137,6 +137,44 @@ def test_moments_merge_like_one_covariance():
     assert np.allclose(mean, x.mean(0)) and np.allclose(cov, np.cov(x, rowvar=False))
 
 
+def test_worker_sums_merge_to_the_direct_metrics(ray_local, tmp_path):
+    """What the evaluate actors write, unit by unit (moments in float64, the Inception Score's
+    per-split sums), merged by Ray tasks FAN_IN at a time and then on the driver, gives the
+    mean, covariance, FID and IS of one computation over all the features, to 1e-6."""
+    from model.evaluation.metrics import InceptionScoreSums, inception_score
+    from pipeline.core.storage import Storage
+    from pipeline.stages.evaluate.features import UnitPlan, feature_sums, write_unit
+    from pipeline.stages.evaluate.report import FAN_IN, moments, reduce_units
+
+    rng = np.random.default_rng(3)
+    total = 1000
+    features = rng.normal(size=(total, 8)) @ rng.normal(size=(8, 8)) + 2.0
+    logits = rng.normal(size=(total, 5)) * 2
+    bounds = np.sort(rng.choice(np.arange(1, total), FAN_IN + 12, replace=False))  # > FAN_IN units
+    storage, names = Storage(), []
+    for i, (first, end) in enumerate(zip([0, *bounds], [*bounds, total], strict=True)):
+        name = f"samples-chunk-{i:05d}"
+        plan = UnitPlan(5, [1], first, total, 7)
+        arrays = feature_sums(name, features[first:end], np.arange(first, end) % 3, plan)
+        score = InceptionScoreSums.of(logits[first:end], first, total, 7)
+        arrays.update(is_count=score.count, is_p_sum=score.p_sum, is_plogp_sum=score.plogp_sum)
+        write_unit(storage, str(tmp_path), name, arrays, "fp")
+        names.append(name)
+    merged = reduce_units(storage, str(tmp_path), names)
+    mean, cov = moments(merged).mean_cov()
+    np.testing.assert_allclose(mean, features.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(cov, np.cov(features, rowvar=False), rtol=1e-6, atol=1e-9)
+    direct = FeatureMoments.of(features[:500]).mean_cov()
+    assert frechet_distance(mean, cov, *direct) == pytest.approx(
+        frechet_distance(*FeatureMoments.of(features).mean_cov(), *direct), rel=1e-6)  # fmt: skip
+    score = InceptionScoreSums(merged["is_count"], merged["is_p_sum"], merged["is_plogp_sum"])
+    assert score.score() == pytest.approx(inception_score(logits, 7), rel=1e-6)
+    sizes = np.diff([0, *bounds, total])
+    assert len(merged["sample"]) == np.minimum(sizes, 5).sum()  # each unit's share, stacked
+    assert set(merged["class_labels"].tolist()) == {1}
+    assert len(merged["class_features"]) == (np.arange(total) % 3 == 1).sum()
+
+
 def test_inception_score_and_precision_recall_on_known_sets():
     assert inception_score(np.zeros((40, 10)), splits=4)[0] == pytest.approx(1.0)
     confident = np.eye(8)[np.arange(80) % 8] * 50  # every class equally, each sure
@@ -219,7 +257,7 @@ def test_stage_metrics_match_a_direct_computation(run_with_samples, classifier_f
     stats = [torch.tensor(s) for f in (real_f, recon_f) for s in FeatureMoments.of(f).mean_cov()]
     assert metrics["vae"]["demo_rfid"] == pytest.approx(float(_compute_fid(*stats)), rel=1e-4)
     assert "fid" not in metrics["samples"] and metrics["samples"]["images"] == 12
-    assert metrics["samples"]["precision_recall"]["reference_images"] == 12
+    assert metrics["samples"]["precision_recall"]["reference_images"] == 12  # equal sets
     assert set(metrics["samples"]["demo_fid_per_class"]) == {"0", "1", "2", "3"}
     report = (run_with_samples / "eval" / "report.md").read_text()
     assert "demo FID (classifier features, not Inception)" in report

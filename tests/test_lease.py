@@ -43,10 +43,13 @@ def _hold(uri: str, endpoint: str, ttl_s: float, stage: str = "train-vae",
 
 # A driver that holds the GIL for 6 s (a C call made through ctypes.PyDLL keeps it, as a long
 # sort or a C extension does), four times the lease's TTL.
-STALLED = HOLDER.replace("time.sleep(600)", """import ctypes
+STALLED = HOLDER.replace(
+    "time.sleep(600)",
+    """import ctypes
 print("stalling", flush=True)
 ctypes.PyDLL(None).sleep(6)
-time.sleep(600)""")
+time.sleep(600)""",
+)
 
 
 def test_a_driver_that_holds_the_gil_past_the_ttl_keeps_its_lease(tmp_path):

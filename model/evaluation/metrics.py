@@ -90,6 +90,50 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def split_of(index: np.ndarray, total: int, splits: int) -> np.ndarray:
+    """The Inception Score split of each sample index: `torch.tensor_split`'s consecutive,
+    near-equal parts of `total` (the first total % splits parts one longer)."""
+    size, extra = divmod(total, splits)
+    long_end = extra * (size + 1)  # where the longer parts end
+    index = np.asarray(index)
+    return np.where(index < long_end, index // (size + 1),
+                    extra + (index - long_end) // max(size, 1))  # fmt: skip
+
+
+@dataclass
+class InceptionScoreSums:
+    """Per-split sums from which `inception_score` follows, so that every worker sums its own
+    samples and only (splits, classes) arrays are merged: with p = p(y|x) and m the split's
+    mean p, E_x KL(p || m) = E_x[sum p log p] - sum m log m."""
+
+    count: np.ndarray  # (S,)
+    p_sum: np.ndarray  # (S, L) float64: sum of p(y|x)
+    plogp_sum: np.ndarray  # (S,) float64: sum of sum_y p log p
+
+    @classmethod
+    def of(cls, logits: np.ndarray, first: int, total: int, splits: int) -> InceptionScoreSums:
+        """The sums of `logits`, samples first..first+N-1 of `total`, over `splits` splits."""
+        log_p = torch.as_tensor(np.asarray(logits), dtype=torch.float64).log_softmax(1)
+        p = log_p.exp()
+        which = split_of(np.arange(first, first + len(p)), total, splits)
+        count = np.bincount(which, minlength=splits).astype(np.float64)
+        p_sum, plogp_sum = np.zeros((splits, p.shape[1])), np.zeros(splits)
+        np.add.at(p_sum, which, p.numpy())
+        np.add.at(plogp_sum, which, (p * log_p).sum(1).numpy())
+        return cls(count, p_sum, plogp_sum)
+
+    def __add__(self, other: InceptionScoreSums) -> InceptionScoreSums:
+        return InceptionScoreSums(self.count + other.count, self.p_sum + other.p_sum,
+                                  self.plogp_sum + other.plogp_sum)  # fmt: skip
+
+    def score(self) -> tuple[float, float]:
+        """(mean, std) over the splits, as `inception_score`."""
+        m = self.p_sum / self.count[:, None]
+        kl = self.plogp_sum / self.count - (m * np.log(np.clip(m, 1e-300, None))).sum(1)
+        scores = np.exp(kl)
+        return float(np.mean(scores)), float(np.std(scores))
+
+
 def _kth_neighbour_radii(x: Tensor, k: int, block: int) -> Tensor:
     """(N,) distance from each row of x to its k-th nearest other row."""
     radii = []

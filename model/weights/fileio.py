@@ -60,5 +60,7 @@ def remove_temporaries(folder: str) -> int:
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
-    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-        return f.read()
+    """A whole file in one request on object stores (a GET; opening a file object would first
+    ask for its size with a HEAD). FileNotFoundError when there is none."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return fs.cat_file(path)

@@ -42,6 +42,9 @@ class Manifest:
     upstream: dict[str, str]  # upstream stage -> its fingerprint
     units: list[dict[str, Any]] = field(default_factory=list)  # {"name", "rows", "bytes"}
     counts: dict[str, int] = field(default_factory=dict)
+    # What downstream stages need to know of the output without reading it (the code tables'
+    # shape, classes, captions): a re-run plans from the manifest alone.
+    properties: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:

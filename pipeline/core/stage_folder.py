@@ -70,9 +70,21 @@ class StageFolder:
         resolved `config` is saved as config.yaml, with any `also` sections beside it."""
         finished = begin_stage(self.storage, self.uri, planned, overwrite, resumable)
         if finished is None and config is not None:
-            document = {type(config).section: to_dict(config), **also}
-            write_resolved_config(self.storage, self.path("config.yaml"), document)
+            self.save_config(config, **also)
         return finished
+
+    def save_config(self, config: Any, **also: Any) -> None:
+        """The resolved config beside the output, config.yaml, with `also` sections."""
+        document = {type(config).section: to_dict(config), **also}
+        write_resolved_config(self.storage, self.path("config.yaml"), document)
+
+    def finished_files(self, *parts: str) -> dict[str, int]:
+        """The files already in this folder (or its sub-folder `parts`), name -> size, from one
+        paginated listing: how a resumed stage finds its finished units, instead of a request
+        per unit. They can be trusted without reading them: `begin` refuses (or, with
+        --overwrite, clears) a folder started under another config, so whatever is here was
+        written by a run of this one, and every write is whole or absent (atomic)."""
+        return self.storage.list_folder(self.path(*parts))
 
     def finish(self, planned: Manifest) -> Manifest:
         """Write the manifest, last: the stage is finished."""

@@ -66,6 +66,7 @@ def absolute(uri: str) -> str:
 class Storage:
     def __init__(self, config: StorageConfig | None = None) -> None:
         self.config = config or StorageConfig()
+        self._arrow_s3: Any = None  # one pyarrow S3 client for every table this object reads
 
     @property
     def endpoint_url(self) -> str | None:
@@ -103,14 +104,16 @@ class Storage:
 
         protocol, path = split_protocol(uri)
         if protocol in ("s3", "s3a"):
-            kwargs: dict[str, Any] = {}
-            if self.endpoint_url:
-                parsed = urlparse(self.endpoint_url)
-                kwargs["endpoint_override"] = parsed.netloc
-                kwargs["scheme"] = parsed.scheme or "https"
-            if self.region:
-                kwargs["region"] = self.region
-            return pafs.S3FileSystem(**kwargs), path
+            if self._arrow_s3 is None:  # a client is a connection pool: made once
+                kwargs: dict[str, Any] = {}
+                if self.endpoint_url:
+                    parsed = urlparse(self.endpoint_url)
+                    kwargs["endpoint_override"] = parsed.netloc
+                    kwargs["scheme"] = parsed.scheme or "https"
+                if self.region:
+                    kwargs["region"] = self.region
+                self._arrow_s3 = pafs.S3FileSystem(**kwargs)
+            return self._arrow_s3, path
         if is_local(uri):
             return pafs.LocalFileSystem(), os.path.abspath(path)
         fs, fs_path = self.fs(uri)
@@ -147,6 +150,18 @@ class Storage:
             for p, info in found.items()
             if info.get("type", "file") == "file"
         )
+
+    def list_folder(self, folder: str) -> dict[str, int]:
+        """The files directly in `folder` (not below its sub-folders), name -> size, from one
+        paginated listing; {} when there is none. What a stage's resume reads instead of a
+        request per unit."""
+        fs, path = self.fs(folder)
+        try:
+            entries = fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: int(entry.get("size") or 0)
+                for entry in entries if entry.get("type", "file") == "file"}  # fmt: skip
 
     def glob(self, pattern: str) -> list[str]:
         """URIs matching a glob pattern (`*`, `**`, `?`, `[...]`), sorted."""

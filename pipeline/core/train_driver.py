@@ -79,28 +79,32 @@ def check_one_batch(stage: str, train_rows: int, config: Any) -> None:
                          f"{max(1, train_rows // config.num_workers)}, or add data")  # fmt: skip
 
 
-def add_init_from(
-    folder: StageFolder, config: Any, expected: Any, upstream: dict[str, str]
-) -> None:
-    """`init_from` (an exported model to fine-tune from): checked to have the architecture
-    `expected` (the stage's model config), its identity added to `upstream`, and the config
-    pointed at the URI the workers load (a Hub model as given, a local path made absolute)."""
+def add_init_from(folder: StageFolder, config: Any, upstream: dict[str, str]) -> None:
+    """`init_from` (an exported model to fine-tune from): its identity added to `upstream`,
+    and the config pointed at the URI the workers load (a Hub model as given, a local path
+    made absolute). Its architecture is checked by `check_init_from`."""
+    if not config.init_from:
+        return
+    config.init_from, files = model_location(config.init_from)
+    if not folder.storage.exists(join(files, "config.json")):
+        raise FileNotFoundError(f"init_from={config.init_from}: no exported model there (a model "
+                                f"folder with config.json + model.safetensors, e.g. "
+                                f"RUN/vae/model)")  # fmt: skip
+    upstream["init_from"] = model_fingerprint(folder.storage, files, folder.stage)
+
+
+def check_init_from(folder: StageFolder, config: Any, expected: Any) -> None:
+    """`init_from`'s model has the architecture `expected` (the stage's model config)."""
     from model.weights.serialization import architecture_changes
 
     if not config.init_from:
         return
-    config.init_from, files = model_location(config.init_from)
-    storage = folder.storage
-    if not storage.exists(join(files, "config.json")):
-        raise FileNotFoundError(f"init_from={config.init_from}: no exported model there (a model "
-                                f"folder with config.json + model.safetensors, e.g. "
-                                f"RUN/vae/model)")  # fmt: skip
-    found = json.loads(storage.read_bytes(join(files, "config.json")))["config"]
+    files = model_location(config.init_from)[1]
+    found = json.loads(folder.storage.read_bytes(join(files, "config.json")))["config"]
     changes = architecture_changes(found, expected)
     if changes:
         raise ValueError(f"init_from={config.init_from} is a model of another architecture "
                          f"({'; '.join(changes)}): set model_preset / model.* to match it")  # fmt: skip
-    upstream["init_from"] = model_fingerprint(storage, files, folder.stage)
 
 
 def latest_checkpoint_step(storage: Storage, stage_dir: str) -> int:

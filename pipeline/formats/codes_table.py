@@ -102,20 +102,6 @@ def codes_array(table: pa.Table) -> np.ndarray:
     return flat.astype(np.int64).reshape(len(table), h, w, d)
 
 
-def finished_table(storage: Any, uri: str, stage_fingerprint: str) -> dict[str, Any] | None:
-    """The unit record {"name", "rows", "bytes"} of a table written by a stage run with this
-    fingerprint; None when it is missing or was made differently (then it is redone)."""
-    if not storage.exists(uri):
-        return None
-    filesystem, path = storage.arrow_fs(uri)
-    metadata = pq.read_metadata(path, filesystem=filesystem)
-    schema = metadata.schema.to_arrow_schema()
-    if table_metadata(schema).get("stage_fingerprint") != stage_fingerprint:
-        return None
-    size = filesystem.get_file_info(path).size
-    return {"name": uri.rsplit("/", 1)[-1], "rows": metadata.num_rows, "bytes": size}
-
-
 # -- reading tables for training ------------------------------------------------------------------
 
 
@@ -168,7 +154,7 @@ class CodeTables:
     has_latents: bool
     rows: int
     train_rows: int  # rows: with augmented views, views x the images
-    captioned_rows: int = 0  # rows with a non-empty caption
+    captioned: int = 0  # images (or, read from older tables, rows) with a non-empty caption
     views: int = 1  # code stacks per train image (encode.views)
 
     @property
@@ -176,13 +162,33 @@ class CodeTables:
         return self.train_rows // self.views
 
 
-def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]],
-                   views: int = 1) -> CodeTables:  # fmt: skip
-    uris = [join(codes_dir, unit["name"]) for unit in units]
+def code_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]],
+                properties: dict[str, Any]) -> CodeTables:  # fmt: skip
+    """What train-ar needs to know of the encode stage's tables, from its manifest (`units`,
+    `properties`) without reading a table; an older manifest without properties: from the
+    tables themselves (`inspect_tables`, a few requests a table)."""
+    if not properties:
+        return inspect_tables(storage, codes_dir, units)
+    train, val = _splits([join(codes_dir, unit["name"]) for unit in units])
+    rows = {join(codes_dir, unit["name"]): int(unit["rows"]) for unit in units}
+    return CodeTables(train, val, list(properties["code_shape"]), properties["codebook_size"],
+                      properties["vae_fingerprint"], properties["num_classes"],
+                      properties["latents"], sum(rows.values()), sum(rows[u] for u in train),
+                      properties["captioned_images"], properties["views"])  # fmt: skip
+
+
+def _splits(uris: list[str]) -> tuple[list[str], list[str]]:
     train = [u for u in uris if u.rsplit("/", 1)[-1].startswith("train-")]
     val = [u for u in uris if u.rsplit("/", 1)[-1].startswith("val-")]
     if not train:  # tables not made from a split shard set: train on all of them
-        train, val = uris, []
+        return uris, []
+    return train, val
+
+
+def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]) -> CodeTables:
+    """CodeTables read from the tables: their metadata, labels and captions."""
+    uris = [join(codes_dir, unit["name"]) for unit in units]
+    train, val = _splits(uris)
     metas, max_label, has_latents, captioned = [], -1, True, 0
     for uri in uris:
         filesystem, path = storage.arrow_fs(uri)
@@ -201,7 +207,7 @@ def inspect_tables(storage: Storage, codes_dir: str, units: list[dict[str, Any]]
     (shape, k, fp) = shapes.pop()
     rows = {join(codes_dir, unit["name"]): int(unit["rows"]) for unit in units}
     return CodeTables(train, val, list(shape), k, fp, max_label + 1, has_latents,
-                      sum(rows.values()), sum(rows[u] for u in train), captioned, views)  # fmt: skip
+                      sum(rows.values()), sum(rows[u] for u in train), captioned)  # fmt: skip
 
 
 def read_captions(storage: Storage, uris: list[str]) -> list[str]:

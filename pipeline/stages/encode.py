@@ -24,7 +24,7 @@ from pipeline.core.manifest import Manifest, vae_fingerprint
 from pipeline.core.progress import Progress
 from pipeline.core.stage_folder import StageFolder
 from pipeline.core.storage import Storage, StorageConfig, join, model_location
-from pipeline.formats.codes_table import codes_table, finished_table, to_parquet_bytes
+from pipeline.formats.codes_table import codes_table, to_parquet_bytes
 from pipeline.formats.shard_tar import decode_shard
 from pipeline.formats.views import VIEW_AUGMENTS
 
@@ -139,6 +139,27 @@ class ShardEncoder:
         return {"name": name, "rows": len(table), "bytes": len(data)}
 
 
+def _table_properties(shards: Manifest, config: EncodeConfig, vae_config: dict[str, Any],
+                      vae_fp: str) -> dict[str, Any]:  # fmt: skip
+    """What train-ar needs of the tables, known without reading them: from the RQ-VAE's config
+    and the shard manifest's per-shard caption counts and largest label."""
+    from model.rqvae import RQVAEConfig
+
+    if not all("max_label" in u and "captioned" in u for u in shards.units):
+        return {}  # shards of an older rqpipe: train-ar reads the tables instead
+    model = RQVAEConfig.from_dict(vae_config)
+    labels = [int(u.get("max_label", -1)) for u in shards.units]
+    captioned = {u["name"].removesuffix(".tar"): int(u.get("captioned", 0)) for u in shards.units}
+    train = [n for n in captioned if n.startswith("train-")]
+    return {"code_shape": list(model.code_shape), "codebook_size": model.codebook_size,
+            "vae_fingerprint": vae_fp, "num_classes": max(labels, default=-1) + 1,
+            "captioned_images": sum(captioned.values()),
+            "train_images": sum(int(u["rows"]) for u in shards.units
+                                if u["name"].startswith("train-")),
+            "train_captioned_images": sum(captioned[n] for n in train),
+            "latents": config.with_latents, "views": config.views}  # fmt: skip
+
+
 @single_writer("encode")
 def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False) -> Manifest:
     import ray
@@ -158,23 +179,21 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
         return finished
 
     fp = planned.fingerprint
-    resolution = json.loads(storage.read_bytes(join(vae_files, "config.json")))["config"][
-        "resolution"
-    ]
+    vae_config = json.loads(storage.read_bytes(join(vae_files, "config.json")))["config"]
+    resolution = vae_config["resolution"]
     names = [unit["name"].removesuffix(".tar") for unit in shards.units]
-    results = {}
-    for name in names:
-        done = finished_table(storage, codes.path(f"{name}.parquet"), fp)
-        if done is not None:
-            results[name] = done
-    pending = [n for n in names if n not in results]
     rows_of = {unit["name"].removesuffix(".tar"): int(unit["rows"]) for unit in shards.units}
-    progress = Progress("encode", len(pending), sum(rows_of[n] for n in pending))
-    decode = ray.remote(decode_shard).options(num_cpus=config.decode_cpus,
-                                              max_retries=config.max_retries)  # fmt: skip
 
     def views_of(name: str) -> int:  # augmented views are for training: the val split gets one
         return config.views if name.startswith("train-") else 1
+
+    listed = codes.finished_files()  # one listing: the tables a killed run finished
+    results = {n: {"name": f"{n}.parquet", "rows": rows_of[n] * views_of(n),
+                   "bytes": listed[f"{n}.parquet"]} for n in names if f"{n}.parquet" in listed}  # fmt: skip
+    pending = [n for n in names if n not in results]
+    progress = Progress("encode", len(pending), sum(rows_of[n] for n in pending))
+    decode = ray.remote(decode_shard).options(num_cpus=config.decode_cpus,
+                                              max_retries=config.max_retries)  # fmt: skip
 
     def encode(actor: Any, name: str) -> Any:
         decoded = decode.remote(join(shards_dir, f"{name}.tar"), resolution, config.storage,
@@ -202,6 +221,7 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
         raise RuntimeError(f"encode: {rows} rows ({images} images) for {shards.counts['ok']} "
                            f"sharded images")  # fmt: skip
     planned.counts = {"rows": rows, "images": images, "views": config.views, "files": len(names)}
+    planned.properties = _table_properties(shards, config, vae_config, vae_fp)
     codes.finish(planned)
     print(f"encode: {images:,} images ({rows:,} code stacks) in {len(names)} tables, "
           f"{time.time() - started:.1f} s")  # fmt: skip

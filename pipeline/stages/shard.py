@@ -246,8 +246,12 @@ def write_shard(unit: ShardUnit, config: ShardConfig, shards_dir: str, fp: str) 
         files.append((f"{source.key}.json", json.dumps(meta, sort_keys=True).encode()))
     tar = tar_bytes(files)
     storage.write_bytes(join(shards_dir, f"{unit.name}.tar"), tar)
+    rejected = {r["source"] for r in rejects}
+    kept = [s for s in unit.sources if s.uri not in rejected]
     stats = {"fingerprint": fp, "shard": unit.name, "seen": len(unit.sources),
-             "ok": len(files) // 2, "bytes": len(tar), "rejects": rejects}  # fmt: skip
+             "ok": len(files) // 2, "bytes": len(tar), "rejects": rejects,
+             "captioned": sum(1 for s in kept if s.caption),
+             "max_label": max((s.label for s in kept if s.label is not None), default=-1)}  # fmt: skip
     storage.write_bytes(join(shards_dir, f"{unit.name}.stats.json"),
                         json.dumps(stats, sort_keys=True).encode())  # fmt: skip
     return stats
@@ -338,7 +342,8 @@ def run_shard_stage(
     if labels:
         storage.write_bytes(join(shards_dir, "labels.json"),
                             json.dumps(labels, indent=2, sort_keys=True).encode())  # fmt: skip
-    planned.units = [{"name": f"{s['shard']}.tar", "rows": s["ok"], "bytes": s["bytes"]}
+    planned.units = [{"name": f"{s['shard']}.tar", "rows": s["ok"], "bytes": s["bytes"],
+                      "captioned": s["captioned"], "max_label": s["max_label"]}
                      for s in ordered]  # fmt: skip
     planned.counts = counts
     shards.finish(planned)

@@ -35,12 +35,12 @@ from pipeline.core.progress import Progress
 from pipeline.core.stage_folder import StageFolder
 from pipeline.core.storage import Storage, StorageConfig, absolute, join, model_location
 from pipeline.formats.shard_tar import decode_shard
-from pipeline.stages.evaluate.features import FeatureWorker, extractor_identity, finished_unit
+from pipeline.stages.evaluate.features import FeatureWorker, UnitPlan, extractor_identity
 from pipeline.stages.evaluate.report import (
     metric_names,
     reconstruction_metrics,
+    reduce_units,
     reference_statistics,
-    sample_labels,
     sample_metrics,
     write_report,
 )
@@ -69,6 +69,9 @@ class EvaluateConfig(ActorPoolConfig):
     lpips_weights: str | None = None  # LPIPS of reconstructions (rqpipe convert-lpips)
     clip: str | None = None  # a CLIP folder (transformers layout): the CLIP score of prompts
     precision_recall_k: int = 3
+    # Precision and recall compare seeded samples of at most this many features a side (each
+    # unit keeps its share; both sides cut to the smaller): bounded, whatever the run's size.
+    pr_sample: int = 10_000
     is_splits: int = 10
     per_class: int = 16  # FID per class for the first N sampled classes; 0: none
     vae: str | None = None  # RQ-VAE folder; default RUN/vae/model
@@ -86,7 +89,7 @@ class EvaluateConfig(ActorPoolConfig):
             raise ValueError("evaluate.features=classifier needs weights=FOLDER (a model/"
                              "evaluation/classifier.py model folder; `rqpipe demo` trains one into "
                              "RUN/demo-classifier), or set evaluate.enabled=false")  # fmt: skip
-        for name in ("batch_size", "precision_recall_k", "is_splits"):
+        for name in ("batch_size", "precision_recall_k", "is_splits", "pr_sample"):
             if getattr(self, name) < 1:
                 raise ValueError(f"evaluate.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -123,6 +126,32 @@ def _plan_units(storage: Storage, config: EvaluateConfig, shards: Manifest,
     for unit in samples.units if samples is not None else []:
         units.append((f"samples-{unit['name'].removesuffix('.parquet')}", "sample", False))
     return units
+
+
+def _unit_plans(config: EvaluateConfig, units: list[tuple[str, str, bool]], rows: dict[str, int],
+                samples: Manifest | None) -> dict[str, UnitPlan]:  # fmt: skip
+    """Each unit's share of the precision/recall sample, the classes whose rows it keeps
+    (FID per class of the first `per_class` sampled classes), and a sample chunk's place
+    among the samples (the Inception Score's splits)."""
+    reference = [
+        n for n, kind, _ in units if kind == "shard" and n.startswith(f"{config.reference}-")
+    ]
+    sampled = [n for n, kind, _ in units if kind == "sample"]
+    totals = {
+        "reference": sum(rows[n] for n in reference),
+        "samples": sum(rows[n] for n in sampled),
+    }
+    size = min([config.pr_sample, *(t for t in totals.values() if t)])
+    labels = (samples.properties.get("labels") or []) if samples is not None else []
+    classes = sorted(labels)[: config.per_class]
+    plans = {n: UnitPlan(round(size * rows[n] / totals["reference"]), classes) for n in reference}
+    plans.update({n: UnitPlan(0, []) for n, kind, _ in units if kind == "shard" and n not in plans})
+    first, splits = 0, max(1, min(config.is_splits, totals["samples"]))
+    for name in sampled:
+        plans[name] = UnitPlan(round(size * rows[name] / totals["samples"]), classes, first,
+                               totals["samples"], splits)  # fmt: skip
+        first += rows[name]
+    return plans
 
 
 def _digest(storage: Storage, uri: str) -> str:
@@ -166,9 +195,14 @@ def run_evaluate_stage(run_dir: str, config: EvaluateConfig, overwrite: bool = F
     if not any(kind == "shard" for _, kind, _ in units) and config.reference in ("train", "val"):
         raise ValueError(f"evaluate: the run has no {config.reference} shards to take the "
                          f"reference statistics from")  # fmt: skip
-    done = {n: finished_unit(storage, units_dir, n, fp) for n, _, _ in units}
-    pending = [u for u in units if done[u[0]] is None]
     rows = {u["name"].removesuffix(".tar"): int(u["rows"]) for u in shards.units}
+    if samples is not None:
+        rows.update({f"samples-{u['name'].removesuffix('.parquet')}": int(u["rows"])
+                     for u in samples.units})  # fmt: skip
+    listed = evaluation.finished_files("units")  # one listing: the units a killed run finished
+    done = {n: ({"name": n, "rows": rows[n]} if f"{n}.json" in listed else None)
+            for n, _, _ in units}  # fmt: skip
+    pending = [u for u in units if done[u[0]] is None]
     print(f"evaluate: {len(units)} units ({len(units) - len(pending)} already done) with "
           f"{config.features} features, {config.num_actors} actor(s) -> {evaluation.uri}")  # fmt: skip
     if pending:
@@ -178,18 +212,18 @@ def run_evaluate_stage(run_dir: str, config: EvaluateConfig, overwrite: bool = F
         with_vae = any(recon for _, _, recon in pending)
         decode = ray.remote(decode_shard).options(num_cpus=config.decode_cpus,
                                                   max_retries=config.max_retries)  # fmt: skip
-        sample_rows = int(samples.counts.get("samples", 0)) if samples is not None else 0
-        total = sum(rows.get(n, 0) for n, kind, _ in pending if kind == "shard")
-        progress = Progress("evaluate", len(pending), total + sample_rows)
+        progress = Progress("evaluate", len(pending), sum(rows[n] for n, _, _ in pending))
+
+        plans = _unit_plans(config, units, rows, samples)
 
         def extract(actor: Any, unit: tuple[str, str, bool]) -> Any:
             name, kind, recon = unit
             if kind == "shard":
                 decoded = decode.remote(evaluation.of("shard").path(f"{name}.tar"), resolution,
                                         config.storage)  # fmt: skip
-                return actor.shard_unit.remote(name, decoded, units_dir, recon, fp)
+                return actor.shard_unit.remote(name, decoded, units_dir, recon, fp, plans[name])
             table = f"{name.removeprefix('samples-')}.parquet"
-            return actor.sample_unit.remote(name, samples_dir, table, units_dir, fp)
+            return actor.sample_unit.remote(name, samples_dir, table, units_dir, fp, plans[name])
 
         def finished(result: dict[str, Any]) -> None:
             done[result["name"]] = result
@@ -218,27 +252,23 @@ def _metrics(storage: Storage, run_dir: str, eval_dir: str, config: EvaluateConf
              units: list[tuple[str, str, bool]], weights: str | None,
              upstream: dict[str, str]) -> dict:  # fmt: skip
     names = metric_names(config.features)
-    by_split = {"train": [], "val": []}
-    for name, kind, _ in units:
-        if kind == "shard":
-            by_split[name.split("-", 1)[0]].append(name)
-    sample_units = [n for n, kind, _ in units if kind == "sample"]
-    labels = sample_labels(storage, eval_dir, sample_units) if sample_units else []
-    classes = sorted({int(c) for c in labels if c >= 0})[: config.per_class]
-    # Precision/recall compares sets of equal size (Kynkäänniemi et al.): as many reference
-    # features are kept as there are samples.
+    units_dir = join(eval_dir, "units")
+    shard_units = [n for n, kind, _ in units if kind == "shard"]
+    sums = {split: reduce_units(storage, units_dir, [n for n in shard_units
+                                                     if n.startswith(f"{split}-")])
+            for split in ("train", "val")}  # fmt: skip
     reference = reference_statistics(storage, eval_dir, config.reference,
-                                     by_split.get(config.reference, []),
-                                     keep=max(1, len(labels)), classes=classes)  # fmt: skip
+                                     sums.get(config.reference, {}))  # fmt: skip
     metrics = {"run_dir": run_dir,
                "features": {"kind": config.features, "identity": upstream["features"],
                             "weights": weights},
                "reference": {"source": reference["source"], "images": reference["count"]}}  # fmt: skip
-    if config.reconstructions and by_split["val"]:
-        metrics["vae"] = reconstruction_metrics(storage, eval_dir, by_split["val"], names)
+    if config.reconstructions and "recon_count" in sums["val"]:
+        metrics["vae"] = reconstruction_metrics(sums["val"], names)
+    sample_units = [n for n, kind, _ in units if kind == "sample"]
     if sample_units:
-        metrics["samples"] = sample_metrics(storage, eval_dir, sample_units, reference, names,
-                                            config.precision_recall_k, config.is_splits)  # fmt: skip
+        metrics["samples"] = sample_metrics(reduce_units(storage, units_dir, sample_units),
+                                            reference, names, config.precision_recall_k)  # fmt: skip
     return metrics
 
 

@@ -1,14 +1,19 @@
-"""The evaluate stage's work units: feature vectors (and reconstruction metrics) of one shard or
-one sample chunk, computed by a Ray actor that loads its networks once.
+"""The evaluate stage's work units: the feature sums (and reconstruction metrics) of one shard
+or one sample chunk, computed by a Ray actor that loads its networks once.
 
-A unit is `units/{name}.npz` (arrays only: read back with allow_pickle=False) followed by
-`units/{name}.json` (rows and the stage fingerprint), the marker a resumed run trusts:
-- a shard: `labels` (N,) (-1: none), `features` (N, F), `logits` (N, L) of the real images;
-  for a val shard with reconstructions also `recon_features`, `recon_logits`, `psnr_depth`
-  (N, D): PSNR of the reconstruction from the first d codes, `ssim` (N,) and `lpips` (N,)
-  (NaN without LPIPS weights);
-- a sample chunk: `labels`, `features`, `logits` of the sampled PNGs, and with a CLIP folder
-  `clip` (N,): each sample's CLIP similarity with its prompt (NaN without one).
+An actor reduces what it sees to sums, so no feature vector but a bounded sample ever leaves
+it: the driver merges sums (report.py). A unit is `units/{name}.npz` (arrays only: read back
+with allow_pickle=False) followed by `units/{name}.json` (rows and the stage fingerprint), the
+marker a resumed run trusts:
+- every unit: `count`, `feature_sum` (F,) and `feature_outer` (F, F) in float64, the moments
+  its images' features add to a Fréchet distance; `sample` (k, F), a seeded sample of k of its
+  features for precision/recall (k: its share of `evaluate.pr_sample`); `class_labels`,
+  `class_features`: the rows of the classes per-class FID is computed for;
+- a val shard with reconstructions: `recon_count`, `recon_feature_sum`, `recon_feature_outer`
+  of the reconstructions, and the sums `psnr_depth_sum` (D,) (PSNR from the first d codes),
+  `ssim_sum`, `lpips_sum` (NaN without LPIPS weights);
+- a sample chunk: `is_count`, `is_p_sum`, `is_plogp_sum`, the Inception Score's per-split
+  sums (`InceptionScoreSums`), and with a CLIP folder `clip_sum`, `clip_count`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,22 +66,42 @@ def load_extractor(storage: Storage, kind: str, weights: str | None, device: str
     return extract
 
 
+@dataclass
+class UnitPlan:
+    """What one unit keeps beyond its sums: `sample_rows` features for precision/recall,
+    the rows of `classes`; for a sample chunk its first index among `total` samples, for the
+    Inception Score's `splits`."""
+
+    sample_rows: int
+    classes: list[int]
+    first: int = 0
+    total: int = 0
+    splits: int = 1
+
+
+def feature_sums(name: str, features: np.ndarray, labels: np.ndarray,
+                 plan: UnitPlan) -> dict[str, np.ndarray]:  # fmt: skip
+    """A unit's moments, its seeded feature sample and its rows of the planned classes."""
+    x = np.asarray(features, np.float64)
+    rng = np.random.default_rng(
+        int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    )
+    keep = np.sort(rng.choice(len(x), min(plan.sample_rows, len(x)), replace=False))
+    in_classes = np.isin(labels, plan.classes)
+    return {"count": np.array(len(x)), "feature_sum": x.sum(0), "feature_outer": x.T @ x,
+            "sample": np.asarray(features[keep], np.float32),
+            "class_labels": labels[in_classes],
+            "class_features": np.asarray(features[in_classes], np.float32)}  # fmt: skip
+
+
 def write_unit(storage: Storage, units_dir: str, name: str, arrays: dict[str, np.ndarray],
                fingerprint: str) -> dict[str, Any]:  # fmt: skip
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     storage.write_bytes(join(units_dir, f"{name}.npz"), buffer.getvalue())
-    done = {"name": name, "rows": len(arrays["labels"]), "fingerprint": fingerprint}
+    done = {"name": name, "rows": int(arrays["count"]), "fingerprint": fingerprint}
     storage.write_bytes(join(units_dir, f"{name}.json"), json.dumps(done).encode())
     return done
-
-
-def finished_unit(storage: Storage, units_dir: str, name: str, fingerprint: str) -> dict | None:
-    uri = join(units_dir, f"{name}.json")
-    if not storage.exists(uri):
-        return None
-    done = json.loads(storage.read_bytes(uri))
-    return done if done.get("fingerprint") == fingerprint else None
 
 
 def read_unit(storage: Storage, units_dir: str, name: str) -> dict[str, np.ndarray]:
@@ -157,19 +183,26 @@ class FeatureWorker:
         return {k: np.concatenate(v) for k, v in out.items()}
 
     def shard_unit(self, name: str, decoded: dict[str, Any], units_dir: str,
-                   with_recon: bool, fingerprint: str) -> dict[str, Any]:  # fmt: skip
+                   with_recon: bool, fingerprint: str, plan: UnitPlan) -> dict[str, Any]:  # fmt: skip
         images = decoded["images"]
-        features, logits = self._features(images)
-        arrays = {"labels": _labels(decoded["labels"]), "features": features, "logits": logits}
+        features, _ = self._features(images)
+        arrays = feature_sums(name, features, _labels(decoded["labels"]), plan)
         if with_recon:
             recon = self._reconstruct(images)
-            arrays["recon_features"], arrays["recon_logits"] = self._features(recon.pop("images"))
-            arrays.update(recon)
+            recon_features, _ = self._features(recon.pop("images"))
+            x = np.asarray(recon_features, np.float64)
+            arrays.update({"recon_count": np.array(len(x)), "recon_feature_sum": x.sum(0),
+                           "recon_feature_outer": x.T @ x,
+                           "psnr_depth_sum": recon["psnr_depth"].astype(np.float64).sum(0),
+                           "ssim_sum": np.array(recon["ssim"].astype(np.float64).sum()),
+                           "lpips_sum": np.array(recon["lpips"].astype(np.float64).sum())})  # fmt: skip
         return write_unit(self.storage, units_dir, name, arrays, fingerprint)
 
     def sample_unit(self, name: str, samples_dir: str, table: str, units_dir: str,
-                    fingerprint: str) -> dict[str, Any]:  # fmt: skip
+                    fingerprint: str, plan: UnitPlan) -> dict[str, Any]:  # fmt: skip
         import pyarrow.parquet as pq
+
+        from model.evaluation.metrics import InceptionScoreSums
 
         filesystem, path = self.storage.arrow_fs(join(samples_dir, "codes", table))
         columns = ["key", "label", "caption"]
@@ -180,10 +213,14 @@ class FeatureWorker:
             with Image.open(io.BytesIO(data)) as image:
                 images.append(np.asarray(image.convert("RGB")))
         features, logits = self._features(np.stack(images))
-        arrays = {"labels": _labels([r["label"] for r in rows]), "features": features,
-                  "logits": logits}  # fmt: skip
+        arrays = feature_sums(name, features, _labels([r["label"] for r in rows]), plan)
+        score = InceptionScoreSums.of(logits, plan.first, plan.total, plan.splits)
+        arrays.update({"is_count": score.count, "is_p_sum": score.p_sum,
+                       "is_plogp_sum": score.plogp_sum})  # fmt: skip
         if self.clip is not None:
-            arrays["clip"] = self._clip(images, [r["caption"] for r in rows])
+            clip = self._clip(images, [r["caption"] for r in rows])
+            clip = clip[~np.isnan(clip)].astype(np.float64)
+            arrays.update({"clip_sum": np.array(clip.sum()), "clip_count": np.array(len(clip))})
         return write_unit(self.storage, units_dir, name, arrays, fingerprint)
 
     def _clip(self, images: list[np.ndarray], captions: list[str | None]) -> np.ndarray:

@@ -12,12 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from model.evaluation.metrics import (
-    FeatureMoments,
-    frechet_distance,
-    inception_score,
-    precision_recall,
-)
+from model.evaluation.metrics import FeatureMoments, frechet_distance, precision_recall
 from pipeline.core.storage import Storage, join
 from pipeline.stages.evaluate.features import read_unit
 
@@ -32,40 +27,73 @@ def metric_names(kind: str) -> dict[str, str]:
             "FID": "demo FID", "rFID": "demo rFID", "IS": "classifier score"}  # fmt: skip
 
 
-def _evenly(features: np.ndarray, count: int) -> np.ndarray:
-    """`count` rows spread over `features` (deterministic)."""
-    if len(features) <= count:
-        return features
-    return features[np.linspace(0, len(features) - 1, count).round().astype(int)]
+# A unit's sums add up; its samples and class rows stack (features.py says what each holds).
+STACKED = ("sample", "class_labels", "class_features")
+FAN_IN = 32  # units (or partial sums) merged by one task, and by the driver at the end
+
+
+def _merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    merged: dict[str, np.ndarray] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key not in merged:
+                merged[key] = value
+            elif key in STACKED:
+                merged[key] = np.concatenate([merged[key], value])
+            else:
+                merged[key] = merged[key] + value
+    return merged
+
+
+def _merge_units(storage: Storage, units_dir: str,
+                 items: list[Any]) -> dict[str, np.ndarray]:  # fmt: skip
+    """Unit names (read from storage, one at a time) or partial sums, merged."""
+    merged: dict[str, np.ndarray] = {}
+    for item in items:
+        part = read_unit(storage, units_dir, item) if isinstance(item, str) else item
+        merged = _merge([merged, part])
+    return merged
+
+
+def reduce_units(storage: Storage, units_dir: str, names: list[str]) -> dict[str, np.ndarray]:
+    """The merged sums of `names`, summed by Ray tasks FAN_IN at a time (and their partials by
+    more, level by level), so the driver reads at most FAN_IN partial sums, never a unit's
+    features: a 2048-d Inception unit's sums are 32 MB, whatever its number of images."""
+    import ray
+
+    if not names:
+        return {}
+    merge = ray.remote(_merge_units).options(num_cpus=0.5)
+    items: list[Any] = list(names)
+    while len(items) > FAN_IN:
+        items = [merge.remote(storage, units_dir, items[i : i + FAN_IN])
+                 for i in range(0, len(items), FAN_IN)]  # fmt: skip
+    merged: dict[str, np.ndarray] = {}
+    for item in items:  # one partial at a time: the driver holds two sums at most
+        merged = _merge([merged, ray.get(item) if not isinstance(item, str)
+                         else read_unit(storage, units_dir, item)])  # fmt: skip
+    return merged
+
+
+def moments(sums: dict[str, np.ndarray], prefix: str = "") -> FeatureMoments:
+    return FeatureMoments(int(sums[f"{prefix}count"]), sums[f"{prefix}feature_sum"],
+                          sums[f"{prefix}feature_outer"])  # fmt: skip
 
 
 def reference_statistics(storage: Storage, eval_dir: str, reference: str,
-                         reference_units: list[str], keep: int,
-                         classes: list[int]) -> dict[str, Any]:  # fmt: skip
-    """The reference's mean and covariance, from the split's units (streamed: saved to
-    RUN/eval/reference.npz) or from the user's .npz; with units also up to `keep` feature
-    rows for precision/recall (the same share of every unit) and per-class moments of
-    `classes`."""
-    if reference_units:
-        moments, kept = None, []
-        by_class: dict[int, FeatureMoments] = {}
-        share = -(-keep // len(reference_units))  # rows kept per unit
-        for name in reference_units:
-            unit = read_unit(storage, join(eval_dir, "units"), name)
-            features, labels = unit["features"], unit["labels"]
-            part = FeatureMoments.of(features)
-            moments = part if moments is None else moments + part
-            kept.append(_evenly(features, share))
-            for c in classes:
-                if (labels == c).any():
-                    class_part = FeatureMoments.of(features[labels == c])
-                    by_class[c] = by_class[c] + class_part if c in by_class else class_part
-        mu, sigma = moments.mean_cov()
+                         sums: dict[str, np.ndarray]) -> dict[str, Any]:  # fmt: skip
+    """The reference's mean and covariance (saved to RUN/eval/reference.npz), its
+    precision/recall sample and per-class moments: from the reference split's merged sums,
+    or the user's .npz (mean and covariance only)."""
+    if sums:
+        mu, sigma = moments(sums).mean_cov()
         buffer = io.BytesIO()
-        np.savez(buffer, mu=mu, sigma=sigma, count=np.array(moments.count))
+        np.savez(buffer, mu=mu, sigma=sigma, count=np.array(int(sums["count"])))
         storage.write_bytes(join(eval_dir, "reference.npz"), buffer.getvalue())
-        return {"mu": mu, "sigma": sigma, "count": moments.count,
-                "features": _evenly(np.concatenate(kept), keep), "classes": by_class,
+        by_class = {int(c): FeatureMoments.of(sums["class_features"][sums["class_labels"] == c])
+                    for c in np.unique(sums["class_labels"])}  # fmt: skip
+        return {"mu": mu, "sigma": sigma, "count": int(sums["count"]),
+                "features": sums["sample"], "classes": by_class,
                 "source": f"the {reference} split"}  # fmt: skip
     with np.load(io.BytesIO(storage.read_bytes(reference)), allow_pickle=False) as data:
         if "mu" not in data.files or "sigma" not in data.files:
@@ -77,70 +105,67 @@ def reference_statistics(storage: Storage, eval_dir: str, reference: str,
             "source": reference}  # fmt: skip
 
 
-def reconstruction_metrics(storage: Storage, eval_dir: str, val_units: list[str],
-                           names: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-    units = [read_unit(storage, join(eval_dir, "units"), n) for n in val_units]
-    real = np.concatenate([u["features"] for u in units])
-    recon = np.concatenate([u["recon_features"] for u in units])
-    psnr_depth = np.concatenate([u["psnr_depth"] for u in units])  # (N, D)
-    lpips = np.concatenate([u["lpips"] for u in units])
-    report = {"images": len(real),
-              names["rfid"]: frechet_distance(*FeatureMoments.of(real).mean_cov(),
-                                              *FeatureMoments.of(recon).mean_cov(),
-                                              counts=(len(real), len(recon))),
-              "psnr": float(psnr_depth[:, -1].mean()),
-              "psnr_per_depth": [round(float(v), 3) for v in psnr_depth.mean(0)],
-              "ssim": float(np.concatenate([u["ssim"] for u in units]).mean()),
-              "lpips": None if np.isnan(lpips).all() else float(lpips.mean())}  # fmt: skip
-    return report
+def reconstruction_metrics(sums: dict[str, np.ndarray], names: dict[str, str]) -> dict[str, Any]:
+    """rFID, PSNR (and per depth), SSIM, LPIPS of the val split's merged sums."""
+    count = int(sums["recon_count"])
+    lpips = float(sums["lpips_sum"]) / count
+    return {"images": count,
+            names["rfid"]: frechet_distance(*moments(sums).mean_cov(),
+                                            *moments(sums, "recon_").mean_cov(),
+                                            counts=(int(sums["count"]), count)),
+            "psnr": float(sums["psnr_depth_sum"][-1]) / count,
+            "psnr_per_depth": [round(float(v) / count, 3) for v in sums["psnr_depth_sum"]],
+            "ssim": float(sums["ssim_sum"]) / count,
+            "lpips": None if np.isnan(lpips) else lpips}  # fmt: skip
 
 
-def sample_labels(storage: Storage, eval_dir: str, sample_units: list[str]) -> np.ndarray:
-    return np.concatenate([read_unit(storage, join(eval_dir, "units"), n)["labels"]
-                           for n in sample_units])  # fmt: skip
+def sample_metrics(sums: dict[str, np.ndarray], reference: dict[str, Any],
+                   names: dict[str, str], k: int) -> dict[str, Any]:  # fmt: skip
+    """FID, IS, precision/recall (on the seeded samples: equal sets of each side's smaller
+    size), CLIP score and FID per class of the samples' merged sums."""
+    from model.evaluation.metrics import InceptionScoreSums
 
-
-def sample_metrics(storage: Storage, eval_dir: str, sample_units: list[str],
-                   reference: dict[str, Any], names: dict[str, str], k: int,
-                   splits: int) -> dict[str, Any]:  # fmt: skip
-    units = [read_unit(storage, join(eval_dir, "units"), n) for n in sample_units]
-    features = np.concatenate([u["features"] for u in units])  # (N, F)
-    if len(features) < 2:
-        raise ValueError(f"evaluate: {len(features)} sample(s); a Fréchet distance needs at "
+    count = int(sums["count"])
+    if count < 2:
+        raise ValueError(f"evaluate: {count} sample(s); a Fréchet distance needs at "
                          f"least 2 (raise sample.num_samples, or evaluate.samples=false)")  # fmt: skip
-    labels = np.concatenate([u["labels"] for u in units])
-    mean, std = inception_score(np.concatenate([u["logits"] for u in units]), splits)
+    mean, std = InceptionScoreSums(sums["is_count"], sums["is_p_sum"],
+                                   sums["is_plogp_sum"]).score()  # fmt: skip
     report: dict[str, Any] = {
-        "images": len(features),
+        "images": count,
         "reference_images": reference["count"],
-        names["fid"]: frechet_distance(*FeatureMoments.of(features).mean_cov(),
-                                       reference["mu"], reference["sigma"],
-                                       counts=(len(features), reference["count"])),
-        names["is"]: {"mean": mean, "std": std, "splits": min(splits, len(features))},
+        names["fid"]: frechet_distance(*moments(sums).mean_cov(), reference["mu"],
+                                       reference["sigma"], counts=(count, reference["count"])),
+        names["is"]: {"mean": mean, "std": std, "splits": len(sums["is_count"])},
     }  # fmt: skip
-    if reference["features"] is None:
+    real, fake = reference["features"], sums["sample"]
+    if real is None:
         report["precision_recall"] = "not computed: the reference file holds no features"
-    elif min(len(features), len(reference["features"])) <= k:
+    elif min(len(fake), len(real)) <= k:
         report["precision_recall"] = f"not computed: k={k} needs more than {k} images a side"
     else:
-        real = reference["features"]
-        precision, recall = precision_recall(real, features, k)
+        size = min(len(real), len(fake))  # equal sets (Kynkäänniemi et al.)
+        rng = np.random.default_rng(0)
+        real = real[np.sort(rng.choice(len(real), size, replace=False))]
+        fake = fake[np.sort(rng.choice(len(fake), size, replace=False))]
+        precision, recall = precision_recall(real, fake, k)
         report["precision_recall"] = {"precision": precision, "recall": recall, "k": k,
-                                      "reference_images": len(real)}  # fmt: skip
-    if "clip" in units[0]:
-        clip = np.concatenate([u["clip"] for u in units])
-        clip = clip[~np.isnan(clip)]
-        report["clip_score"] = ({"mean": float(clip.mean()), "images": len(clip)} if len(clip)
+                                      "images": size, "reference_images": size}  # fmt: skip
+    if "clip_count" in sums:
+        clip_count = int(sums["clip_count"])
+        report["clip_score"] = ({"mean": float(sums["clip_sum"]) / clip_count,
+                                 "images": clip_count} if clip_count
                                 else "not computed: no sample has a prompt")  # fmt: skip
-    fid = names["fid"]
+    fid, labels = names["fid"], sums["class_labels"]
     per_class_report = {}
     for c, class_moments in sorted(reference["classes"].items()):
-        if (labels == c).sum() >= 2 and class_moments.count >= 2:
+        mine = sums["class_features"][labels == c]
+        if len(mine) >= 2 and class_moments.count >= 2:
             per_class_report[str(c)] = {
-                fid: frechet_distance(*FeatureMoments.of(features[labels == c]).mean_cov(),
+                fid: frechet_distance(*FeatureMoments.of(mine).mean_cov(),
                                       *class_moments.mean_cov(),
-                                      counts=(int((labels == c).sum()), class_moments.count)),
-                "images": int((labels == c).sum()), "reference_images": class_moments.count}  # fmt: skip
+                                      counts=(len(mine), class_moments.count)),
+                "images": len(mine), "reference_images": class_moments.count}  # fmt: skip
     if per_class_report:
         report[f"{fid}_per_class"] = per_class_report
     return report
@@ -187,10 +212,10 @@ def write_report(storage: Storage, eval_dir: str, metrics: dict[str, Any]) -> li
                   f"{samples['images']} ({score['splits']} splits) |"]  # fmt: skip
         pr = samples["precision_recall"]
         if isinstance(pr, dict):
-            lines += [f"| precision (k={pr['k']}) | {pr['precision']:.3f} | {samples['images']} "
-                      f"vs {pr['reference_images']} |",
-                      f"| recall (k={pr['k']}) | {pr['recall']:.3f} | {samples['images']} vs "
-                      f"{pr['reference_images']} |"]  # fmt: skip
+            lines += [f"| precision (k={pr['k']}) | {pr['precision']:.3f} | {pr['images']} "
+                      f"vs {pr['reference_images']} (seeded samples) |",
+                      f"| recall (k={pr['k']}) | {pr['recall']:.3f} | {pr['images']} vs "
+                      f"{pr['reference_images']} (seeded samples) |"]  # fmt: skip
         if isinstance(samples.get("clip_score"), dict):
             clip = samples["clip_score"]
             lines.append(f"| CLIP score | {clip['mean']:.4f} | {clip['images']} (with a prompt) |")

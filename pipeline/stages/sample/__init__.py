@@ -47,7 +47,6 @@ from pipeline.core.storage import (
     require_model_folders,
     safe_file_name,
 )
-from pipeline.formats.codes_table import finished_table
 from pipeline.stages.sample.actor import ChunkSampler, sample_key
 from pipeline.stages.sample.prompts import (
     default_prompts,
@@ -215,12 +214,10 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
     n, size = config.num_samples, config.chunk_size
     labels: list[int | None] = [cycle[i % len(cycle)] for i in range(n)] if cycle else [None] * n
     chunks = [(c, c * size, min(n, (c + 1) * size)) for c in range(math.ceil(n / size))]
-    results = {}
-    for c, _, _ in chunks:
-        done = finished_table(storage, out.path("codes", f"chunk-{c:05d}.parquet"),
-                              planned.fingerprint)  # fmt: skip
-        if done is not None:
-            results[c] = done
+    listed = out.finished_files("codes")  # one listing: the chunks a killed run finished
+    results = {c: {"name": f"chunk-{c:05d}.parquet", "rows": end - first,
+                   "bytes": listed[f"chunk-{c:05d}.parquet"]}
+               for c, first, end in chunks if f"chunk-{c:05d}.parquet" in listed}  # fmt: skip
     pending = [chunk for chunk in chunks if chunk[0] not in results]
     progress = Progress("sample", len(pending), sum(end - first for _, first, end in pending),
                         "samples")  # fmt: skip
@@ -257,6 +254,8 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
     storage.write_bytes(out.path("sampling.json"), json.dumps(report, indent=2).encode())
     planned.units = [{k: results[c][k] for k in ("name", "rows", "bytes")} for c, _, _ in chunks]
     planned.counts = {"samples": n, "chunks": len(chunks)}
+    if cycle and tokens is None:  # a class model: the classes sampled (evaluate's FID per class)
+        planned.properties = {"labels": sorted(set(cycle))}
     out.finish(planned)
     rate = f", {report['samples_per_s']} samples/s" if sampled else ""
     shown = ", ".join(grids) if len(grids) <= 4 else f"{len(grids)} in {out.uri}"

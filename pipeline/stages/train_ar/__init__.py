@@ -44,19 +44,26 @@ from pipeline.core.config import output_fields
 from pipeline.core.lease import single_writer
 from pipeline.core.manifest import Manifest
 from pipeline.core.stage_folder import StageFolder
-from pipeline.core.storage import Storage, StorageConfig, model_location, require_model_folders
+from pipeline.core.storage import (
+    Storage,
+    StorageConfig,
+    absolute,
+    model_location,
+    require_model_folders,
+)
 from pipeline.core.train_driver import (
     RESUMABLE_FIELDS,
     TRAINER_FIELDS,
     TrainerConfig,
     add_init_from,
+    check_init_from,
     check_one_batch,
     finish_training,
     fit,
     latest_checkpoint_step,
 )
 from pipeline.core.training import resume_seed
-from pipeline.formats.codes_table import inspect_tables
+from pipeline.formats.codes_table import code_tables
 from pipeline.stages.train_ar.data import (
     caption_tokenizer,
     load_code_embeddings,
@@ -162,30 +169,33 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
     ar = StageFolder(run_dir, "train-ar", config.storage)
     storage, codes_dir = ar.storage, ar.of("encode").uri
     encoded = ar.upstream("encode")
-    tables = inspect_tables(storage, codes_dir, encoded.units, encoded.counts.get("views", 1))
+    # From the encode manifest: nothing is read of the tables before the stage knows it runs
+    tables = code_tables(storage, codes_dir, encoded.units, encoded.properties)
     check_one_batch("train-ar", tables.train_images, config)
     upstream = {"encode": encoded.fingerprint}
     # resolved before the fingerprint: `auto` on captioned tables trains what `text` would
     config.conditioning = config.resolve_conditioning(tables.num_classes > 0,
-                                                      tables.captioned_rows > 0, codes_dir)  # fmt: skip
-    tokenizer_json, text_vocab_size = None, 0
-    if config.conditioning == "text":
-        tokenizer_json = caption_tokenizer(storage, config, tables, codes_dir)
-        text_vocab_size = check_tokenizer(tokenizer_json)
-        upstream["tokenizer"] = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:32]
-    num_classes = tables.num_classes if config.conditioning == "class" else 0
-    model_config = config.model_config(tables.code_shape, tables.codebook_size, num_classes,
-                                       text_vocab_size)  # fmt: skip
-    add_init_from(ar, config, model_config, upstream)
+                                                      tables.captioned > 0, codes_dir)  # fmt: skip
+    if config.conditioning == "text" and config.text.tokenizer:  # a trained one follows from
+        tokenizer_file = storage.read_bytes(absolute(config.text.tokenizer))  # the upstream
+        upstream["tokenizer"] = hashlib.sha256(tokenizer_file).hexdigest()[:32]
+    add_init_from(ar, config, upstream)
     planned = Manifest("train-ar", FORMAT_VERSION, output_fields(config), upstream)
     if config.targets == "soft" and not tables.has_latents:
         raise ValueError(f"targets=soft needs the latents column in {codes_dir}: re-run encode "
                          f"with with_latents=true (and --overwrite), or use targets=hard")  # fmt: skip
-    finished = ar.begin(planned, overwrite, config, RESUMABLE_FIELDS,
-                        model=dataclasses.asdict(model_config))  # fmt: skip
-    if finished is not None:
+    if (finished := ar.begin(planned, overwrite, resumable=RESUMABLE_FIELDS)) is not None:
         return finished
 
+    tokenizer_json, text_vocab_size = None, 0
+    if config.conditioning == "text":  # trained on a bounded caption sample, after begin
+        tokenizer_json = caption_tokenizer(storage, config, tables)
+        text_vocab_size = check_tokenizer(tokenizer_json)
+    num_classes = tables.num_classes if config.conditioning == "class" else 0
+    model_config = config.model_config(tables.code_shape, tables.codebook_size, num_classes,
+                                       text_vocab_size)  # fmt: skip
+    check_init_from(ar, config, model_config)
+    ar.save_config(config, model=dataclasses.asdict(model_config))
     vae_uri, vae_files = model_location(config.vae or ar.run_path("vae", "model"))
     code_embeddings = load_code_embeddings(storage, vae_files, tables)
     columns = ["codes", "label"] + (["latents"] if config.targets == "soft" else [])

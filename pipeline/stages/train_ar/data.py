@@ -52,13 +52,32 @@ def validation_rows(storage: Storage, tables: CodeTables, count: int, columns: l
     return {k: np.concatenate([a[k] for a in arrays])[:count] for k in arrays[0]}
 
 
-def caption_tokenizer(storage: Storage, config: Any, tables: CodeTables,
-                      codes_dir: str) -> str:  # fmt: skip
-    """The tokenizer.json text: the user's (text.tokenizer), or a BPE trained on the train
-    tables' captions (deterministic: a re-run trains the same one)."""
+def caption_tokenizer(storage: Storage, config: Any, tables: CodeTables) -> str:
+    """The tokenizer.json text: the user's (text.tokenizer), or a BPE trained on a seeded
+    sample of at most `text.tokenizer_sample` train captions (deterministic: the same tables and
+    config train the same one, whatever the run's seed)."""
     if config.text.tokenizer:
         return storage.read_bytes(absolute(config.text.tokenizer)).decode()
-    return train_tokenizer(read_captions(storage, tables.train), config.text.vocab_size)
+    size = config.text.tokenizer_sample
+    captions = (read_captions(storage, tables.train) if tables.train_images <= size
+                else caption_sample(storage, tables.train, size))  # fmt: skip
+    return train_tokenizer(captions, config.text.vocab_size)
+
+
+def caption_sample(storage: Storage, uris: list[str], size: int, seed: int = 0) -> list[str]:
+    """At most `size` captions (each image's once), from the tables taken in a seeded order
+    until there are enough, then a seeded subset of them in table order: bounded reads and
+    memory whatever the number of tables."""
+    order = np.random.default_rng(seed).permutation(len(uris))
+    captions: list[str] = []
+    for index in order:
+        captions += read_captions(storage, [uris[index]])
+        if len(captions) >= size:
+            break
+    if len(captions) > size:
+        keep = np.sort(np.random.default_rng(seed + 1).choice(len(captions), size, replace=False))
+        captions = [captions[i] for i in keep]
+    return captions
 
 
 def preview_prompts(storage: Storage, tables: CodeTables, text: dict[str, Any], count: int,

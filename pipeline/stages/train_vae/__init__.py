@@ -40,6 +40,7 @@ from pipeline.core.train_driver import (
     TRAINER_FIELDS,
     TrainerConfig,
     add_init_from,
+    check_init_from,
     check_one_batch,
     finish_training,
     fit,
@@ -120,7 +121,8 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
     check_one_batch("train-vae", sum(int(u["rows"]) for u in shards.units
                                      if u["name"].startswith("train-")), config)  # fmt: skip
     upstream = {"shard": shards.fingerprint}
-    add_init_from(vae, config, config.model_config(), upstream)
+    add_init_from(vae, config, upstream)
+    check_init_from(vae, config, config.model_config())
     planned = Manifest("train-vae", FORMAT_VERSION, output_fields(config), upstream)
     if (finished := vae.begin(planned, overwrite, config, RESUMABLE_FIELDS)) is not None:
         return finished
