@@ -1,16 +1,18 @@
-"""Shard stage throughput: Ray tasks against a single-process loop doing the same work.
+"""Shard stage throughput: the stage (Ray Data) against a single-process loop doing the same work.
 
     python bench/shard.py               # 960 photo-sized JPEGs -> 256px JPEG shards
 
-The single-process baseline calls the stage's own `write_shard` on the same plan, one shard
-after another: the same decode + resize + encode + tar write, without Ray. The stage is then
-run with 1, 2 and 4 shard tasks in flight (Ray started once, with the machine's CPUs; workers
-warmed up by a small run first). Figures are images/s.
+The single-process baseline lists the folder, assigns every file its shard and calls the
+stage's own `write_shard_group` on each shard's rows, one shard after another: the same
+reads, decode + resize + encode and tar write, without Ray. The stage is then run with shard
+tasks of 1 and 0.5 CPU (Ray started once, with the machine's CPUs; workers warmed up by a
+small run first). Figures are images/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -19,19 +21,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.core.storage import Storage
-from pipeline.stages.shard import (
-    ShardConfig,
-    listing_digest,
-    plan_sources,
-    plan_units,
-    run_shard_stage,
-    write_shard,
-)
+from pipeline.stages.shard import ShardConfig, run_shard_stage
+from pipeline.stages.shard.listing import _census_part, _list_folder, assign_units
+from pipeline.stages.shard.writer import write_shard_group
 
 
 def photo(rng: np.random.Generator, width: int = 640, height: int = 480) -> Image.Image:
@@ -69,32 +67,36 @@ def main() -> None:
         make_inputs(work / "in", args.images)
         config = ShardConfig(image_size=256, encoding="jpg", quality=95,
                              samples_per_shard=args.per_shard, val_fraction=0.0)  # fmt: skip
-        storage = Storage()
-        sources, _ = plan_sources(storage, str(work / "in"))
-        units = plan_units(sources, config)
-        fp = listing_digest(sources)
+        rows = pa.concat_tables([_list_folder(config.storage, str(work / "in"), str(folder))
+                                 for folder in sorted((work / "in").iterdir())])  # fmt: skip
+        part = _census_part(rows, config.val_fraction).to_pylist()[0]
+        census = {"kind": "folder", "counts": {"train": part["train"], "val": part["val"]},
+                  "label_names": json.loads(part["labels"]), "per_tar": {}}  # fmt: skip
+        assigned = assign_units(rows, census, config.val_fraction, config.samples_per_shard)
+        units = sorted(set(assigned.column("unit").to_pylist()))
 
         start = time.perf_counter()
         for unit in units:
-            write_shard(unit, config, str(work / "loop"), fp)
-        loop_rate = len(sources) / (time.perf_counter() - start)
+            group = assigned.filter(pc.equal(assigned.column("unit"), unit))
+            write_shard_group(group, config, str(work / "loop"), "bench")
+        loop_rate = len(rows) / (time.perf_counter() - start)
 
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         make_inputs(work / "warm", 8)
         run_shard_stage(str(work / "warm"), str(work / "warm-run"), config)
         cpus = int(ray.cluster_resources()["CPU"])
-        print(f"{len(sources)} images of 640x480 -> 256px jpg, {len(units)} shards, "
+        print(f"{len(rows)} images of 640x480 -> 256px jpg, {len(units)} shards, "
               f"{cpus} CPUs")  # fmt: skip
-        print(f"{'method':<28} {'images/s':>9} {'vs loop':>8}")
-        print(f"{'single-process loop':<28} {loop_rate:>9.1f} {1.0:>8.2f}")
-        for in_flight, cpus_per_task in ((1, 1.0), (2, 1.0), (4, 0.5)):
-            config.max_in_flight, config.cpus_per_task = in_flight, cpus_per_task
-            run_dir = work / f"ray-{in_flight}"
+        print(f"{'method':<32} {'images/s':>9} {'vs loop':>8}")
+        print(f"{'single-process loop':<32} {loop_rate:>9.1f} {1.0:>8.2f}")
+        for cpus_per_task in (1.0, 0.5):
+            config.cpus_per_task = cpus_per_task
+            run_dir = work / f"ray-{cpus_per_task}"
             start = time.perf_counter()
             run_shard_stage(str(work / "in"), str(run_dir), config)
-            rate = len(sources) / (time.perf_counter() - start)
-            label = f"ray stage, {in_flight} task(s) in flight"
-            print(f"{label:<28} {rate:>9.1f} {rate / loop_rate:>8.2f}", flush=True)
+            rate = len(rows) / (time.perf_counter() - start)
+            label = f"stage, shard tasks of {cpus_per_task} CPU"
+            print(f"{label:<32} {rate:>9.1f} {rate / loop_rate:>8.2f}", flush=True)
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -187,7 +187,7 @@ def test_killed_driver_resumes_to_the_same_shards(ray_local, tmp_path):
     for i in range(120):
         (source / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         good_image(i, (256, 256)).save(source / f"c{i % 3}" / f"{i:03d}.png")
-    overrides = ["image_size=32", "samples_per_shard=2", "max_in_flight=2", "cpus_per_task=0.5"]
+    overrides = ["image_size=32", "samples_per_shard=2", "cpus_per_task=0.5"]
     address = ray_local.get_runtime_context().gcs_address
     run = tmp_path / "run"
     command = [sys.executable, str(REPO / "jobs" / "shard.py"), "--input", str(source),
@@ -233,15 +233,18 @@ def test_cli_errors_are_actionable(tmp_path):
 
 def test_class_sorted_input_gives_mixed_shards(ray_local, tmp_path):
     """ImageNet-style class folders, listed in path order, must not give one class per shard:
-    samples go to shards in the order of their key's hash."""
+    a shard is a hash bucket of the keys (about samples_per_shard samples), in key order."""
     from pipeline.demo.data import DEMO_CLASSES, write_demo_dataset
 
     write_demo_dataset(tmp_path / "in", per_class=32, size=32)
     run = tmp_path / "run"
-    run_shard_stage(str(tmp_path / "in"), str(run),
-                    config(samples_per_shard=32, val_fraction=0.0))  # fmt: skip
+    manifest = run_shard_stage(str(tmp_path / "in"), str(run),
+                               config(samples_per_shard=32, val_fraction=0.0))  # fmt: skip
     tars = local_tars(run / "shards")
-    assert len(tars) == 4
+    assert len(tars) == 4 and manifest.counts["ok"] == 128
     for tar in tars:
-        labels = [json.loads(s["json"])["label"] for s in read_samples([tar])]
-        assert len(labels) == 32 and set(labels) == set(range(len(DEMO_CLASSES))), (tar, labels)
+        samples = read_samples([tar])
+        labels = [json.loads(s["json"])["label"] for s in samples]
+        assert 16 <= len(labels) <= 48 and set(labels) == set(range(len(DEMO_CLASSES))), labels
+        keys = [s["__key__"] for s in samples]
+        assert keys == sorted(keys)

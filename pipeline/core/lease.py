@@ -26,6 +26,7 @@ import inspect
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -34,7 +35,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from pipeline.core.storage import Storage, is_local, join
+from pipeline.core.storage import Storage, StorageConfig, is_local, join
 
 LEASE_NAME = "_lease.json"
 DEFAULT_TTL_S = 60.0
@@ -151,22 +152,21 @@ class Lease:
     # -- the lease's life ---------------------------------------------------------------------
 
     def acquire(self) -> None:
-        import multiprocessing
-
         self._swap(take=True)
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no Ray, no threads
-        self._stop = context.Event()
-        self._heartbeat_process = context.Process(
-            target=_heartbeat, args=(self.storage.config, self.uri, self.stage, self.ttl_s,
-                                     self.owner, self.pid, self._stop),
-            daemon=True, name=f"rqpipe-lease-{self.stage}",
+        # A child process that renews until its stdin closes: on release, or when this process
+        # dies however it dies (then the lease expires and is taken over).
+        config = {"endpoint_url": self.storage.config.endpoint_url,
+                  "region": self.storage.config.region}  # fmt: skip
+        self._heartbeat_process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.core.lease", json.dumps(config), self.uri,
+             self.stage, str(self.ttl_s), self.owner, str(self.pid)],
+            stdin=subprocess.PIPE, start_new_session=False,
         )  # fmt: skip
-        self._heartbeat_process.start()
 
     def release(self) -> None:
         if self._heartbeat_process is not None:
-            self._stop.set()
-            self._heartbeat_process.join()
+            self._heartbeat_process.stdin.close()  # the heartbeat stops at once
+            self._heartbeat_process.wait()
         fs, path = self.storage.fs(self.uri)
         try:
             holder = json.loads(fs.cat_file(path))
@@ -176,13 +176,18 @@ class Lease:
             fs.rm_file(path)
 
 
-def _heartbeat(storage_config: Any, uri: str, stage: str, ttl_s: float, owner: str, pid: int,
-               stop: Any) -> None:  # fmt: skip
-    """The heartbeat process: renew the lease every ttl_s / 3 until `stop`, or until the
-    holder's process is gone (then the lease expires: a killed driver's is taken over)."""
-    lease = Lease(Storage(storage_config), uri.rsplit("/", 1)[0], stage, ttl_s)
+def _heartbeat(config: dict[str, Any], uri: str, stage: str, ttl_s: float, owner: str,
+               pid: int) -> None:  # fmt: skip
+    """The heartbeat process: renew the lease every ttl_s / 3 until stdin closes (released,
+    or the holder died), or the holder's process is gone."""
+    import select
+
+    lease = Lease(Storage(StorageConfig(**config)), uri.rsplit("/", 1)[0], stage, ttl_s)
     lease.owner, lease.pid = owner, pid
-    while not stop.wait(ttl_s / 3):
+    while True:
+        readable, _, _ = select.select([sys.stdin], [], [], ttl_s / 3)
+        if readable and not sys.stdin.buffer.read1(1):  # EOF: stop
+            return
         if not _alive(pid):
             return
         try:
@@ -227,3 +232,14 @@ def single_writer(stage: str, folder: Callable[[str, Any], str | None] | None = 
         return run  # type: ignore[return-value]
 
     return decorate
+
+
+if __name__ == "__main__":  # the heartbeat process of Lease.acquire
+    _heartbeat(
+        json.loads(sys.argv[1]),
+        sys.argv[2],
+        sys.argv[3],
+        float(sys.argv[4]),
+        sys.argv[5],
+        int(sys.argv[6]),
+    )
