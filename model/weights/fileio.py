@@ -60,7 +60,10 @@ def remove_temporaries(folder: str) -> int:
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
-    """A whole file in one request on object stores (a GET; opening a file object would first
-    ask for its size with a HEAD). FileNotFoundError when there is none."""
+    """A whole file in one request on object stores: a GET (opening a file object, or s3fs's
+    concurrent download, first asks for its size with a HEAD). FileNotFoundError when there is
+    none."""
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if hasattr(fs, "max_concurrency"):  # s3fs: one GET, not HEAD + ranged GETs
+        return fs.cat_file(path, max_concurrency=1)
     return fs.cat_file(path)

@@ -113,22 +113,24 @@ class Lease:
             return None
 
     def _swap_object(self, take: bool) -> None:
+        from fsspec.asyn import sync
+
         fs, path = self.storage.fs(self.uri)
-        fs.invalidate_cache(path)  # a listing's cached ETag may predate our last renewal
-        try:
-            info, holder = fs.info(path), json.loads(fs.cat_file(path))
+        try:  # the holder and its ETag in one GET
+            data, etag = sync(fs.loop, _get_with_etag, fs, path)
+            holder = json.loads(data)
         except FileNotFoundError:
-            info, holder = None, None
+            holder, etag = None, None
         self._check(holder, take)
-        condition = {"IfMatch": info["ETag"]} if info else {}
+        condition = {"IfMatch": etag} if etag else {}
         try:
-            fs.pipe_file(path, self._record(), mode="overwrite" if info else "create",
+            fs.pipe_file(path, self._record(), mode="overwrite" if etag else "create",
                          **condition)  # fmt: skip
         except (FileExistsError, OSError) as e:  # 412: someone wrote between our read and PUT
             if "pre-condition" not in str(e) and not isinstance(e, FileExistsError):
                 raise
             fs.invalidate_cache(path)
-            raise self._refuse(json.loads(fs.cat_file(path))) from None
+            raise self._refuse(json.loads(self.storage.read_bytes(self.uri))) from None
 
     def _check(self, holder: dict[str, Any] | None, take: bool) -> None:
         """Raise unless we may write: the lease is ours, absent, or expired (taking only)."""
@@ -167,13 +169,20 @@ class Lease:
         if self._heartbeat_process is not None:
             self._heartbeat_process.stdin.close()  # the heartbeat stops at once
             self._heartbeat_process.wait()
-        fs, path = self.storage.fs(self.uri)
         try:
-            holder = json.loads(fs.cat_file(path))
+            holder = json.loads(self.storage.read_bytes(self.uri))
         except FileNotFoundError:
             return
         if holder.get("owner") == self.owner:
-            fs.rm_file(path)
+            self.storage.remove_file(self.uri)
+
+
+async def _get_with_etag(fs: Any, path: str) -> tuple[bytes, str]:
+    """An object's bytes and its ETag, from one GET (s3fs's own calls need two: HEAD + GET)."""
+    bucket, key = path.split("/", 1)
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    async with response["Body"] as body:
+        return await body.read(), response["ETag"]
 
 
 def _heartbeat(config: dict[str, Any], uri: str, stage: str, ttl_s: float, owner: str,

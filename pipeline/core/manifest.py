@@ -60,10 +60,11 @@ class StageConflict(RuntimeError):
 
 
 def read_manifest(storage: Storage, stage_dir: str) -> Manifest | None:
-    uri = join(stage_dir, MANIFEST_NAME)
-    if not storage.exists(uri):
+    """The stage's manifest, or None: one GET (no HEAD first), as a no-op re-run reads it."""
+    try:
+        document = json.loads(storage.read_bytes(join(stage_dir, MANIFEST_NAME)))
+    except FileNotFoundError:
         return None
-    document = json.loads(storage.read_bytes(uri))
     document.pop("fingerprint", None)
     return Manifest(**document)
 
@@ -108,10 +109,10 @@ def _clear(storage: Storage, stage_dir: str) -> None:
 
 
 def _read_started(storage: Storage, stage_dir: str) -> tuple[Manifest | None, list[Any]]:
-    uri = join(stage_dir, STARTED_NAME)
-    if not storage.exists(uri):
+    try:
+        document = json.loads(storage.read_bytes(join(stage_dir, STARTED_NAME)))
+    except FileNotFoundError:
         return None, []
-    document = json.loads(storage.read_bytes(uri))
     history = document.pop("history", [])
     document.pop("fingerprint", None)
     return Manifest(**document), history

@@ -9,6 +9,7 @@ Ray Data and Ray Train need and which ignores AWS_ENDPOINT_URL on its own.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -200,6 +201,23 @@ def model_location(uri: str) -> tuple[str, str]:
     from model.weights.hub import hub_repo
 
     return (uri if hub_repo(uri) else absolute(uri)), model_files(uri)
+
+
+def read_model_config(storage: Storage, files: str, what: str, hint: str) -> dict[str, Any]:
+    """The config of the exported model at `files` (its config.json's "config"), in one GET;
+    an error naming `what` is missing there and `hint`, what to do, when there is none."""
+    try:
+        return json.loads(storage.read_bytes(join(files, "config.json")))["config"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} at {files}: {hint}") from None
+
+
+def read_json(storage: Storage, uri: str, default: Any = None) -> Any:
+    """A JSON file, or `default` when there is none: one GET (no HEAD first)."""
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        return default
 
 
 def require_model_folders(storage: Storage, section: str, **uris: str | None) -> None:

@@ -10,7 +10,6 @@ written last.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,7 +22,7 @@ from pipeline.core.lease import single_writer
 from pipeline.core.manifest import Manifest, vae_fingerprint
 from pipeline.core.progress import Progress
 from pipeline.core.stage_folder import StageFolder
-from pipeline.core.storage import Storage, StorageConfig, join, model_location
+from pipeline.core.storage import Storage, StorageConfig, join, model_location, read_model_config
 from pipeline.formats.codes_table import codes_table, to_parquet_bytes
 from pipeline.formats.shard_tar import decode_shard
 from pipeline.formats.views import VIEW_AUGMENTS
@@ -170,8 +169,8 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
     shards = codes.upstream("shard")
     # vae_uri for the actors, vae_files read here (a Hub model's copy in the HF cache)
     vae_uri, vae_files = model_location(config.vae or codes.run_path("vae", "model"))
-    if not storage.exists(join(vae_files, "config.json")):
-        raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: run train-vae first or pass vae=URI")
+    vae_config = read_model_config(storage, vae_files, "RQ-VAE",
+                                   "run train-vae first or pass vae=URI")  # fmt: skip
     vae_fp = vae_fingerprint(storage, vae_files)
     planned = Manifest("encode", FORMAT_VERSION, output_fields(config),
                        {"shard": shards.fingerprint, "vae": vae_fp})  # fmt: skip
@@ -179,7 +178,6 @@ def run_encode_stage(run_dir: str, config: EncodeConfig, overwrite: bool = False
         return finished
 
     fp = planned.fingerprint
-    vae_config = json.loads(storage.read_bytes(join(vae_files, "config.json")))["config"]
     resolution = vae_config["resolution"]
     names = [unit["name"].removesuffix(".tar") for unit in shards.units]
     rows_of = {unit["name"].removesuffix(".tar"): int(unit["rows"]) for unit in shards.units}

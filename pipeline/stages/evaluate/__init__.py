@@ -33,7 +33,14 @@ from pipeline.core.lease import single_writer
 from pipeline.core.manifest import Manifest, read_manifest, require_manifest, vae_fingerprint
 from pipeline.core.progress import Progress
 from pipeline.core.stage_folder import StageFolder
-from pipeline.core.storage import Storage, StorageConfig, absolute, join, model_location
+from pipeline.core.storage import (
+    Storage,
+    StorageConfig,
+    absolute,
+    join,
+    model_location,
+    read_model_config,
+)
 from pipeline.formats.shard_tar import decode_shard
 from pipeline.stages.evaluate.features import FeatureWorker, UnitPlan, extractor_identity
 from pipeline.stages.evaluate.report import (
@@ -167,8 +174,8 @@ def run_evaluate_stage(run_dir: str, config: EvaluateConfig, overwrite: bool = F
     storage, run_dir, units_dir = evaluation.storage, evaluation.run_dir, evaluation.path("units")
     shards = evaluation.upstream("shard")
     vae_uri, vae_files = model_location(config.vae or evaluation.run_path("vae", "model"))
-    if not storage.exists(join(vae_files, "config.json")):
-        raise FileNotFoundError(f"no RQ-VAE at {vae_uri}: run train-vae first or pass vae=URI")
+    vae_config = read_model_config(storage, vae_files, "RQ-VAE",
+                                   "run train-vae first or pass vae=URI")  # fmt: skip
     samples_dir = absolute(config.samples_dir or evaluation.of("sample").uri)
     samples = require_manifest(storage, samples_dir, "sample") if config.samples else None
     weights = absolute(config.weights) if config.weights else None
@@ -206,9 +213,7 @@ def run_evaluate_stage(run_dir: str, config: EvaluateConfig, overwrite: bool = F
     print(f"evaluate: {len(units)} units ({len(units) - len(pending)} already done) with "
           f"{config.features} features, {config.num_actors} actor(s) -> {evaluation.uri}")  # fmt: skip
     if pending:
-        resolution = json.loads(storage.read_bytes(join(vae_files, "config.json")))["config"][
-            "resolution"
-        ]
+        resolution = vae_config["resolution"]
         with_vae = any(recon for _, _, recon in pending)
         decode = ray.remote(decode_shard).options(num_cpus=config.decode_cpus,
                                                   max_retries=config.max_retries)  # fmt: skip

@@ -44,6 +44,8 @@ from pipeline.core.storage import (
     absolute,
     join,
     model_location,
+    read_json,
+    read_model_config,
     require_model_folders,
     safe_file_name,
 )
@@ -165,16 +167,11 @@ def run_sample_stage(run_dir: str, config: SampleConfig, overwrite: bool = False
     # hf://org/name models: the actors fetch them; the driver reads a copy in its HF cache
     ar_uri, ar_files = model_location(config.ar or out.run_path("ar", "model"))
     vae_uri, vae_files = model_location(config.vae or out.run_path("vae", "model"))
-    for what, uri, stage in (
-        ("RQ-Transformer", ar_files, "train-ar"),
-        ("RQ-VAE", vae_files, "train-vae"),
-    ):
-        if not storage.exists(join(uri, "config.json")):
-            raise FileNotFoundError(f"no {what} at {uri}: run the {stage} stage first "
-                                    f"(jobs/{stage.replace('-', '_')}.py) or pass its folder")  # fmt: skip
-    ar_config = json.loads(storage.read_bytes(join(ar_files, "config.json")))["config"]
-    names_uri = out.of("shard").path("labels.json")
-    names = json.loads(storage.read_bytes(names_uri)) if storage.exists(names_uri) else {}
+    ar_config = read_model_config(storage, ar_files, "RQ-Transformer", "run the train-ar stage "
+                                  "first (jobs/train_ar.py) or pass its folder (ar=URI)")  # fmt: skip
+    read_model_config(storage, vae_files, "RQ-VAE", "run the train-vae stage first "
+                      "(jobs/train_vae.py) or pass its folder (vae=URI)")  # fmt: skip
+    names = read_json(storage, out.of("shard").path("labels.json"), {})
     prompts = resolve_prompts(config, storage)
     tokens = None
     if ar_config.get("text_vocab_size"):  # a caption model: the label cycle indexes prompts

@@ -30,10 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.storage import Storage, StorageConfig, join
-from pipeline.formats.inputs import LISTING_SUFFIXES, describe_input
+from pipeline.formats.inputs import IMAGE_SUFFIXES, LISTING_SUFFIXES, describe_input
 from pipeline.formats.shard_tar import iter_tar
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 ROWS = pa.schema([("relative", pa.string()), ("uri", pa.string()), ("size", pa.int64()),
                   ("label_name", pa.string()), ("label", pa.int64()), ("caption", pa.string()),
                   ("tar", pa.int64()), ("member", pa.int64()), ("rank", pa.int64())])  # fmt: skip
