@@ -81,10 +81,16 @@ def test_local_end_to_end_with_bad_inputs(ray_local, tmp_path):
     dataset = ray.data.read_webdataset(str(shards), file_extensions=["tar"])
     assert dataset.count() == len(accepted)
 
-    # Re-running a finished stage rewrites nothing.
+    # Re-running a finished stage rewrites nothing, and does not even list its input: it runs
+    # with the input folder gone.
     before = snapshot(shards)
+    shutil.move(tmp_path / "in", tmp_path / "away")
     run_shard_stage(str(tmp_path / "in"), str(tmp_path / "run"), config())
     assert snapshot(shards) == before
+    with pytest.raises(FileNotFoundError, match="no files under"):  # unless asked to re-list
+        run_shard_stage(str(tmp_path / "in"), str(tmp_path / "run"), config(rescan_input=True))
+    shutil.move(tmp_path / "away", tmp_path / "in")
+    run_shard_stage(str(tmp_path / "in"), str(tmp_path / "run"), config(rescan_input=True))
 
     # Deterministic: another run of the same input gives byte-identical shards.
     run_shard_stage(str(tmp_path / "in"), str(tmp_path / "run2"), config())
@@ -112,6 +118,21 @@ def test_listings_and_resharding(ray_local, tmp_path):
     manifest = run_shard_stage(str(tmp_path / "data" / "list.csv"), str(tmp_path / "run"),
                                config(val_fraction=0.0))  # fmt: skip
     assert manifest.counts["ok"] == 6 and manifest.counts["rejected"] == 1
+    # A listing is identified by its content: the same bytes are up to date, others refused.
+    assert run_shard_stage(str(tmp_path / "data" / "list.csv"), str(tmp_path / "run"),
+                           config(val_fraction=0.0)).fingerprint == manifest.fingerprint  # fmt: skip
+    (tmp_path / "data" / "list.csv").write_text("\n".join([*rows, "img/0.png,bird,again"]) + "\n")
+    with pytest.raises(StageConflict, match="input_version"):
+        run_shard_stage(str(tmp_path / "data" / "list.csv"), str(tmp_path / "run"),
+                        config(val_fraction=0.0))  # fmt: skip
+    rejects = pq.read_table(tmp_path / "run" / "shards" / "rejects.parquet").to_pylist()
+    assert {r["reason"] for r in rejects} == {"file not found"}
+    # A path listed twice: the first row (in a fixed order) is the sample, the other a reject.
+    again = run_shard_stage(str(tmp_path / "data" / "list.csv"), str(tmp_path / "run"),
+                            config(val_fraction=0.0), overwrite=True)  # fmt: skip
+    assert again.counts == {"seen": 8, "ok": 6, "rejected": 2, "shards": again.counts["shards"]}
+    rejects = pq.read_table(tmp_path / "run" / "shards" / "rejects.parquet").to_pylist()
+    assert sorted(r["reason"].split(":")[0] for r in rejects) == ["duplicate", "file not found"]
     samples = read_samples(local_tars(tmp_path / "run" / "shards"))
     metas = [json.loads(s["json"]) for s in samples]
     assert {m["caption"] for m in metas} == {f"a picture number {i}" for i in range(6)}
