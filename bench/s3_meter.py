@@ -10,7 +10,8 @@ in its query), HEAD, GET, PUT, POST, DELETE; then it waits LATENCY_MS and goes o
 endpoint. Responses are passed through untouched. The client process of every connection is
 found from its port (psutil), so the driver's requests and bytes can be told from the
 workers'. `GET /__meter` on the proxy returns the counts as JSON ({pid: {op: n, "bytes_in":
-..., "bytes_out": ...}}); `POST /__meter` resets them.
+..., "bytes_out": ...}}); `POST /__meter` resets them; `GET /__meter?log` gives the last 2,000
+requests; `POST /__meter?latency_ms=N` changes the latency.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import psutil
 
 COUNTS: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 LOG: list[str] = []  # the last requests, "pid OP target", for GET /__meter?log
+LATENCY = [0.0]  # seconds added to each request; POST /__meter?latency_ms=N sets it
 
 
 def _operation(method: str, target: str) -> str:
@@ -62,7 +64,9 @@ async def _body(reader: asyncio.StreamReader, headers: dict[str, str],
 
 
 async def _respond(writer: asyncio.StreamWriter, method: str, target: str) -> None:
-    if method == "POST":
+    if method == "POST" and "latency_ms=" in target:
+        LATENCY[0] = float(target.split("latency_ms=", 1)[1]) / 1000
+    elif method == "POST":
         COUNTS.clear()
         LOG.clear()
     if "log" in target:
@@ -74,7 +78,7 @@ async def _respond(writer: asyncio.StreamWriter, method: str, target: str) -> No
     await writer.drain()
 
 
-async def _requests(reader, upstream_writer, client_writer, pid: int, latency: float) -> None:
+async def _requests(reader, upstream_writer, client_writer, pid: int) -> None:
     while True:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -88,7 +92,7 @@ async def _requests(reader, upstream_writer, client_writer, pid: int, latency: f
         counts[_operation(method, target)] += 1
         LOG.append(f"{pid} {_operation(method, target)} {target[:200]}")
         del LOG[:-2000]
-        await asyncio.sleep(latency)
+        await asyncio.sleep(LATENCY[0])
         upstream_writer.write(head)
         counts["bytes_in"] += len(head) + await _body(reader, headers, upstream_writer)
         await upstream_writer.drain()
@@ -102,6 +106,8 @@ async def _responses(reader, client_writer, pid: int) -> None:
 
 
 async def main(listen_port: int, target_port: int, latency_ms: float) -> None:
+    LATENCY[0] = latency_ms / 1000
+
     async def handle(client_reader, client_writer):
         pid = _pid_of(client_writer.get_extra_info("peername")[1])
         try:
@@ -111,7 +117,7 @@ async def main(listen_port: int, target_port: int, latency_ms: float) -> None:
             client_writer.close()
             return
         tasks = [asyncio.ensure_future(_requests(client_reader, upstream_writer, client_writer,
-                                                 pid, latency_ms / 1000)),
+                                                 pid)),
                  asyncio.ensure_future(_responses(upstream_reader, client_writer, pid))]  # fmt: skip
         with contextlib.suppress(Exception):
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
