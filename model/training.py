@@ -190,6 +190,24 @@ def soft_quantizer(code_embeddings: torch.Tensor, depth: int) -> ResidualQuantiz
     return quantizer.eval()
 
 
+@torch.no_grad()
+def soft_target_sharpness(quantizer: ResidualQuantizer, latents: Tensor, temperature: float,
+                          seed: int = 0) -> dict[str, list[float]]:  # fmt: skip
+    """How sharp the soft targets q_d are on these latents (N, C): their mean entropy a depth
+    (nats; uniform is ln K) and how often a stochastic code is the nearest codeword. The
+    temperature divides squared distances, so it is not scale-free: the paper's 0.5 on a VAE
+    whose latents are small gives near-uniform targets (docs/benchmarks.md)."""
+    z = latents.reshape(-1, 1, 1, quantizer.dim).float()  # (N, 1, 1, C)
+    generator = torch.Generator().manual_seed(seed)
+    codes, probs = quantizer.soft_codes(z, temperature, generator=generator)  # (N,1,1,D), (..,K)
+    nearest = quantizer.encode(z)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).reshape(-1, quantizer.depth)
+    same = (codes == nearest).float().reshape(-1, quantizer.depth)
+    return {"entropy": [round(v, 2) for v in entropy.mean(0).tolist()],
+            "uniform_entropy": round(math.log(quantizer.codebook_size), 2),
+            "nearest_fraction": [round(v, 3) for v in same.mean(0).tolist()]}  # fmt: skip
+
+
 def _condition(batch: dict[str, torch.Tensor], condition: str) -> dict[str, torch.Tensor]:
     """The forward's conditioning keywords for a batch: labels, or caption tokens (the model
     drops either in training, with its label_dropout / caption_dropout, for guidance)."""

@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -179,6 +180,25 @@ def test_soft_codes():
     assert torch.equal(cold, q.encode(z))
     with pytest.raises(ValueError, match="temperature"):
         q.soft_codes(z, 0.0)
+
+
+def test_soft_target_sharpness_depends_on_the_latent_scale():
+    """The temperature divides squared distances: the same latents and codebook scaled down
+    10x give near-uniform targets at the paper's 0.5 (what the demo's small VAE showed)."""
+    from model.training import soft_target_sharpness
+
+    q = trained_quantizer()
+    z = clustered(256, 8, seed=7)  # (N, C)
+    wide = soft_target_sharpness(q, z, 0.5)
+    assert wide["uniform_entropy"] == round(math.log(64), 2)
+    small = trained_quantizer()
+    small.codebooks.mul_(0.1)
+    narrow = soft_target_sharpness(small, z * 0.1, 0.5)
+    assert wide["entropy"][0] < 0.1 and wide["nearest_fraction"][0] > 0.9
+    assert narrow["entropy"][0] > 0.8 * narrow["uniform_entropy"]
+    assert narrow["nearest_fraction"][0] < 0.2
+    cold = soft_target_sharpness(small, z * 0.1, 1e-5)
+    assert cold["nearest_fraction"] == [1.0] * 4 and max(cold["entropy"]) < 0.01
 
 
 def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -35,11 +35,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from model.rqtransformer import RQTransformerConfig
 from model.text import TextConfig, check_tokenizer
+from model.training import soft_quantizer, soft_target_sharpness
 from pipeline.core.config import output_fields
 from pipeline.core.lease import single_writer
 from pipeline.core.manifest import Manifest
@@ -216,6 +220,9 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
         "preview_prompts": prompts,
         "views": tables.views,
     }
+    if config.targets == "soft":
+        check_soft_targets(config, code_embeddings, loop_config["val"]["latents"],
+                           model_config.depth)  # fmt: skip
     train_text = text and {**text, "bpe_dropout": config.text.bpe_dropout}
     seed = resume_seed(config.seed, latest_checkpoint_step(storage, ar.uri))
     dataset = train_dataset(storage, tables, columns, seed, train_text, config.seed)
@@ -231,3 +238,22 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
     if tokenizer_json:
         counts["text_vocab_size"] = text_vocab_size
     return finish_training(ar, planned, config, started, **counts)
+
+
+def check_soft_targets(config: TrainARConfig, code_embeddings: Any, latents: Any,
+                       depth: int) -> None:  # fmt: skip
+    """Print how sharp the soft targets are on the validation latents; warn when they are
+    close to uniform (a temperature too high for this VAE's latent scale)."""
+    quantizer = soft_quantizer(torch.as_tensor(code_embeddings), depth)
+    sharp = soft_target_sharpness(quantizer, torch.as_tensor(latents), config.soft_temperature,
+                                  config.seed)  # fmt: skip
+    print(f"train-ar: soft targets at soft_temperature={config.soft_temperature}: entropy "
+          f"{sharp['entropy']} nats a depth (uniform {sharp['uniform_entropy']}); the sampled "
+          f"code is the nearest {[f'{v:.0%}' for v in sharp['nearest_fraction']]} of the time",
+          flush=True)  # fmt: skip
+    if sharp["entropy"][0] > 0.5 * sharp["uniform_entropy"]:
+        warnings.warn(f"soft targets at soft_temperature={config.soft_temperature} are close to "
+                      f"uniform on this VAE's latents (depth-1 entropy {sharp['entropy'][0]} of "
+                      f"{sharp['uniform_entropy']} nats): the temperature divides squared "
+                      f"distances, and the paper's 0.5 suits its VAE's latent scale, not this "
+                      f"one. Lower soft_temperature or use targets=hard", stacklevel=2)  # fmt: skip
