@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from scale import PeakRSS  # noqa: E402  (bench/scale.py, beside this file)
 
 GROUP = 1_000_000
 
@@ -46,24 +45,6 @@ def write_listing(path: Path, rows: int) -> None:
                 "",
             )
             writer.write_table(pa.table({"path": names, "label": label}, schema=schema))
-
-
-class PeakRSS:
-    def __init__(self) -> None:
-        self.process, self.peak, self.running = psutil.Process(), 0, True
-        self.start = self.process.memory_info().rss
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-
-    def _watch(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        self.running = False
-        self.thread.join()
-        return max(0, self.peak - self.start)
 
 
 def plan(listing: Path, samples_per_shard: int, val_fraction: float) -> tuple[int, int]:

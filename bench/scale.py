@@ -395,9 +395,18 @@ def _sampled(run: str, units: int, storage: Any) -> None:
                                                      cpus_per_actor=0.5, storage=storage))  # fmt: skip
 
 
-def install_stubs() -> None:
-    from pipeline.stages import encode, evaluate, sample, train_ar, train_vae
+def marked_write_shard_group(*args: Any, **kwargs: Any) -> Any:
+    """The shard stage's real writer, marking when the first shard started (not a stub)."""
+    from pipeline.stages.shard.writer import write_shard_group
 
+    _first("shard")
+    return write_shard_group(*args, **kwargs)
+
+
+def install_stubs() -> None:
+    from pipeline.stages import encode, evaluate, sample, shard, train_ar, train_vae
+
+    shard.write_shard_group = marked_write_shard_group
     encode.ShardEncoder = StubEncoder
     sample.ChunkSampler = StubSampler
     evaluate.FeatureWorker = StubFeatures

@@ -6,7 +6,9 @@ The single-process baseline lists the folder, assigns every file its shard and c
 stage's own `write_shard_group` on each shard's rows, one shard after another: the same
 reads, decode + resize + encode and tar write, without Ray. The stage is then run with shard
 tasks of 1 and 0.5 CPU (Ray started once, with the machine's CPUs; workers warmed up by a
-small run first). Figures are images/s.
+small run first). Figures are images/s. With `--s3`, the same images are also read from moto's
+S3 server behind bench/s3_meter.py, 30 ms a request as from EC2 (one GET an image, 16 in
+flight a task), and written back there.
 """
 
 from __future__ import annotations
@@ -54,10 +56,34 @@ def make_inputs(root: Path, count: int) -> None:
         photo(rng).save(folder / f"{i:05d}.jpg", quality=90)
 
 
+def s3_rate(images: Path, config: ShardConfig, count: int) -> float:
+    """images/s of the stage from S3 to S3: moto behind the meter, 30 ms a request."""
+    import boto3
+    from scale import Services  # bench/scale.py, beside this file
+
+    for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench-secret"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):  # fmt: skip
+        os.environ.setdefault(key, value)
+    services = Services(30.0, images.parent / "moto.log")
+    try:
+        client = boto3.client("s3", endpoint_url=services.direct)
+        client.create_bucket(Bucket="bench")
+        for path in sorted(images.rglob("*.jpg")):
+            client.upload_file(str(path), "bench", f"in/{path.relative_to(images).as_posix()}")
+        config.storage.endpoint_url = services.url
+        start = time.perf_counter()
+        run_shard_stage("s3://bench/in", "s3://bench/run", config)
+        return count / (time.perf_counter() - start)
+    finally:
+        config.storage.endpoint_url = None
+        services.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=960)
     parser.add_argument("--per-shard", type=int, default=20)
+    parser.add_argument("--s3", action="store_true", help="also from and to S3 (moto, 30 ms)")
     args = parser.parse_args()
 
     import ray
@@ -96,6 +122,10 @@ def main() -> None:
             run_shard_stage(str(work / "in"), str(run_dir), config)
             rate = len(rows) / (time.perf_counter() - start)
             label = f"stage, shard tasks of {cpus_per_task} CPU"
+            print(f"{label:<32} {rate:>9.1f} {rate / loop_rate:>8.2f}", flush=True)
+        if args.s3:
+            rate = s3_rate(work / "in", config, len(rows))
+            label = f"stage on S3, tasks of {config.cpus_per_task} CPU"
             print(f"{label:<32} {rate:>9.1f} {rate / loop_rate:>8.2f}", flush=True)
         ray.shutdown()
     finally:
