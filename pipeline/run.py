@@ -125,7 +125,7 @@ def _fit_conditioning(plan: list[PlannedStage], described: InputDescription) -> 
     train_ar.conditioning = train_ar.resolve_conditioning(described.labels, described.captions,
                                                           f"the input ({described})")  # fmt: skip
     how = " (auto)" if asked == "auto" else ""
-    print(f"rqpipe run: the input is {described}: the RQ-Transformer will be conditioned on "
+    print(f"rqpipe plan: the input is {described}: the RQ-Transformer will be conditioned on "
           f"{CONDITIONED_ON[train_ar.conditioning]}{how}", flush=True)  # fmt: skip
     prompted = bool(sample.prompts or sample.prompts_file)
     if prompted and train_ar.conditioning != "text":

@@ -44,7 +44,9 @@ def _loop(config):
         shard_model(model, (Block,))
     optimizer = build_optimizer(model, train)
     start = (
-        _load_checkpoint(model, optimizer, config["resume_from"]) if config["resume_from"] else 0
+        _load_checkpoint(model, optimizer, None, config["resume_from"])
+        if config["resume_from"]
+        else 0
     )
     forward = model
     if config["strategy"] == "ddp":
@@ -58,7 +60,7 @@ def _loop(config):
             ar_train_step(forward, optimizer, [batch], step, train, "class", None)["loss"]
         )
         if step + 1 == config["save_at"]:
-            _save_checkpoint(model, optimizer, step + 1, rank, config["save_dir"])
+            _save_checkpoint(model, optimizer, None, step + 1, rank, config["save_dir"])
             dist.barrier()
     weights = full_model_state(model) if config["strategy"] == "fsdp" else model.state_dict()
     if rank == 0:

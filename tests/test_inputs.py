@@ -83,7 +83,7 @@ def test_the_plan_fits_the_conditioning_to_the_input(class_folders, tmp_path, ca
     plan = plan_pipeline(DEMO, [OFF], class_folders)
     assert conditioning(plan) == "class"
     first = capsys.readouterr().out.splitlines()[0]
-    assert first == ("rqpipe run: the input is a folder with labels: the RQ-Transformer will be "
+    assert first == ("rqpipe plan: the input is a folder with labels: the RQ-Transformer will be "
                      "conditioned on class labels (auto)")  # fmt: skip
 
     (tmp_path / "listing.csv").write_text("path,caption\nin/cat/a.png,a cat\n")

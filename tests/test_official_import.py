@@ -218,24 +218,36 @@ def test_ema_weights_and_bare_state_dicts(tmp_path):
 @pytest.mark.slow
 def test_pipeline_from_an_imported_rqvae(imported_vae, tmp_path):
     """shard -> (imported RQ-VAE, no training) -> encode -> train-ar -> sample, via `rqpipe run`
-    in its own process, as a user would: the codes come from the imported model."""
-    from pipeline.demo.data import write_demo_dataset
+    in its own process, as a user would: the codes come from the imported model. The input is
+    class folders with configs/demo.yaml, the README's "your data" command: a class model."""
+    from pipeline.demo.data import DEMO_CLASSES, write_demo_dataset
 
     _, vae_dir = imported_vae
     write_demo_dataset(tmp_path / "in", per_class=6)
+    (tmp_path / "in.csv").unlink()  # the folders alone, no listing
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "pipeline.cli", "run", "--input", str(tmp_path / "in.csv"),
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--input", str(tmp_path / "in"),
                "--run-dir", str(run), "--config", "configs/demo.yaml",
                f"train_vae.pretrained={vae_dir}", "shard.val_fraction=0.2",
                "train_ar.steps=2", "train_ar.batch_size=4", "train_ar.log_every=1",
                "train_ar.checkpoint_every=2", "train_ar.preview_per_class=1",
-               "sample.num_samples=2", "sample.chunk_size=2",
+               "sample.num_samples=4", "sample.chunk_size=2",
                "sample.grid_size=2", "evaluate.enabled=false"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local instance
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
                             timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == (
+        "rqpipe plan: the input is a folder with labels: the RQ-Transformer will be conditioned "
+        "on class labels (auto)"
+    )
     assert "using " in result.stdout and "(no training)" in result.stdout
+    config = json.loads((run / "ar" / "model" / "config.json").read_text())["config"]
+    assert config["num_classes"] == 4 and not config["text_vocab_size"]
+    assert not (run / "ar" / "model" / "tokenizer.json").exists()
+    assert sorted(g.name for g in (run / "samples").glob("grid-*.png")) == [
+        f"grid-{i}-{name}.png" for i, name in enumerate(sorted(DEMO_CLASSES))
+    ]
     manifest = json.loads((run / "vae" / "_manifest.json").read_text())
     assert manifest["counts"]["steps"] == 0 and "pretrained" in manifest["upstream"]
     assert (run / "vae" / "reconstructions.png").exists()

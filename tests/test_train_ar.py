@@ -35,6 +35,18 @@ def copy_run(encoded_run: Path, tmp_path: Path) -> Path:
     return run
 
 
+def edit_encode_manifest(run: Path, **properties) -> None:
+    """The tables were edited by hand: say so in the encode manifest, which train-ar plans from
+    (no properties at all: train-ar reads the tables, as for an older encode manifest)."""
+    path = run / "codes" / "_manifest.json"
+    manifest = json.loads(path.read_text())
+    if properties:
+        manifest["properties"].update(properties)
+    else:
+        manifest.pop("properties")
+    path.write_text(json.dumps(manifest))
+
+
 def losses(ar_dir: Path) -> list[float]:
     return [m["loss"] for m in metrics(ar_dir) if "event" not in m]
 
@@ -85,6 +97,7 @@ def test_soft_targets_without_latents_is_a_clear_error(encoded_run, tmp_path):
     run = copy_run(encoded_run, tmp_path)
     for table in (run / "codes").glob("*.parquet"):
         pq.write_table(pq.read_table(table).drop_columns(["latents"]), table)
+    edit_encode_manifest(run, latents=False)
     with pytest.raises(ValueError, match="with_latents=true"):
         run_train_ar_stage(str(run), ar_config(targets="soft"))
 
@@ -186,6 +199,7 @@ def test_tables_without_labels_train_an_unconditional_model(encoded_run, tmp_pat
         nulls = pa.nulls(len(table), pa.int32())
         table = table.set_column(table.schema.get_field_index("label"), "label", nulls)
         pq.write_table(table, path)
+    edit_encode_manifest(run)  # read from the tables themselves
     config = ar_config(num_workers=1, cpus_per_worker=1.0, steps=4, preview_per_class=2)
     manifest = run_train_ar_stage(str(run), config)
     assert manifest.counts["num_classes"] == 0
