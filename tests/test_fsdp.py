@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.rqtransformer import RQTransformer
+from pipeline.core.tracking import TrackingConfig
 from pipeline.stages.train_ar import TrainARConfig, run_train_ar_stage
 from tests.train_helpers import committed_checkpoints, metrics
 
@@ -132,7 +133,8 @@ def test_train_ar_stage_with_fsdp_resumes_and_exports(encoded_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(encoded_run, run)
     config = dict(batch_size=8, lr=2e-3, warmup_steps=2, num_workers=2, cpus_per_worker=0.5,
-                  log_every=2, checkpoint_every=4, preview_per_class=1, strategy="fsdp")  # fmt: skip
+                  log_every=2, checkpoint_every=4, preview_per_class=1, strategy="fsdp",
+                  tracking=TrackingConfig("none"))  # fmt: skip
     run_train_ar_stage(str(run), TrainARConfig(steps=4, **config))
     first = RQTransformer.from_pretrained(str(run / "ar" / "model"))
     # Extended to 8 steps: the run resumes from its sharded checkpoint of step 4 (merged by Ray

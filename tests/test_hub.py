@@ -121,6 +121,7 @@ sys.path.insert(0, "tests")
 from test_hub import hub_cache_model
 from model.rqtransformer import RQTransformer
 from pipeline.core.storage import Storage
+from pipeline.core.tracking import TrackingConfig
 from pipeline.stages.encode import EncodeConfig, run_encode_stage
 from pipeline.stages.train_ar import TrainARConfig, run_train_ar_stage
 from pipeline.tools.analysis import decode_key, read_codes
@@ -130,7 +131,7 @@ ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=Fal
 vae = "hf://someorg/tiny-rqvae"
 run_encode_stage(str(run), EncodeConfig(vae=vae, cpus_per_actor=0.5), overwrite=True)
 ar = dict(steps=2, batch_size=8, num_workers=1, cpus_per_worker=0.5, log_every=1,
-          checkpoint_every=2, preview_per_class=1, vae=vae)
+          checkpoint_every=2, preview_per_class=1, vae=vae, tracking=TrackingConfig("none"))
 run_train_ar_stage(str(run), TrainARConfig(**ar))
 hub_cache_model(hf_home, "someorg/tiny-ar", run / "ar" / "model")
 weights = (run / "ar" / "model" / "model.safetensors").read_bytes()

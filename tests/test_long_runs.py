@@ -17,12 +17,14 @@ from pipeline.stages.train_vae import TrainVAEConfig, run_train_vae_stage
 from tests.train_helpers import metrics
 
 
-def vae_config(**kw) -> TrainVAEConfig:
+def vae_config(tracking: str = "none", **kw) -> TrainVAEConfig:
+    """Tracking off but where MLflow is what is checked: a new MLflow database costs seconds."""
     values = dict(steps=8, batch_size=8, lr=2e-3, warmup_steps=2, num_workers=1,
                   cpus_per_worker=0.5, log_every=4, checkpoint_every=4, val_images=16)  # fmt: skip
     values.update(kw)
     config = TrainVAEConfig(**values)
     config.loss.gan_weight = 0.0
+    config.tracking.backend = tracking
     return config
 
 
@@ -46,13 +48,13 @@ def fresh_run(shards: Path, tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_extend_refuse_changes_finetune_and_track(shards, tmp_path):
     run = fresh_run(shards, tmp_path)
-    run_train_vae_stage(str(run), vae_config())
+    run_train_vae_stage(str(run), vae_config("mlflow"))
     with pytest.raises(StageConflict, match=r"finished train-vae output made with another "
                                             r"config: lr: 0.002 -> 0.001"):  # fmt: skip
-        run_train_vae_stage(str(run), vae_config(lr=1e-3))
+        run_train_vae_stage(str(run), vae_config("mlflow", lr=1e-3))
 
     # Raising steps extends the finished run from its last checkpoint.
-    manifest = run_train_vae_stage(str(run), vae_config(steps=16))
+    manifest = run_train_vae_stage(str(run), vae_config("mlflow", steps=16))
     assert manifest.config["steps"] == 16
     records = metrics(run / "vae")
     assert [(r["step"], r.get("event")) for r in records] == [

@@ -231,6 +231,7 @@ def test_pipeline_from_an_imported_rqvae(imported_vae, tmp_path):
                f"train_vae.pretrained={vae_dir}", "shard.val_fraction=0.2",
                "train_ar.steps=2", "train_ar.batch_size=4", "train_ar.log_every=1",
                "train_ar.checkpoint_every=2", "train_ar.preview_per_class=1",
+               "train_ar.tracking.backend=none",  # MLflow is tested in test_long_runs.py
                "sample.num_samples=4", "sample.chunk_size=2",
                "sample.grid_size=2", "evaluate.enabled=false"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local instance

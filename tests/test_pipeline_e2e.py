@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from model.rqvae import RQVAE
 from pipeline.core.storage import Storage, StorageConfig
 from pipeline.demo.data import demo_listing, write_demo_dataset
 from tests.tcp_proxy import Proxy
@@ -164,8 +166,10 @@ def test_whole_pipeline_on_s3_across_two_nodes(s3_input, s3_endpoint, tmp_path,
 
     bucket, client = s3_input
     tiny_clip(tmp_path / "clip")  # the CLIP score of the prompts, in the evaluate stage
-    # One Train worker per node (2 of each node's 3 CPUs): DDP across the two nodes.
+    # One Train worker per node (2 of each node's 3 CPUs): DDP across the two nodes, the
+    # RQ-VAE's discriminator too (from step 2).
     overrides = [*FAST, "train_vae.num_workers=2", "train_vae.cpus_per_worker=2",
+                 "train_vae.loss.gan_weight=0.1", "train_vae.loss.gan_start_step=2",
                  "train_ar.num_workers=2", "train_ar.cpus_per_worker=2",
                  "encode.num_actors=2", "sample.num_actors=2", "evaluate.num_actors=2",
                  f"evaluate.weights={classifier_weights}", f"evaluate.clip={tmp_path / 'clip'}",
@@ -182,10 +186,25 @@ def test_whole_pipeline_on_s3_across_two_nodes(s3_input, s3_endpoint, tmp_path,
     assert [r["status"] for r in report["first"]] == ["ran"] * 6
     assert [r["status"] for r in report["second"]] == ["up to date"] * 6
     assert report["first"][2]["counts"]["rows"] == 4 * PER_CLASS
-    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]}
+    keys = set(snapshot(client, bucket, "run/"))
     assert {"run/ar/model/model.safetensors", "run/ar/model/tokenizer.json",
             "run/samples/_manifest.json", "run/vae/reconstructions.png", "run/eval/metrics.json",
             "run/eval/report.md", "run/eval/reference.npz"} <= keys  # fmt: skip
+    # Both training stages on S3: a metrics part a checkpoint (nothing rewritten), curves,
+    # previews, checkpoints of Ray Train's own, and models that load from the bucket.
+    for stage, preview in (("vae", "reconstructions/step-0000004.png"), ("ar", "samples.png")):
+        assert {f"run/{stage}/_manifest.json", f"run/{stage}/metrics/part-000000004.jsonl",
+                f"run/{stage}/curves.png", f"run/{stage}/model/config.json",
+                f"run/{stage}/{preview}"} <= keys  # fmt: skip
+        assert any(k.startswith(f"run/{stage}/") and "checkpoint_" in k
+                   and k.endswith("trainer.safetensors") for k in keys)  # fmt: skip
+    storage = Storage(StorageConfig(endpoint_url=s3_endpoint))
+    vae_records = [json.loads(line) for line in client.get_object(
+        Bucket=bucket, Key="run/vae/metrics/part-000000004.jsonl")["Body"].iter_lines() if line]  # fmt: skip
+    assert {"gan", "disc"} <= set(vae_records[-1]), vae_records[-1]  # the discriminator trained
+    uri = f"s3://{bucket}/run/vae/model"
+    assert RQVAE.from_pretrained(uri, storage_options=storage.options(uri)).encode(
+        torch.zeros(1, 3, 32, 32)).shape == (1, 8, 8, 4)  # fmt: skip
     metrics = json.loads(
         client.get_object(Bucket=bucket, Key="run/eval/metrics.json")["Body"].read()
     )

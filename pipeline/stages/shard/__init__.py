@@ -156,6 +156,10 @@ def run_shard_stage(
         return _shard(input_uri, shards, config, planned, started)
 
 
+ROWS_PER_PARTITION = 1_000_000  # listed rows (~150 B each) a block of the grouping sort
+MIN_PARTITIONS = 8  # the sort's parallelism on a small input
+
+
 @contextmanager
 def _sort_shuffle():
     """Ray Data's sort-based shuffle for the grouping by shard: tasks only, where the hash
@@ -231,7 +235,10 @@ def _write_pending(rows: Any, census: Census, config: ShardConfig, shards: Stage
         pending_only = lambda t: t.filter(pc.invert(pc.is_in(t["unit"], pa_array(done))))  # noqa: E731
         assigned = assigned.map_batches(pending_only, batch_format="pyarrow",
                                         num_cpus=config.cpus_per_task)  # fmt: skip
-    written = assigned.groupby("unit").map_groups(
+    # The sort behind groupby makes (input blocks)^2 pieces: a block a listed row group, folder
+    # or tar would mean 1.6 billion at LAION's 40,000 tars. Bounded blocks of ~1M rows instead.
+    partitions = max(MIN_PARTITIONS, -(-census.seen // ROWS_PER_PARTITION))
+    written = assigned.repartition(partitions).groupby("unit").map_groups(
         write_shard_group, batch_format="pyarrow", num_cpus=config.cpus_per_task,
         max_retries=config.max_retries, fn_args=(config, shards.uri, fp),
     )  # fmt: skip
