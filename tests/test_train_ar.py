@@ -227,8 +227,11 @@ def test_one_batch_of_class_sorted_tables_spans_the_classes(ray_local, tmp_path)
                           "label": pa.array([label] * 64, pa.int32())})  # fmt: skip
         paths.append(str(tmp_path / f"train-{i:06d}.parquet"))
         pq.write_table(table, paths[-1])
+    # the folder is read as a listing: its other tables are skipped, not trained on
+    pq.write_table(table, tmp_path / "val-000000.parquet")
     tables = CodeTables(paths, [], shape, 16, "fp", 4, False, 512, 512)
     dataset = train_dataset(Storage(), tables, ["codes", "label"])
+    assert dataset.count() == 8 * 64
     config = ar_config(batch_size=64)
     first = next(iter(shuffled_batches(dataset, config.batch_size, config.shuffle_buffer, "cpu")))
     assert first["codes"].shape == (64, 2, 2, 2)
