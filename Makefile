@@ -21,17 +21,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python -m pipeline.cli demo $(DEMO_ARGS)
 
-# Two test processes, each with its own Ray instance: the end-to-end tests leave about a
-# third of the CPU idle (process starts, Ray Train's set-up, S3 round trips), and the slow
-# tests go first (tests/conftest.py) so that the short ones fill the end.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal
+	$(BIN)/python -m pytest -q
 
 # For development: everything but the end-to-end tests marked `slow` (a few minutes).
 test-fast: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

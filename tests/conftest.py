@@ -144,9 +144,3 @@ def storage_root(request, tmp_path):
     bucket, _ = request.getfixturevalue("s3_bucket")
     endpoint = request.getfixturevalue("s3_endpoint")
     return f"s3://{bucket}/root", Storage(StorageConfig(endpoint_url=endpoint))
-
-
-def pytest_collection_modifyitems(items):
-    """The slow end-to-end tests first, in file order: under `-n 2` (make test) a long test
-    that started last would run alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
