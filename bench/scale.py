@@ -446,7 +446,9 @@ def report(results: list[dict], out: Path) -> None:
               f"{a / r['units']:.2f} | {r['all']['LIST']} | {r['first_task_s']} | "
               f"{r['seconds']} | {r['peak_rss_mb']} | {r['driver_bytes'] / r['units']:.0f} |")  # fmt: skip
     print("\nlog-log slopes in units (1: linear):")
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    colours = dict(zip(STAGES, plt.get_cmap("tab10").colors, strict=False))
+    styles = {"first": "o-", "resume": "s--", "noop": "^:"}
     for stage in STAGES:
         for case in CASES:
             rows = sorted((r for r in results if r["stage"] == stage and r["case"] == case),
@@ -455,12 +457,14 @@ def report(results: list[dict], out: Path) -> None:
                 continue
             total = [(r["units"], float(sum(r["all"].values()))) for r in rows]
             seconds = [(r["units"], r["seconds"]) for r in rows]
-            print(f"  {stage:<14} {case:<7} requests {slope(total)} seconds {slope(seconds)}")
-            axes[0].loglog(*zip(*total, strict=True), "o-", label=f"{stage} {case}")
-            axes[1].loglog(*zip(*seconds, strict=True), "o-", label=f"{stage} {case}")
-    axes[0].set(xlabel="units", ylabel="requests", title="object-store requests")
-    axes[1].set(xlabel="units", ylabel="seconds", title="driver time")
-    axes[1].legend(fontsize=6, ncol=2)
+            shown = [f"{x:.2f}" if x is not None else "-" for x in (slope(total), slope(seconds))]
+            print(f"  {stage:<14} {case:<7} requests {shown[0]:>5}  seconds {shown[1]:>5}")
+            look = dict(color=colours[stage], label=f"{stage} {case}")
+            axes[0].loglog(*zip(*total, strict=True), styles[case], **look)
+            axes[1].loglog(*zip(*seconds, strict=True), styles[case], **look)
+    axes[0].set(xlabel="units", ylabel="requests (everyone's)", title="object-store requests")
+    axes[1].set(xlabel="units", ylabel="seconds", title="the stage's time (the driver waits)")
+    axes[1].legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     figure.savefig(out / "scale.png", dpi=110)
 
