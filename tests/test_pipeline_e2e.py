@@ -20,6 +20,7 @@ from model.rqvae import RQVAE
 from pipeline.core.storage import Storage, StorageConfig
 from pipeline.demo.data import demo_listing, write_demo_dataset
 from tests.tcp_proxy import Proxy
+from tests.train_helpers import metrics as stage_metrics
 
 pytestmark = pytest.mark.slow  # end to end: whole stages on Ray (make test-fast skips them)
 
@@ -199,8 +200,7 @@ def test_whole_pipeline_on_s3_across_two_nodes(s3_input, s3_endpoint, tmp_path,
         assert any(k.startswith(f"run/{stage}/") and "checkpoint_" in k
                    and k.endswith("trainer.safetensors") for k in keys)  # fmt: skip
     storage = Storage(StorageConfig(endpoint_url=s3_endpoint))
-    vae_records = [json.loads(line) for line in client.get_object(
-        Bucket=bucket, Key="run/vae/metrics/part-000000004.jsonl")["Body"].iter_lines() if line]  # fmt: skip
+    vae_records = stage_metrics(f"s3://{bucket}/run/vae", storage)
     assert {"gan", "disc"} <= set(vae_records[-1]), vae_records[-1]  # the discriminator trained
     uri = f"s3://{bucket}/run/vae/model"
     assert RQVAE.from_pretrained(uri, storage_options=storage.options(uri)).encode(

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model.rqvae import RQVAE
-from pipeline.core.storage import Storage, StorageConfig
+from pipeline.core.storage import Storage
 from pipeline.demo.data import write_demo_dataset
 from pipeline.stages.shard import ShardConfig, run_shard_stage
 from pipeline.stages.train_vae import TrainVAEConfig, run_train_vae_stage, validation_images
@@ -44,9 +44,8 @@ def demo_images(tmp_path_factory):
     return root
 
 
-def sharded_run(demo_images, run_dir: str, storage: StorageConfig | None = None) -> str:
-    run_shard_stage(str(demo_images), run_dir, ShardConfig(**SHARDING, storage=storage or
-                                                           StorageConfig()))  # fmt: skip
+def sharded_run(demo_images, run_dir: str) -> str:
+    run_shard_stage(str(demo_images), run_dir, ShardConfig(**SHARDING))
     return run_dir
 
 

@@ -42,13 +42,13 @@ def _train_source(storage: Storage, train: list[str]) -> tuple[Any, Any, list[st
     step at 40,000 tables); a folder it lists in pages (docs/scale.md)."""
     folder = train[0].rsplit("/", 1)[0]
     filesystem, directory = storage.arrow_fs(folder)
-    paths = {storage.arrow_fs(uri)[1] for uri in train}
+    paths = [storage.arrow_fs(uri)[1] for uri in train]
     if any(path.rsplit("/", 1)[0] != directory for path in paths):  # several folders
-        return filesystem, sorted(paths), []
+        return filesystem, paths, []
     fs, fs_path = storage.fs(folder)
     prefix = len(fs_path.rstrip("/"))  # fsspec's paths and arrow's may differ in form
     listed = {directory + found[prefix:] for found in fs.find(fs_path)}
-    return filesystem, directory, sorted(listed - paths)
+    return filesystem, directory, sorted(listed.difference(paths))
 
 
 def validation_rows(storage: Storage, tables: CodeTables, count: int, columns: list[str],
