@@ -17,6 +17,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rqpipe-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # Ray Train V2 polls workers every 2 s by default: tests would mostly wait.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+# Ray Train starts a preemption-watcher actor (a process importing Ray Train, ~1.5 CPU-s) for
+# every fit, to react to nodes being drained; no test drains a node, and there are ~30 fits.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def free_port() -> int:

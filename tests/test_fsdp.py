@@ -21,6 +21,16 @@ pytestmark = pytest.mark.slow  # Ray Train runs
 
 
 def _loop(config):
+    """The runs of `config["runs"]` one after another, on one worker group (a group costs
+    seconds to start; each run builds its model afresh)."""
+    from pipeline.core.training import train_worker_setup
+
+    rank = train_worker_setup(1)[0]
+    for run in config["runs"]:
+        _run(run, rank)
+
+
+def _run(config, rank: int):
     """`steps` optimizer steps of the tiny class-conditional RQ-Transformer under `strategy`;
     the checkpoint of step `save_at` into `save_dir` (every rank into the same folder, as Ray
     Train's merge leaves it); `resume_from` a checkpoint folder. Rank 0 writes the losses and
@@ -30,10 +40,8 @@ def _loop(config):
     from model.rqtransformer import Block, RQTransformerConfig
     from model.training import ar_train_step, build_optimizer
     from pipeline.core.fsdp import full_model_state, shard_model
-    from pipeline.core.training import train_worker_setup
     from pipeline.stages.train_ar.worker import _load_checkpoint, _save_checkpoint
 
-    rank = train_worker_setup(1)[0]
     train = TrainARConfig(steps=config["steps"], lr=3e-3, warmup_steps=1)
     # no label dropout: its draws from the global RNG are not in a checkpoint (nor in the
     # stage's: a resumed stage re-randomises its data too)
@@ -67,34 +75,44 @@ def _loop(config):
     if rank == 0:
         save_file({k: v.contiguous() for k, v in weights.items()}, f"{config['out']}.safetensors")
         Path(f"{config['out']}.json").write_text(json.dumps({"losses": losses, "start": start}))
+    dist.barrier()  # the next run may resume from this one's checkpoint
 
 
-def _train(tmp_path: Path, name: str, strategy: str, steps: int, save_at: int = 0,
-           resume_from: str | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:  # fmt: skip
+def _train(tmp_path: Path, runs: list[dict]) -> dict[str, tuple[list[float], dict]]:
+    """Each run of `runs` (name, strategy, steps[, save_at, resume_from]) on two workers, in
+    one Ray Train fit: {name: (losses, final weights)}."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    out, save_dir = tmp_path / name, tmp_path / f"{name}-checkpoint"
-    save_dir.mkdir()
+    for run in runs:
+        run.setdefault("save_at", 0)
+        run.setdefault("resume_from", None)
+        run["out"] = str(tmp_path / run["name"])
+        run["save_dir"] = str(tmp_path / f"{run['name']}-checkpoint")
+        Path(run["save_dir"]).mkdir()
     TorchTrainer(
         _loop,
-        train_loop_config={
-            "strategy": strategy,
-            "steps": steps,
-            "save_at": save_at,
-            "save_dir": str(save_dir),
-            "resume_from": resume_from,
-            "out": str(out),
-        },
+        train_loop_config={"runs": runs},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(name=name, storage_path=str(tmp_path / "ray")),
+        run_config=RunConfig(name="runs", storage_path=str(tmp_path / "ray")),
     ).fit()
-    return json.loads(Path(f"{out}.json").read_text())["losses"], load_file(f"{out}.safetensors")
+    return {run["name"]: (json.loads(Path(f"{run['out']}.json").read_text())["losses"],
+                          load_file(f"{run['out']}.safetensors")) for run in runs}  # fmt: skip
 
 
 def test_fsdp_matches_ddp_and_resumes_bit_for_bit(ray_local, tmp_path):
-    ddp_losses, ddp_weights = _train(tmp_path, "ddp", "ddp", steps=4, save_at=2)
-    fsdp_losses, fsdp_weights = _train(tmp_path, "fsdp", "fsdp", steps=4, save_at=2)
+    sharded = tmp_path / "fsdp-checkpoint"
+    results = _train(tmp_path, [
+        dict(name="ddp", strategy="ddp", steps=4, save_at=2),
+        dict(name="fsdp", strategy="fsdp", steps=4, save_at=2),
+        # resumed from step 2 of the FSDP run; a run may also change strategy when it resumes
+        dict(name="fsdp-resumed", strategy="fsdp", steps=4, resume_from=str(sharded)),
+        dict(name="ddp-to-fsdp", strategy="fsdp", steps=4,
+             resume_from=str(tmp_path / "ddp-checkpoint")),
+        dict(name="fsdp-to-ddp", strategy="ddp", steps=4, resume_from=str(sharded)),
+    ])  # fmt: skip
+    ddp_losses, ddp_weights = results["ddp"]
+    fsdp_losses, fsdp_weights = results["fsdp"]
     # The same model, data and seed: FSDP's reduce-scatter sums in another order than DDP's
     # all-reduce, so equal to rounding.
     assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-5)
@@ -106,25 +124,20 @@ def test_fsdp_matches_ddp_and_resumes_bit_for_bit(ray_local, tmp_path):
         torch.testing.assert_close(fsdp_weights[name], value, rtol=1e-4, atol=1e-4)
 
     # The sharded checkpoint: each rank's shards, no pickle, a layout read back from the files.
-    sharded = tmp_path / "fsdp-checkpoint"
     assert sorted(p.name for p in (sharded / "sharded").iterdir()) == [
         "shard-00001-model-00001-of-00001.safetensors",
         "shard-00002-model-00001-of-00001.safetensors"]  # fmt: skip
     assert json.loads((sharded / "trainer.json").read_text())["step"] == 2
 
     # Resumed from step 2, FSDP continues exactly as the run that never stopped.
-    resumed_losses, resumed_weights = _train(tmp_path, "fsdp-resumed", "fsdp", steps=4,
-                                             resume_from=str(sharded))  # fmt: skip
+    resumed_losses, resumed_weights = results["fsdp-resumed"]
     assert resumed_losses == fsdp_losses[2:]
     for name, value in fsdp_weights.items():
         assert torch.equal(resumed_weights[name], value), name
 
-    # A run may change strategy when it resumes: the DDP checkpoint into FSDP, and back.
-    into_fsdp, _ = _train(tmp_path, "ddp-to-fsdp", "fsdp", steps=4,
-                          resume_from=str(tmp_path / "ddp-checkpoint"))  # fmt: skip
-    assert into_fsdp == pytest.approx(ddp_losses[2:], rel=1e-5)
-    into_ddp, _ = _train(tmp_path, "fsdp-to-ddp", "ddp", steps=4, resume_from=str(sharded))
-    assert into_ddp == pytest.approx(fsdp_losses[2:], rel=1e-5)
+    # Changed strategies: the DDP checkpoint into FSDP, and back.
+    assert results["ddp-to-fsdp"][0] == pytest.approx(ddp_losses[2:], rel=1e-5)
+    assert results["fsdp-to-ddp"][0] == pytest.approx(fsdp_losses[2:], rel=1e-5)
 
 
 def test_train_ar_stage_with_fsdp_resumes_and_exports(encoded_run, tmp_path):

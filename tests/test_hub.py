@@ -120,6 +120,7 @@ import ray, torch
 sys.path.insert(0, "tests")
 from test_hub import hub_cache_model
 from model.rqtransformer import RQTransformer
+from model.rqvae import RQVAE
 from pipeline.core.storage import Storage
 from pipeline.core.tracking import TrackingConfig
 from pipeline.stages.encode import EncodeConfig, run_encode_stage
@@ -132,12 +133,14 @@ vae = "hf://someorg/tiny-rqvae"
 run_encode_stage(str(run), EncodeConfig(vae=vae, cpus_per_actor=0.5), overwrite=True)
 ar = dict(steps=2, batch_size=8, num_workers=1, cpus_per_worker=0.5, log_every=1,
           checkpoint_every=2, preview_per_class=1, vae=vae, tracking=TrackingConfig("none"))
-run_train_ar_stage(str(run), TrainARConfig(**ar))
-hub_cache_model(hf_home, "someorg/tiny-ar", run / "ar" / "model")
-weights = (run / "ar" / "model" / "model.safetensors").read_bytes()
-first = RQTransformer.from_pretrained(str(run / "ar" / "model"))
-manifest = run_train_ar_stage(str(run), TrainARConfig(**{**ar, "init_from": "someorg/tiny-ar"}),
-                              overwrite=True)
+# The model to fine-tune: the stage's architecture on the Hub VAE's codebooks, untrained.
+torch.manual_seed(0)
+codebooks = RQVAE.from_pretrained(vae).quantizer.codebooks
+first = RQTransformer(TrainARConfig(**ar).model_config([8, 8, 4], 256, 4), codebooks)
+first.save_pretrained(str(run / "start"))
+hub_cache_model(hf_home, "someorg/tiny-ar", run / "start")
+weights = (run / "start" / "model.safetensors").read_bytes()
+manifest = run_train_ar_stage(str(run), TrainARConfig(**{**ar, "init_from": "someorg/tiny-ar"}))
 assert manifest.upstream["init_from"] == hashlib.sha256(weights).hexdigest()[:32]
 assert "init_from: someorg/tiny-ar" in (run / "ar" / "config.yaml").read_text()  # as given
 tuned = RQTransformer.from_pretrained(str(run / "ar" / "model"))

@@ -4,7 +4,6 @@ RQ-VAE. Nothing is downloaded: the state dicts are built from the published conf
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -216,10 +215,11 @@ def test_ema_weights_and_bare_state_dicts(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_from_an_imported_rqvae(imported_vae, tmp_path):
+def test_pipeline_from_an_imported_rqvae(imported_vae, ray_local, tmp_path):
     """shard -> (imported RQ-VAE, no training) -> encode -> train-ar -> sample, via `rqpipe run`
-    in its own process, as a user would: the codes come from the imported model. The input is
-    class folders with configs/demo.yaml, the README's "your data" command: a class model."""
+    in its own process (on the tests' Ray instance: `make demo` starts a local one), as a user
+    would: the codes come from the imported model. The input is class folders with
+    configs/demo.yaml, the README's "your data" command: a class model."""
     from pipeline.demo.data import DEMO_CLASSES, write_demo_dataset
 
     _, vae_dir = imported_vae
@@ -228,15 +228,14 @@ def test_pipeline_from_an_imported_rqvae(imported_vae, tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "pipeline.cli", "run", "--input", str(tmp_path / "in"),
                "--run-dir", str(run), "--config", "configs/demo.yaml",
+               "--ray-address", ray_local.get_runtime_context().gcs_address,
                f"train_vae.pretrained={vae_dir}", "shard.val_fraction=0.2",
                "train_ar.steps=2", "train_ar.batch_size=4", "train_ar.log_every=1",
                "train_ar.checkpoint_every=2", "train_ar.preview_per_class=1",
                "train_ar.tracking.backend=none",  # MLflow is tested in test_long_runs.py
                "sample.num_samples=4", "sample.chunk_size=2",
                "sample.grid_size=2", "evaluate.enabled=false"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local instance
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
-                            timeout=600)  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0] == (
         "rqpipe plan: the input is a folder with labels: the RQ-Transformer will be conditioned "
@@ -258,8 +257,7 @@ def test_pipeline_from_an_imported_rqvae(imported_vae, tmp_path):
     theirs = imported.state_dict()
     assert all(torch.equal(theirs[name], value) for name, value in ours.state_dict().items())
     assert len(list((run / "samples").glob("*.png"))) >= 1
-    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
-                           timeout=300)  # fmt: skip
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     statuses = [line for line in again.stdout.splitlines() if line.startswith("rqpipe run: ")]
     assert again.returncode == 0 and len(statuses) == 5
     assert all("up to date" in line for line in statuses), statuses

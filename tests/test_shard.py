@@ -241,9 +241,11 @@ def test_killed_driver_resumes_to_the_same_shards(ray_local, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_errors_are_actionable(tmp_path):
+def test_cli_errors_are_actionable(ray_local, tmp_path):
+    address = ray_local.get_runtime_context().gcs_address
     missing = subprocess.run([sys.executable, str(REPO / "jobs" / "shard.py"), "--input",
-                              str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "run")],
+                              str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "run"),
+                              "--ray-address", address],
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert missing.returncode == 1 and "no files under" in missing.stderr
     bad_key = subprocess.run([sys.executable, str(REPO / "jobs" / "shard.py"), "--input", "x",

@@ -57,11 +57,31 @@ def _checkpoints(run: Path) -> list[str]:
     return committed_checkpoints(run / "vae")
 
 
-def test_two_workers_train_export_and_noop(ray_local, demo_images, tmp_path):
+def test_two_workers_survive_a_killed_worker_learn_export_and_noop(ray_local, demo_images,
+                                                                  tmp_path):  # fmt: skip
+    """DDP on two workers; one of them SIGKILLed once the first checkpoint is committed: Ray
+    Train restarts the group from that checkpoint (max_failures), the log keeps each step
+    once, and the run still learns, exports and is a no-op when run again."""
     run = Path(sharded_run(demo_images, str(tmp_path / "run")))
-    manifest = run_train_vae_stage(str(run), train_config())
+    config = train_config(max_failures=1)
+    errors: list[BaseException] = []
+    started = time.time()
+    thread = threading.Thread(target=lambda: capture(errors, run_train_vae_stage, str(run),
+                                                      config))  # fmt: skip
+    thread.start()
+    deadline = time.time() + 180
+    while not _checkpoints(run) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _ray_train_workers(since=started)
+    assert len(workers) == 2, [w.cmdline() for w in workers]
+    workers[-1].kill()  # SIGKILL one worker of our own Ray instance, by its pid
+    thread.join(timeout=300)
+    assert not errors, errors
+    manifest = json.loads((run / "vae" / "_manifest.json").read_text())
+    events = [m for m in metrics(run) if m.get("event") == "resumed"]
+    assert len(events) == 1 and events[0]["step"] >= 8, events
     records = [m for m in metrics(run) if "step" in m and "event" not in m]
-    assert [m["step"] for m in records] == [4, 8, 12, 16, 20, 24]
+    assert [m["step"] for m in records] == [4, 8, 12, 16, 20, 24]  # what followed 8: dropped
     # It learns: over 20 steps the training loss falls by a third or more, val PSNR by over
     # half a dB (+1.0 dB was too tight: a CI run measured +0.995, Ray Data's order varies).
     assert records[-1]["recon"] < 0.8 * records[0]["recon"], records
@@ -70,7 +90,7 @@ def test_two_workers_train_export_and_noop(ray_local, demo_images, tmp_path):
             "data_wait_fraction"} <= set(records[0])  # fmt: skip
     assert (run / "vae" / "reconstructions.png").exists()
     assert (run / "vae" / "config.yaml").exists()
-    assert manifest.upstream["shard"] == json.loads(
+    assert manifest["upstream"]["shard"] == json.loads(
         (run / "shards" / "_manifest.json").read_text())["fingerprint"]  # fmt: skip
 
     model = RQVAE.from_pretrained(str(run / "vae" / "model"))
@@ -79,7 +99,7 @@ def test_two_workers_train_export_and_noop(ray_local, demo_images, tmp_path):
     assert codes.shape == (4, 8, 8, 4)
 
     weights = (run / "vae" / "model" / "model.safetensors").stat().st_mtime_ns
-    run_train_vae_stage(str(run), train_config())  # finished: a no-op
+    run_train_vae_stage(str(run), config)  # finished: a no-op
     assert (run / "vae" / "model" / "model.safetensors").stat().st_mtime_ns == weights
 
 
@@ -138,35 +158,12 @@ def _ray_train_workers(since: float) -> list[psutil.Process]:
             and " ".join(p.cmdline()).startswith("ray::RayTrainWorker")]  # fmt: skip
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, demo_images, tmp_path):
-    run = Path(sharded_run(demo_images, str(tmp_path / "run")))
-    config = train_config(steps=40, checkpoint_every=8, max_failures=1)
-    errors: list[BaseException] = []
-    started = time.time()
-    thread = threading.Thread(target=lambda: capture(errors, run_train_vae_stage, str(run),
-                                                      config))  # fmt: skip
-    thread.start()
-    deadline = time.time() + 180
-    while not _checkpoints(run) and time.time() < deadline:
-        time.sleep(0.05)
-    workers = _ray_train_workers(since=started)
-    assert len(workers) == 2, [w.cmdline() for w in workers]
-    workers[-1].kill()  # SIGKILL one worker of our own Ray instance, by its pid
-    thread.join(timeout=300)
-    assert not errors, errors
-    events = [m for m in metrics(run) if m.get("event") == "resumed"]
-    assert len(events) == 1 and events[0]["step"] >= 8, events
-    steps = [m["step"] for m in metrics(run) if "event" not in m]
-    assert steps[-1] == 40
-    assert (run / "vae" / "_manifest.json").exists()
-
-
 def test_killed_driver_resubmitted_resumes_then_noops(ray_local, demo_images, tmp_path):
     run = Path(sharded_run(demo_images, str(tmp_path / "run")))
     address = ray_local.get_runtime_context().gcs_address
     command = [sys.executable, str(REPO / "jobs" / "train_vae.py"), "--run-dir", str(run),
-               "--ray-address", address, "steps=40", "batch_size=8", "num_workers=2",
-               "cpus_per_worker=0.5", "checkpoint_every=8", "log_every=4",
+               "--ray-address", address, "steps=16", "batch_size=8", "num_workers=2",
+               "cpus_per_worker=0.5", "checkpoint_every=4", "log_every=4",
                "loss.gan_weight=0", "val_images=16"]  # fmt: skip
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)  # fmt: skip
@@ -186,6 +183,6 @@ def test_killed_driver_resubmitted_resumes_then_noops(ray_local, demo_images, tm
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     events = [m for m in metrics(run) if m.get("event") == "resumed"]
-    assert events and events[0]["step"] >= 8
+    assert events and events[0]["step"] >= 4
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "up to date" in again.stdout
