@@ -208,6 +208,8 @@ def test_killed_driver_resumes_to_the_same_shards(ray_local, tmp_path):
     for i in range(120):
         (source / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         good_image(i, (256, 256)).save(source / f"c{i % 3}" / f"{i:03d}.png")
+    for i in range(0, 120, 20):  # rejects in some shards: the resumed rejects.parquet is compared
+        (source / f"c{i % 3}" / f"{i:03d}-bad.png").write_bytes(b"not an image")
     overrides = ["image_size=32", "samples_per_shard=2", "cpus_per_task=0.5"]
     address = ray_local.get_runtime_context().gcs_address
     run = tmp_path / "run"
@@ -236,8 +238,35 @@ def test_killed_driver_resumes_to_the_same_shards(ray_local, tmp_path):
         if name != "_manifest.json":
             assert got[name][1] == want[name][1], name
     assert json.loads(got["_manifest.json"][1])["units"] == clean.units
-    assert clean.counts["seen"] == clean.counts["ok"] == 120
+    assert clean.counts["seen"] == 126 and clean.counts["ok"] == 120
+    assert len(pq.read_table(run / "shards" / "rejects.parquet")) == 6
     assert clean.counts["shards"] == len(clean.units) > done_at_kill
+
+
+def test_rejects_are_written_in_shard_order_whatever_order_the_shards_finish(tmp_path):
+    from pipeline.stages.shard import rejects
+
+    def stats(shard: str, count: int) -> dict:
+        return {"shard": shard, "rejects": [{"source": f"{shard}/{i}", "reason": "r"}
+                                            for i in range(count)]}  # fmt: skip
+
+    shards = [("train-000002", 3), ("train-000000", 0), ("val-000000", 2), ("train-000001", 4)]
+    written = []
+    for order in (shards, shards[::-1]):
+        spill = rejects.RejectsSpill()
+        assert [spill.add(stats(*s))["rejected"] for s in order] == [n for _, n in order]
+        uri = str(tmp_path / f"{len(written)}" / "rejects.parquet")
+        spill.write(Storage(), uri, sorted(name for name, _ in shards))
+        spill.close()
+        written.append(Path(uri).read_bytes())
+    assert written[0] == written[1]
+    table = pq.read_table(tmp_path / "0" / "rejects.parquet")
+    assert table.column("source").to_pylist() == [
+        *(f"train-000001/{i}" for i in range(4)), *(f"train-000002/{i}" for i in range(3)),
+        *(f"val-000000/{i}" for i in range(2))]  # fmt: skip
+    empty = rejects.RejectsSpill()
+    empty.write(Storage(), str(tmp_path / "none.parquet"), [])
+    assert pq.read_table(tmp_path / "none.parquet").schema == rejects.SCHEMA
 
 
 @pytest.mark.slow

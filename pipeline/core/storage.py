@@ -134,6 +134,24 @@ class Storage:
     def read_bytes(self, uri: str) -> bytes:
         return read_bytes(uri, self.options(uri))
 
+    def upload_file(self, local_path: str, uri: str) -> None:
+        """A local file to `uri` without reading it into memory, as atomically as write_bytes:
+        a hidden temporary and a rename locally, one (multipart) upload on object stores."""
+        import shutil
+        import uuid
+
+        from model.weights.fileio import TEMPORARY_MARK
+
+        fs, path = self.fs(uri)
+        if is_local(uri):
+            parent, _, name = path.rpartition("/")
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".{name}{TEMPORARY_MARK}{uuid.uuid4().hex}")
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+        else:
+            fs.put_file(local_path, path)
+
     def exists(self, uri: str) -> bool:
         fs, path = self.fs(uri)
         return fs.exists(path)

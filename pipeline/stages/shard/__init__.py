@@ -3,7 +3,8 @@
 Output under RUN/shards/:
   {split}-{NNNNNN}.tar         samples {key}.{png|jpg|webp} + {key}.json (source, size, label, caption)
   {split}-{NNNNNN}.stats.json  written after its tar: the shard's completion marker and its rejects
-  rejects.parquet              (source, reason) for every input that did not become a sample
+  rejects.parquet              (source, reason) for every input that did not become a sample,
+                               in shard order (assembled from a local spill: rejects.py)
   labels.json                  class name -> label index, when the input has classes
   _plan.json                   the census of the input a run started from (counts, digest)
   _manifest.json               last: every shard with its sample count and size; the counts
@@ -21,9 +22,9 @@ shards and checks the input against the census it started from.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from pipeline.core.storage import Storage, StorageConfig, absolute, is_local
 from pipeline.formats.images import ENCODINGS, RESIZE_MODES
 from pipeline.formats.inputs import LISTING_SUFFIXES
 from pipeline.stages.shard.listing import Census, assign_units, input_rows, take_census
+from pipeline.stages.shard.rejects import RejectsSpill
 from pipeline.stages.shard.writer import write_shard_group
 
 FORMAT_VERSION = 3  # 3: shards are hash buckets of the keys, not runs of the sorted keys
@@ -97,18 +99,6 @@ def input_version(storage: Storage, input_uri: str) -> str:
     except FileNotFoundError:
         raise FileNotFoundError(f"--input {input_uri}: no such listing") from None
     return "etag " + str(info.get("ETag") or info.get("etag") or info.get("size"))
-
-
-def _write_rejects(storage: Storage, uri: str, rejects: list[dict[str, str]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"source": [r["source"] for r in rejects],
-                      "reason": [r["reason"] for r in rejects]},
-                     schema=pa.schema([("source", pa.string()), ("reason", pa.string())]))  # fmt: skip
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    storage.write_bytes(uri, buffer.getvalue())
 
 
 def _check_plan(shards: StageFolder, census: Census) -> None:
@@ -195,17 +185,21 @@ def _shard(input_uri: str, shards: StageFolder, config: ShardConfig, planned: Ma
     print(f"shard: {census.seen:,} inputs ({kind}) -> about {expected} shards ({len(done)} "
           f"already done) in {shards.uri}")  # fmt: skip
 
-    results = {stats["shard"]: stats for stats in _write_pending(rows, census, config, shards,
-                                                                 fp, set(done), expected)}  # fmt: skip
-    results.update(_read_stats(storage, shards, [n for n in done if n not in results]))
-    names = sorted(results)
-    ordered = [results[n] for n in names]
-    rejects = [r for s in ordered for r in s["rejects"]]
-    counts = {"seen": sum(s["seen"] for s in ordered), "ok": sum(s["ok"] for s in ordered),
-              "rejected": len(rejects), "shards": len(names)}  # fmt: skip
-    if counts["ok"] + counts["rejected"] != counts["seen"] or counts["seen"] != census.seen:
-        raise RuntimeError(f"shard: counts do not reconcile: {counts}, inputs {census.seen}")
-    _write_rejects(storage, shards.path("rejects.parquet"), rejects)
+    spill = RejectsSpill()  # the rejects on local disk, not in memory: rejects.py
+    try:
+        results = {stats["shard"]: spill.add(stats) for stats in _write_pending(
+            rows, census, config, shards, fp, set(done), expected)}  # fmt: skip
+        earlier = _read_stats(storage, shards, [n for n in done if n not in results])
+        results.update((name, spill.add(stats)) for name, stats in earlier)
+        names = sorted(results)
+        ordered = [results[n] for n in names]
+        counts = {"seen": sum(s["seen"] for s in ordered), "ok": sum(s["ok"] for s in ordered),
+                  "rejected": sum(s["rejected"] for s in ordered), "shards": len(names)}  # fmt: skip
+        if counts["ok"] + counts["rejected"] != counts["seen"] or counts["seen"] != census.seen:
+            raise RuntimeError(f"shard: counts do not reconcile: {counts}, inputs {census.seen}")
+        spill.write(storage, shards.path("rejects.parquet"), names)
+    finally:
+        spill.close()
     if census.label_names:
         labels = {name: i for i, name in enumerate(census.label_names)}
         storage.write_bytes(shards.path("labels.json"),
@@ -258,12 +252,15 @@ def pa_array(values: set[str]) -> Any:
     return pa.array(sorted(values), pa.string())
 
 
-def _read_stats(storage: Storage, shards: StageFolder, names: list[str]) -> dict[str, dict]:
-    """The stats of shards a killed run finished, read 32 at a time (off the critical path:
-    after this run's shards are written)."""
+def _read_stats(
+    storage: Storage, shards: StageFolder, names: list[str]
+) -> Iterator[tuple[str, dict]]:
+    """(name, stats) of the shards a killed run finished, read 32 at a time (off the critical
+    path: after this run's shards are written)."""
 
     def one(name: str) -> dict:
         return json.loads(storage.read_bytes(shards.path(f"{name}.stats.json")))
 
     with ThreadPoolExecutor(32) as pool:
-        return {stats["shard"]: stats for stats in pool.map(one, names)}
+        for stats in pool.map(one, names):
+            yield stats["shard"], stats
