@@ -40,11 +40,12 @@ def _run(config, rank: int):
     from model.rqtransformer import Block, RQTransformerConfig
     from model.training import ar_train_step, build_optimizer
     from pipeline.core.fsdp import full_model_state, shard_model
+    from pipeline.core.training import DataPosition
     from pipeline.stages.train_ar.worker import _load_checkpoint, _save_checkpoint
 
     train = TrainARConfig(steps=config["steps"], lr=3e-3, warmup_steps=1)
-    # no label dropout: its draws from the global RNG are not in a checkpoint (nor in the
-    # stage's: a resumed stage re-randomises its data too)
+    # no label dropout: this loop does not seed each step's draws as the stage's does
+    # (core/training.py step_seed)
     model_config = RQTransformerConfig.preset("tiny", code_shape=[4, 4, 2], codebook_size=32,
                                               num_classes=4, label_dropout=0.0)  # fmt: skip
     torch.manual_seed(0)
@@ -53,7 +54,7 @@ def _run(config, rank: int):
         shard_model(model, (Block,))
     optimizer = build_optimizer(model, train)
     start = (
-        _load_checkpoint(model, optimizer, None, config["resume_from"])
+        _load_checkpoint(model, optimizer, None, config["resume_from"])[0]
         if config["resume_from"]
         else 0
     )
@@ -69,7 +70,8 @@ def _run(config, rank: int):
             ar_train_step(forward, optimizer, [batch], step, train, "class", None)["loss"]
         )
         if step + 1 == config["save_at"]:
-            _save_checkpoint(model, optimizer, None, step + 1, rank, config["save_dir"])
+            _save_checkpoint(model, optimizer, None, step + 1, DataPosition(), rank,
+                             config["save_dir"])  # fmt: skip
             dist.barrier()
     weights = full_model_state(model) if config["strategy"] == "fsdp" else model.state_dict()
     if rank == 0:

@@ -1,5 +1,6 @@
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from model.rqvae import RQVAE, RQVAEConfig
 from pipeline.core.config import ConfigError, load_config
 from pipeline.core.storage import Storage
 from pipeline.stages.train_ar import TrainARConfig, run_train_ar_stage
-from tests.train_helpers import committed_checkpoints, metrics
+from tests.train_helpers import committed_checkpoints, metrics, same_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,22 +83,31 @@ def test_config_errors_name_the_key():
 
 
 @pytest.mark.slow
-def test_two_workers_survive_a_killed_driver_learn_export_and_noop(encoded_run, ray_local,
-                                                                  tmp_path):  # fmt: skip
-    """`jobs/train_ar.py` on two workers, its driver SIGKILLed once a checkpoint is committed:
-    the same command resumes the step count (not from scratch), the model learns from the
-    local tables and exports, and the command once more is a no-op."""
-    run = copy_run(encoded_run, tmp_path)
+def test_a_killed_driver_resubmitted_trains_the_uninterrupted_model(encoded_run, ray_local,
+                                                                    tmp_path):  # fmt: skip
+    """`jobs/train_ar.py` on two workers, its driver SIGKILLed at a random moment after a
+    checkpoint is committed: the same command resumes the step count (not from scratch) and
+    exports the weights of an uninterrupted run of the config, bit for bit, with the same
+    figures at every step logged after the resume (exact resumption). The model learns from
+    the local tables and exports; the command once more is a no-op. The uninterrupted run also
+    averages the weights (ema_decay), which changes nothing of training: its model-raw/ is what
+    is compared, its model/ is the average, validated beside the raw weights."""
+    run, reference = copy_run(encoded_run, tmp_path), tmp_path / "reference"
+    shutil.copytree(encoded_run, reference)
+    overrides = ["steps=24", "batch_size=8", "lr=2e-3", "warmup_steps=2", "num_workers=2",
+                 "cpus_per_worker=0.5", "checkpoint_every=8", "log_every=4",
+                 "preview_per_class=2", "tracking.backend=none"]  # fmt: skip
     address = ray_local.get_runtime_context().gcs_address
     command = [sys.executable, str(REPO / "jobs" / "train_ar.py"), "--run-dir", str(run),
-               "--ray-address", address, "steps=24", "batch_size=8", "lr=2e-3",
-               "warmup_steps=2", "num_workers=2", "cpus_per_worker=0.5", "checkpoint_every=8",
-               "log_every=4", "preview_per_class=2", "tracking.backend=none"]  # fmt: skip
+               "--ray-address", address, *overrides]  # fmt: skip
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)  # fmt: skip
     deadline = time.time() + 180
     while not committed_checkpoints(run / "ar") and time.time() < deadline:
         time.sleep(0.05)
+    delay = random.uniform(0.0, 1.0)  # anywhere before the next checkpoint, or past it
+    print(f"killing the driver {delay:.2f} s after the first checkpoint")
+    time.sleep(delay)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     assert committed_checkpoints(run / "ar") and not (run / "ar" / "_manifest.json").exists()
@@ -133,42 +143,39 @@ def test_two_workers_survive_a_killed_driver_learn_export_and_noop(encoded_run, 
     assert again.returncode == 0 and "up to date" in again.stdout
     assert (run / "ar" / "model" / "model.safetensors").stat().st_mtime_ns == weights
 
+    run_train_ar_stage(str(reference),
+                       load_config(TrainARConfig, None, [*overrides, "ema_decay=0.9"]))  # fmt: skip
+    assert (run / "ar" / "model" / "model.safetensors").read_bytes() == (
+        reference / "ar" / "model-raw" / "model.safetensors").read_bytes()  # fmt: skip
+    same_results(logged, metrics(reference / "ar"), after=events[0]["step"])
+    average = RQTransformer.from_pretrained(str(reference / "ar" / "model"))
+    assert not torch.equal(average.head.weight, model.head.weight)
+    last = metrics(reference / "ar")[-1]
+    assert last["val_loss"] != last["val_loss_raw"]
+
 
 @pytest.mark.slow
-def test_the_same_run_trains_the_same_model(encoded_run, tmp_path):
-    """Reproducible: two runs of one config on the same tables give the same weights bit for
-    bit (Ray Data keeps the seeded file order: `ordered_data_config`). A moving average of the
-    weights (ema_decay) changes nothing of the training: the second run, with it on, exports
-    the same raw weights as model-raw/ and the average as model/, whose validation loss is
-    logged beside the raw weights'. The config is the other paths than the class model's on
-    hard codes: tables without labels (an unconditional model), soft targets from latents."""
-    tables = copy_run(encoded_run, tmp_path)
-    for path in (tables / "codes").glob("*.parquet"):
+def test_unlabeled_tables_and_soft_targets(encoded_run, tmp_path):
+    """The other paths than the class model's on hard codes: tables without labels (an
+    unconditional model), soft targets from latents."""
+    run = copy_run(encoded_run, tmp_path)
+    for path in (run / "codes").glob("*.parquet"):
         table = pq.read_table(path)
         nulls = pa.nulls(len(table), pa.int32())
         table = table.set_column(table.schema.get_field_index("label"), "label", nulls)
         pq.write_table(table, path)
-    edit_encode_manifest(tables)  # read from the tables themselves
-    for name, ema in (("a", 0.0), ("b", 0.9)):
-        shutil.copytree(tables, tmp_path / name)
-        config = ar_config(num_workers=1, cpus_per_worker=1.0, steps=16, log_every=8,
-                           checkpoint_every=16, preview_per_class=2, ema_decay=ema,
-                           targets="soft")  # fmt: skip
-        manifest = run_train_ar_stage(str(tmp_path / name), config)
-    weights = (tmp_path / "a" / "ar" / "model" / "model.safetensors").read_bytes()
-    assert weights == (tmp_path / "b" / "ar" / "model-raw" / "model.safetensors").read_bytes()
-    average = RQTransformer.from_pretrained(str(tmp_path / "b" / "ar" / "model"))
-    trained = RQTransformer.from_pretrained(str(tmp_path / "a" / "ar" / "model"))
-    assert not torch.equal(average.head.weight, trained.head.weight)
-    records = [m for m in metrics(tmp_path / "b" / "ar") if "event" not in m]
-    assert records[-1]["val_loss"] != records[-1]["val_loss_raw"]
+    edit_encode_manifest(run)  # read from the tables themselves
+    config = ar_config(num_workers=1, cpus_per_worker=1.0, steps=16, log_every=8,
+                       checkpoint_every=16, preview_per_class=2, targets="soft")  # fmt: skip
+    manifest = run_train_ar_stage(str(run), config)
+    trained = RQTransformer.from_pretrained(str(run / "ar" / "model"))
 
     # Soft targets learn. Validation is scored on the training targets (soft), with the
     # hard-code NLL beside it: the soft cross-entropy includes the targets' entropy, so the two
     # figures differ.
-    loss = losses(tmp_path / "a" / "ar")
+    loss = losses(run / "ar")
     assert all(torch.isfinite(torch.tensor(loss))) and loss[-1] < loss[0], loss
-    logged = [m for m in metrics(tmp_path / "a" / "ar") if "val_loss" in m]
+    logged = [m for m in metrics(run / "ar") if "val_loss" in m]
     assert logged and all("val_loss_hard" in m for m in logged)
     assert all(m["val_loss"] != pytest.approx(m["val_loss_hard"], rel=1e-3) for m in logged)
 
@@ -177,7 +184,7 @@ def test_the_same_run_trains_the_same_model(encoded_run, tmp_path):
     with pytest.raises(ValueError, match="unconditional"):
         trained.generate(labels=[0])
     assert trained.generate(num_samples=2).shape == (2, 8, 8, 4)
-    assert (tmp_path / "a" / "ar" / "samples.png").exists()
+    assert (run / "ar" / "samples.png").exists()
 
 
 def test_weight_decay_only_on_linear_weights():

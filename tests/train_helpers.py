@@ -21,6 +21,28 @@ def metrics(stage_dir: Path | str, storage=None) -> list[dict]:
     return read_metrics(storage or Storage(), str(stage_dir))
 
 
+# Training terms that are timings, not results: they differ between any two runs.
+TIMINGS = ("per_s", "data_wait", "mfu")
+
+
+def same_results(records: list[dict], reference: list[dict], after: int) -> None:
+    """The results logged after step `after` are the reference's, to the bit. A reference that
+    averaged its weights is compared by its raw weights' validation figures (`*_raw`)."""
+
+    def results(record: dict) -> dict:
+        raw = {k.removesuffix("_raw"): v for k, v in record.items() if k.endswith("_raw")}
+        if raw:  # its other validation figures are the average's
+            record = {k: v for k, v in record.items() if not k.startswith("val_")}
+        kept = {k: v for k, v in {**record, **raw}.items() if not k.endswith("_raw")}
+        return {k: v for k, v in kept.items() if not any(t in k for t in TIMINGS)}
+
+    ours = [results(r) for r in records if "event" not in r and r["step"] > after]
+    theirs = [results(r) for r in reference if "event" not in r and r["step"] > after]
+    assert ours and len(ours) == len(theirs)
+    for mine, their in zip(ours, theirs, strict=True):
+        assert {k: mine.get(k) for k in their} == their
+
+
 def capture(errors: list, fn, *args) -> None:
     """Run fn(*args) (in a thread), keeping any exception for the test to assert on."""
     try:

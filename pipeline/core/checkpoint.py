@@ -43,6 +43,17 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
+class _NoTensors(dict):
+    def __missing__(self, path: str) -> None:
+        return None
+
+
+def state_fields(structure: Any) -> Any:
+    """A saved state's structure (its {name}.json, parsed) with every tensor as None: what a
+    driver reads of a checkpoint (its step) without loading the tensors."""
+    return _join(structure, _NoTensors())
+
+
 def save_state(state: dict[str, Any], directory: str | Path, name: str) -> None:
     """Write `state` as {name}.safetensors + {name}.json in `directory`."""
     tensors: dict[str, torch.Tensor] = {}

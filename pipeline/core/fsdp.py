@@ -60,9 +60,10 @@ def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return flat, optim_state
 
 
-def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any],
                  directory: str, rank: int, average: torch.nn.Module | None = None) -> None:  # fmt: skip
-    """Collective: every rank writes its shards to `directory`/sharded (its own folder)."""
+    """Collective: every rank writes its shards to `directory`/sharded (its own folder); rank 0
+    the `trainer` fields (the step, the data position) with the optimizer's param groups."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
@@ -72,13 +73,13 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step:
     dcp.save(flat, storage_writer=HuggingFaceStorageWriter(path, save_distributed=True))
     if rank == 0:
         with open(os.path.join(directory, "trainer.json"), "w") as f:
-            json.dump({"step": step, "param_groups": optim_state["param_groups"]}, f)
+            json.dump({**trainer, "param_groups": optim_state["param_groups"]}, f)
 
 
 def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str,
-                 average: torch.nn.Module | None = None) -> int:  # fmt: skip
+                 average: torch.nn.Module | None = None) -> dict[str, Any]:  # fmt: skip
     """Collective: a checkpoint written by save_sharded (any number of ranks) into `model`,
-    `optimizer` and the weights' `average`, sharded or not; -> its step."""
+    `optimizer` and the weights' `average`, sharded or not; -> its trainer fields."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
@@ -98,7 +99,7 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, direc
     if average is not None:
         set_model_state_dict(average, {k[len("ema.") :]: v for k, v in flat.items()
                                        if k.startswith("ema.")})  # fmt: skip
-    return int(trainer["step"])
+    return trainer
 
 
 def load_full_into_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

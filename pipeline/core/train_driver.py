@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.core.checkpoint import state_fields
 from pipeline.core.manifest import Manifest, model_fingerprint
 from pipeline.core.stage_folder import StageFolder
 from pipeline.core.storage import Storage, is_local, join, model_location
 from pipeline.core.tracking import TrackingConfig
+from pipeline.core.training import DataPosition, start_at_epoch
 
 # Training-config fields that may change when a stage resumes or is extended (begin_stage):
 # more steps (the cosine schedule is then recomputed for the new total) and another number of
@@ -107,16 +109,21 @@ def check_init_from(folder: StageFolder, config: Any, expected: Any) -> None:
                          f"({'; '.join(changes)}): set model_preset / model.* to match it")  # fmt: skip
 
 
-def latest_checkpoint_step(storage: Storage, stage_dir: str) -> int:
-    """The step of the newest checkpoint Ray Train keeps in a stage dir (0 if none): what a
-    re-submitted stage resumes from."""
-    steps = []
-    for uri in storage.glob(join(stage_dir, "checkpoint_*", "trainer.json")):
-        trainer = json.loads(storage.read_bytes(uri))
-        if "__dict__" in trainer:  # core/checkpoint.py's layout (DDP); else core/fsdp.py's
-            trainer = {k: v for k, v in trainer["__dict__"] if isinstance(k, str)}
-        steps.append(trainer["step"])
-    return max(steps, default=0)
+def resume_point(storage: Storage, stage_dir: str) -> tuple[int, DataPosition]:
+    """(step, data position) of the checkpoint a re-submitted stage resumes from: the one Ray
+    Train's snapshot names as its latest committed ((0, start) if none). Not the newest
+    checkpoint folder: a driver killed mid-upload leaves one Ray Train never committed."""
+    snapshot_uri = join(stage_dir, "checkpoint_manager_snapshot.json")
+    if not storage.exists(snapshot_uri):
+        return 0, DataPosition()
+    latest = json.loads(storage.read_bytes(snapshot_uri)).get("latest_checkpoint_result")
+    if not latest:
+        return 0, DataPosition()
+    trainer = json.loads(storage.read_bytes(join(stage_dir, latest["checkpoint_dir_name"],
+                                                 "trainer.json")))  # fmt: skip
+    if "__dict__" in trainer:  # core/checkpoint.py's layout (DDP); else core/fsdp.py's
+        trainer = state_fields(trainer)
+    return int(trainer["step"]), DataPosition.of(trainer)
 
 
 def ordered_data_config():
@@ -158,6 +165,9 @@ def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: T
     from ray.train.torch import TorchTrainer
 
     name = folder.uri.rstrip("/").rsplit("/", 1)[-1]
+    # exact resumption (core/training.py): the data from the resumed checkpoint's epoch on
+    _, position = resume_point(folder.storage, folder.uri)
+    loop_config = {**loop_config, "start_epoch": position.epoch}
     trainer = TorchTrainer(
         worker,
         train_loop_config=loop_config,
@@ -165,7 +175,7 @@ def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: T
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=train_run_config(folder.run_dir, name, config.max_failures, config.num_to_keep,
                                     folder.storage),
-        datasets={"train": dataset},
+        datasets={"train": start_at_epoch(dataset, position.epoch)},
         dataset_config=ordered_data_config(),  # reproducible: the same run trains the same model
     )  # fmt: skip
     trainer.fit()

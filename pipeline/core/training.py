@@ -9,6 +9,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -134,15 +135,58 @@ def shuffled_batches(shard: Any, batch_size: int, shuffle_buffer: int, device: A
 
 # -- the step loop both training stages share -----------------------------------------------------
 #
-# The data position on resume: not replayed, re-randomised deterministically. A stage resumed
-# from step S reads its files in the order drawn from (seed + S) (`resume_seed`, given to
-# `epoch_file_order` by the driver) and shuffles rows with a seed drawn from (seed, S, epoch,
-# rank), so a resume never restarts the first epoch's order, and two resumes from the same
-# checkpoint draw the same data as far as Ray Data's streaming order allows.
+# Exact resumption: a run killed anywhere and re-submitted trains the model an uninterrupted run
+# trains, bit for bit (same worker count, CPU; docs/architecture.md says what voids it). Nothing
+# random depends on how far a process got:
+# - the files of epoch e are read in the order Ray Data draws from (seed, e), and every image's
+#   crop and flip from (seed, e, block): a resume starts the dataset at its checkpoint's epoch
+#   (`start_at_epoch`);
+# - rows are shuffled within each rank with a seed of (seed, epoch, rank), and the batches of
+#   that epoch already trained on are skipped (the checkpoint's `DataPosition`);
+# - every draw a step makes (dropout, label and caption dropout, soft codes, codebook restarts)
+#   comes from a generator seeded by (seed, step, rank) (`step_seed`), so no RNG state is saved.
 
 
-def resume_seed(seed: int, step: int) -> int:
-    return seed + 1_000_003 * step
+@dataclass
+class DataPosition:
+    """Where the training data stands at a checkpoint (saved in it as `data`): the epoch, and
+    how many of its batches every rank has trained on (ranks get equal shares)."""
+
+    epoch: int = 0
+    batches: int = 0
+
+    @classmethod
+    def of(cls, trainer: dict[str, Any]) -> DataPosition:
+        """From a checkpoint's trainer state (older checkpoints have none: the start)."""
+        return cls(**trainer.get("data", {}))
+
+
+def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+    """The seed of one step's random draws on one rank (`stream` tells generators apart)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, rank, stream]).generate_state(1, np.uint64)[0])
+
+
+def check_data_position(position: DataPosition, start_epoch: int, rank: int) -> None:
+    """Inside a Ray Train loop, after loading a checkpoint: the dataset was started at
+    `start_epoch` (the driver's resume point). Another epoch means Ray Train restarted the
+    workers from a later checkpoint within the run (a failed worker): training goes on, with
+    this epoch's order re-drawn, so not bit for bit as an uninterrupted run."""
+    if rank == 0 and position.epoch != start_epoch:
+        sys.__stdout__.write(f"resumed at epoch {position.epoch}, the dataset at epoch "
+                             f"{start_epoch}: this epoch's data order is another draw (an "
+                             f"in-run restart), the run is not exact from here\n")  # fmt: skip
+
+
+def start_at_epoch(dataset: Any, epoch: int) -> Any:
+    """`dataset` with its next execution drawing epoch `epoch`'s file order and augmentation.
+    Ray Data numbers a dataset's executions in its DataContext and seeds the file shuffle and
+    `random()` columns with (seed, execution index); it counts from 0 in a new dataset. Ray
+    2.58 keeps the count in a private field, `_execution_idx`: tests/test_train_vae.py's
+    resume test fails if a Ray upgrade moves it."""
+    dataset.context._execution_idx = epoch
+    return dataset
 
 
 def one_view_per_image(batches: Any, epoch: int, views: int, batch_size: int) -> Any:
@@ -170,32 +214,42 @@ def one_view_per_image(batches: Any, epoch: int, views: int, batch_size: int) ->
 def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
               train_step: Callable[[list[Any], int], tuple[dict[str, float], int]],
               log: Callable[[int, dict[str, float]], None],
-              checkpoint: Callable[[int], None], dtypes: Any = None,
-              views: int = 1) -> None:  # fmt: skip
-    """Steps `start` -> `config.steps` over epochs of a Ray Train dataset shard.
+              checkpoint: Callable[[int, DataPosition], None], dtypes: Any = None,
+              views: int = 1, position: DataPosition | None = None) -> None:  # fmt: skip
+    """Steps `start` -> `config.steps` over epochs of a Ray Train dataset shard, from the
+    data `position` of the checkpoint at `start` (its epoch's first batches skipped).
 
     `train_step(micro_batches, step) -> (terms, rows)` runs one optimizer step on
-    `grad_accum_steps` micro-batches; `log(step, terms)` gets the terms every `log_every`
-    steps with `rows_per_s_per_worker` and `data_wait_fraction` (training time only) added;
-    `checkpoint(step)` runs every `checkpoint_every` steps and at the last. `views` > 1: the
-    rows are views of images, one per image and epoch is kept (`one_view_per_image`). An
-    epoch that yields no full batch is an error, never an endless loop."""
-    step, rows, waited, window, epoch = start, 0, 0.0, time.time(), 0
+    `grad_accum_steps` micro-batches, its random draws seeded by `step_seed`; `log(step, terms)`
+    gets the terms every `log_every` steps with `rows_per_s_per_worker` and
+    `data_wait_fraction` (training time only) added; `checkpoint(step, position)` runs every
+    `checkpoint_every` steps and at the last. `views` > 1: the rows are views of images, one
+    per image and epoch is kept (`one_view_per_image`). An epoch that yields no full batch is
+    an error, never an endless loop."""
+    import torch
+
+    position = position or DataPosition()
+    step, rows, waited, window = start, 0, 0.0, time.time()
+    epoch, skip = position.epoch, position.batches
     micro: list[Any] = []
     while step < config.steps:
         batches, fetch = 0, time.time()
-        seed = (resume_seed(config.seed, start) + 7919 * epoch + 104729 * rank) % 2**31
+        seed = (config.seed + 7919 * epoch + 104729 * rank) % 2**31
         stream = shuffled_batches(shard, config.batch_size, config.shuffle_buffer, device,
                                   dtypes, seed)  # fmt: skip
         if views > 1:
             stream = one_view_per_image(stream, epoch, views, config.batch_size)
         for batch in stream:
             batches += 1
+            if batches <= skip:  # trained on before the checkpoint this run resumed from
+                fetch = time.time()
+                continue
             waited += time.time() - fetch
             micro.append(batch)
             if len(micro) < config.grad_accum_steps:
                 fetch = time.time()
                 continue
+            torch.manual_seed(step_seed(config.seed, step, rank))
             terms, used = train_step(micro, step)
             rows, micro, step = rows + used, [], step + 1
             if step % config.log_every == 0 or step == config.steps:
@@ -205,7 +259,7 @@ def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
                 rows, waited = 0, 0.0
                 window = time.time()  # after logging: validation is not training time
             if step % config.checkpoint_every == 0 or step == config.steps:
-                checkpoint(step)
+                checkpoint(step, DataPosition(epoch, batches))
                 window = time.time()
             if step >= config.steps:
                 return
@@ -215,7 +269,11 @@ def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
                                f"of {config.batch_size} rows: the worker's share of the train "
                                f"split is smaller than batch_size; lower batch_size or "
                                f"num_workers")  # fmt: skip
-        epoch += 1
+        if batches < skip:
+            raise RuntimeError(f"worker {rank}: the checkpoint's epoch {epoch} had {skip} "
+                               f"batches, now {batches}: the training data changed since it was "
+                               f"written")  # fmt: skip
+        epoch, skip = epoch + 1, 0
 
 
 # Rank 0's checkpoint folders handed to Ray Train and not yet uploaded (Ray deletes each one

@@ -64,9 +64,7 @@ from pipeline.core.train_driver import (
     check_one_batch,
     finish_training,
     fit,
-    latest_checkpoint_step,
 )
-from pipeline.core.training import resume_seed
 from pipeline.formats.codes_table import code_tables
 from pipeline.stages.train_ar.data import (
     caption_tokenizer,
@@ -224,8 +222,7 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
         check_soft_targets(config, code_embeddings, loop_config["val"]["latents"],
                            model_config.depth)  # fmt: skip
     train_text = text and {**text, "bpe_dropout": config.text.bpe_dropout}
-    seed = resume_seed(config.seed, latest_checkpoint_step(storage, ar.uri))
-    dataset = train_dataset(storage, tables, columns, seed, train_text, config.seed)
+    dataset = train_dataset(storage, tables, columns, config.seed, train_text)
     kind = f"{num_classes} classes" if num_classes else "unconditional"
     if tokenizer_json:
         kind = f"captions of {config.text.context_length} tokens, vocabulary {text_vocab_size}"

@@ -16,11 +16,11 @@ from pipeline.formats.codes_table import CodeTables, first_views, read_captions,
 
 
 def train_dataset(storage: Storage, tables: CodeTables, columns: list[str], seed: int = 0,
-                  text: dict[str, Any] | None = None, view_seed: int = 0):  # fmt: skip
+                  text: dict[str, Any] | None = None):  # fmt: skip
     """Streaming Ray Dataset of the train tables as arrays, the tables in a new seeded order
-    each epoch (the seed includes a resumed run's step: core/training.py); the workers'
+    each epoch (a resume starts at its checkpoint's epoch: core/training.py); the workers'
     shuffle buffer mixes rows across tables (shuffled_batches). Tables with augmented views
-    give every row its `slot` (the epoch it is trained in), drawn from `view_seed`."""
+    give every row its `slot` (the epoch it is trained in), drawn from `seed`."""
     import ray.data
 
     filesystem, source, skip = _train_source(storage, tables.train)
@@ -31,7 +31,7 @@ def train_dataset(storage: Storage, tables: CodeTables, columns: list[str], seed
     return dataset.select_columns(columns).map_batches(
         table_to_arrays, batch_format="pyarrow", batch_size=1024,
         fn_kwargs={"code_shape": tables.code_shape, "null_label": tables.num_classes,
-                   "text": text, "views": tables.views, "seed": view_seed},
+                   "text": text, "views": tables.views, "seed": seed},
     )  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import asdict
 from functools import partial
 from typing import Any
 
@@ -35,9 +36,12 @@ from pipeline.core.fsdp import (
 from pipeline.core.storage import Storage, join
 from pipeline.core.tracking import open_tracker
 from pipeline.core.training import (
+    DataPosition,
     RunMetrics,
+    check_data_position,
     report_checkpoint,
     run_steps,
+    step_seed,
     train_worker_setup,
 )
 
@@ -79,23 +83,26 @@ class SamplePreview:
 
 
 def _save_checkpoint(model: RQTransformer, optimizer, ema: WeightEMA | None, step: int,
-                     rank: int, directory: str) -> None:  # fmt: skip
+                     position: DataPosition, rank: int, directory: str) -> None:  # fmt: skip
     average = ema.average if ema is not None else None
+    trainer = {"step": step, "data": asdict(position)}
     if is_sharded(model):  # collective: each rank its shards
-        save_sharded(model, optimizer, step, directory, rank, average)
+        save_sharded(model, optimizer, trainer, directory, rank, average)
         return
     save_state({"model": model.state_dict()}, directory, "model")
-    save_state({"step": step, "optimizer": optimizer.state_dict()}, directory, "trainer")
+    save_state({**trainer, "optimizer": optimizer.state_dict()}, directory, "trainer")
     if average is not None:
         save_state({"model": average.state_dict()}, directory, "ema")
 
 
 def _load_checkpoint(model: RQTransformer, optimizer, ema: WeightEMA | None,
-                     directory: str) -> int:  # fmt: skip
-    """Either layout into either strategy (a run may change `strategy` when it resumes)."""
+                     directory: str) -> tuple[int, DataPosition]:  # fmt: skip
+    """Either layout into either strategy (a run may change `strategy` when it resumes);
+    -> the checkpoint's step and data position."""
     average = ema.average if ema is not None else None
     if os.path.isdir(os.path.join(directory, SHARDED_DIR)):
-        return load_sharded(model, optimizer, directory, average)
+        trainer = load_sharded(model, optimizer, directory, average)
+        return int(trainer["step"]), DataPosition.of(trainer)
     model_state = load_state(directory, "model")["model"]
     trainer = load_state(directory, "trainer")
     if is_sharded(model):
@@ -105,7 +112,7 @@ def _load_checkpoint(model: RQTransformer, optimizer, ema: WeightEMA | None,
         optimizer.load_state_dict(trainer["optimizer"])
     if average is not None:
         load_full_model(average, load_state(directory, "ema")["model"])
-    return int(trainer["step"])
+    return int(trainer["step"]), DataPosition.of(trainer)
 
 
 class RankZeroCopy:
@@ -162,10 +169,11 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
         if ema is not None:
             shard_model(ema.average, (Block,))
     optimizer = build_optimizer(model, config)  # after sharding: over the DTensor parameters
-    start = 0
+    start, position = 0, DataPosition()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            start = _load_checkpoint(model, optimizer, ema, directory)
+            start, position = _load_checkpoint(model, optimizer, ema, directory)
+    check_data_position(position, loop_config["start_epoch"], rank)
     forward = model
     if world > 1 and config.strategy == "ddp":
         forward = ray.train.torch.prepare_model(model)
@@ -179,7 +187,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
         if config.targets == "soft"
         else None
     )
-    generator = torch.Generator(device).manual_seed(config.seed * 1000 + rank + start)
+    generator = torch.Generator(device)  # the soft codes' draws, seeded every step
     val = {k: torch.tensor(v, device=device) for k, v in loop_config["val"].items()}
 
     metrics = preview = None
@@ -195,6 +203,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     tokens_per_row = int(np.prod(model_config.code_shape))
 
     def train_step(micro: list[dict[str, torch.Tensor]], step: int) -> tuple[dict[str, float], int]:
+        generator.manual_seed(step_seed(config.seed, step, rank, stream=1))
         terms = ar_train_step(forward, optimizer, micro, step, config, condition, quantizer,
                               generator)  # fmt: skip
         if ema is not None:
@@ -217,7 +226,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
             terms["val_loss_raw"] = raw_val["val_loss"]
         metrics.write({"step": step, **terms})
 
-    def save(step: int) -> None:
+    def save(step: int, position: DataPosition) -> None:
         evaluated = whole.at(step) if config.preview_per_class > 0 else None
         if metrics is not None:
             grids = []
@@ -228,11 +237,12 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
                 ]
                 preview.write(evaluated, grids, storage.options(ar_dir))
             metrics.checkpoint(step, grids[:1])
-        report_checkpoint(step, rank, partial(_save_checkpoint, model, optimizer, ema, step, rank),
+        report_checkpoint(step, rank, partial(_save_checkpoint, model, optimizer, ema, step,
+                                              position, rank),
                           every_rank=is_sharded(model))  # fmt: skip
 
     run_steps(ray.train.get_dataset_shard("train"), config, device, start, rank, train_step,
-              log, save, views=loop_config["views"])  # fmt: skip
+              log, save, views=loop_config["views"], position=position)  # fmt: skip
     exports = {"model": whole.at(config.steps)}  # every rank: collective under FSDP
     if raw is not None:  # the raw weights stay exportable
         exports["model-raw"] = raw.at(config.steps)

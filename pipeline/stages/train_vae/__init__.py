@@ -44,7 +44,6 @@ from pipeline.core.train_driver import (
     check_one_batch,
     finish_training,
     fit,
-    latest_checkpoint_step,
 )
 from pipeline.stages.train_vae.data import train_dataset, validation_images
 from pipeline.stages.train_vae.worker import pixels_to_model, reconstruction_grid, train_vae_worker
@@ -131,8 +130,7 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
     loop_config = {"config": config, "run_dir": vae.run_dir,
                    "val_images": validation_images(vae.storage, shards_dir, resolution,
                                                    config.val_images)}  # fmt: skip
-    dataset = train_dataset(vae.storage, shards_dir, config, resolution,
-                            latest_checkpoint_step(vae.storage, vae.uri))  # fmt: skip
+    dataset = train_dataset(vae.storage, shards_dir, config, resolution)
     print(f"train-vae: {config.steps} steps on {config.num_workers} worker(s), "
           f"{shards.counts.get('ok', '?')} images, writing {vae.uri}", flush=True)  # fmt: skip
     fit(vae, train_vae_worker, loop_config, config, dataset)

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core.storage import Storage
-from pipeline.core.training import epoch_file_order, resume_seed
+from pipeline.core.training import epoch_file_order
 from pipeline.formats.shard_tar import IMAGE_EXTENSIONS, image_member, iter_tar
 
 if TYPE_CHECKING:
@@ -52,12 +52,12 @@ def _split_tars(storage: Storage, shards_dir: str, split: str) -> list[str]:
             if uri.rsplit("/", 1)[-1].startswith(f"{split}-") and uri.endswith(".tar")]  # fmt: skip
 
 
-def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, resolution: int,
-                  resume_step: int = 0):  # fmt: skip
+def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, resolution: int):
     """Streaming Ray Dataset of decoded, augmented training images; decoding in CPU tasks.
-    Its file order and every image's crop and flip are drawn from the seed and the step a
-    resumed run starts from, anew each epoch (Ray Data reseeds both per execution); with the
-    order kept (`ordered_data_config`) one config trains one model."""
+    Its file order and every image's crop and flip are drawn from the seed and the epoch
+    (Ray Data reseeds both per execution; a resume starts at its checkpoint's epoch:
+    core/training.py); with the order kept (`ordered_data_config`) one config trains one
+    model, resumed or not."""
     import ray
     from ray.data.expressions import random
 
@@ -66,10 +66,11 @@ def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, res
         raise FileNotFoundError(f"no train-*.tar shards in {shards_dir}")
     filesystem, _ = storage.arrow_fs(shards_dir)
     paths = [storage.arrow_fs(uri)[1] for uri in tars]
-    seed = resume_seed(config.seed, resume_step)
     dataset = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
-                                       file_extensions=["tar"], shuffle=epoch_file_order(seed))  # fmt: skip
-    dataset = dataset.with_column(AUGMENT_SEED, random(seed=seed, reseed_after_execution=True))
+                                       file_extensions=["tar"],
+                                       shuffle=epoch_file_order(config.seed))  # fmt: skip
+    dataset = dataset.with_column(AUGMENT_SEED, random(seed=config.seed,
+                                                       reseed_after_execution=True))  # fmt: skip
     return dataset.map_batches(
         decode_batch,
         fn_kwargs={"resolution": resolution, "random_flip": config.random_flip},

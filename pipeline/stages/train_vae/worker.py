@@ -3,6 +3,7 @@ checkpoints and reconstruction grids."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,7 +17,14 @@ from pipeline.core.checkpoint import load_state, save_state
 from pipeline.core.config import to_dict
 from pipeline.core.storage import Storage, join
 from pipeline.core.tracking import open_tracker
-from pipeline.core.training import RunMetrics, report_checkpoint, run_steps, train_worker_setup
+from pipeline.core.training import (
+    DataPosition,
+    RunMetrics,
+    check_data_position,
+    report_checkpoint,
+    run_steps,
+    train_worker_setup,
+)
 from pipeline.formats.images import image_grid, save_png
 
 if TYPE_CHECKING:
@@ -29,18 +37,21 @@ def pixels_to_model(images: torch.Tensor) -> torch.Tensor:
 
 
 def _save_checkpoint(state: VAETrainState, discriminator: torch.nn.Module | None,
-                     ema: WeightEMA | None, step: int, directory: str) -> None:  # fmt: skip
+                     ema: WeightEMA | None, step: int, position: DataPosition,
+                     directory: str) -> None:  # fmt: skip
     save_state({"model": state.model.state_dict()}, directory, "model")
     if ema is not None:
         save_state({"model": ema.average.state_dict()}, directory, "ema")
-    trainer: dict[str, Any] = {"step": step, "optimizer": state.optimizer.state_dict()}
+    trainer: dict[str, Any] = {"step": step, "data": asdict(position),
+                               "optimizer": state.optimizer.state_dict()}  # fmt: skip
     if discriminator is not None:
         trainer["discriminator"] = discriminator.state_dict()
         trainer["disc_optimizer"] = state.disc_optimizer.state_dict()
     save_state(trainer, directory, "trainer")
 
 
-def _load_checkpoint(state: VAETrainState, ema: WeightEMA | None, directory: str) -> int:
+def _load_checkpoint(state: VAETrainState, ema: WeightEMA | None,
+                     directory: str) -> tuple[int, DataPosition]:  # fmt: skip
     state.model.load_state_dict(load_state(directory, "model")["model"])
     if ema is not None:
         ema.average.load_state_dict(load_state(directory, "ema")["model"])
@@ -49,7 +60,7 @@ def _load_checkpoint(state: VAETrainState, ema: WeightEMA | None, directory: str
     if state.disc_optimizer is not None:
         state.loss.discriminator.load_state_dict(trainer["discriminator"])
         state.disc_optimizer.load_state_dict(trainer["disc_optimizer"])
-    return int(trainer["step"])
+    return int(trainer["step"]), DataPosition.of(trainer)
 
 
 @torch.no_grad()
@@ -78,7 +89,7 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
 
     state = build_train_state(config)  # same seed on every rank: identical initial weights
     discriminator = state.loss.discriminator  # unwrapped, for checkpoints
-    start = 0
+    start, position = 0, DataPosition()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.init_from:  # fine-tuning: its weights, fresh optimizers
         init_from_pretrained(state.model, config.init_from, storage.options(config.init_from))
@@ -86,7 +97,8 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     ema = WeightEMA.of(state.model, config.ema_decay) if config.ema_decay else None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            start = _load_checkpoint(state, ema, directory)
+            start, position = _load_checkpoint(state, ema, directory)
+    check_data_position(position, loop_config["start_epoch"], rank)
     state.model.to(device)
     state.loss.to(device)
     exported = state.model  # what the stage exports, validates and reconstructs with
@@ -136,7 +148,7 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
         state.model.train()
         metrics.write({"step": step, **terms})
 
-    def save(step: int) -> None:
+    def save(step: int, position: DataPosition) -> None:
         if metrics is not None:
             grids = [join(vae_dir, "reconstructions.png"),  # the latest, and one per checkpoint
                      join(vae_dir, "reconstructions", f"step-{step:07d}.png")]  # fmt: skip
@@ -144,10 +156,11 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
                 reconstruction_grid(exported, val[:16], uri, storage.options(vae_dir))
             metrics.checkpoint(step, grids[:1])
         report_checkpoint(step, rank, lambda directory: _save_checkpoint(
-            state, discriminator, ema, step, directory))  # fmt: skip
+            state, discriminator, ema, step, position, directory))  # fmt: skip
 
     run_steps(ray.train.get_dataset_shard("train"), config, device, start, rank, train_step,
-              log if metrics is not None else lambda step, terms: None, save, torch.uint8)  # fmt: skip
+              log if metrics is not None else lambda step, terms: None, save, torch.uint8,
+              position=position)  # fmt: skip
     if metrics is not None:
         exported.eval().save_pretrained(join(vae_dir, "model"), storage.options(vae_dir))
         if ema is not None:  # the raw weights stay exportable
