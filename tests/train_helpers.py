@@ -41,11 +41,3 @@ def same_results(records: list[dict], reference: list[dict], after: int) -> None
     assert ours and len(ours) == len(theirs)
     for mine, their in zip(ours, theirs, strict=True):
         assert {k: mine.get(k) for k in their} == their
-
-
-def capture(errors: list, fn, *args) -> None:
-    """Run fn(*args) (in a thread), keeping any exception for the test to assert on."""
-    try:
-        fn(*args)
-    except BaseException as e:  # surfaced by the test thread's assertion
-        errors.append(e)
