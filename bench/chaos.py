@@ -1,0 +1,429 @@
+"""A seeded fault soak of the whole pipeline: `jobs/run.py` on moto's S3 server and a two-node Ray
+cluster, killed and cut at random moments and re-run as an operator (or a retrying job) would,
+until it completes; then every object it wrote is compared with a fault-free run's.
+
+    .venv/bin/python bench/chaos.py --faults 50 --seed 0 [--work runs/chaos]
+
+Faults, each at a moment drawn from the seed, of a kind drawn among those that can happen then:
+- driver: SIGKILL of the driver's process group; the same command again;
+- train-worker: SIGKILL of a Ray Train worker (Ray Train restarts the group from its checkpoint);
+- actor: SIGKILL of an encode, sample or evaluate actor (Ray restarts it and retries its task);
+- node: the second node's raylet and everything on it killed (`Cluster.remove_node`, not
+  graceful) and a fresh node added, as an autoscaler replaces a lost spot node;
+- store: the S3 endpoint unreachable for 1-8 s (the proxy in front of moto stopped, then
+  started again on its port).
+After a fault the bench waits for the driver to end and runs the command again until it
+succeeds. A round ends when the pipeline has completed; its objects are compared with the
+fault-free run's, and the next round starts from an empty run dir, until --faults faults have
+been injected (at most --per-round a round: then its runs go on undisturbed).
+
+What is compared (`compare`): every object's bytes, but for what records when and how fast a
+run went (VOLATILE_KEYS in JSON and JSON-lines objects; `curves.png`, which draws them) and
+Ray Train's bookkeeping (its checkpoint folders are named by the time they were written: they
+are matched by the step in their trainer state; its snapshot file is left out). An object the
+fault-free run does not have (a temporary, an orphan checkpoint, a half-written part) and one
+it has that is missing are differences too. The seed fixes the moments and the choices; which
+processes exist at a moment depends on timing, so the same seed repeats the schedule, not
+necessarily every target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BUCKET, PER_CLASS = "soak", 12  # 48 demo images
+KINDS = ("driver", "train-worker", "actor", "node", "store")
+ACTOR_TITLES = ("ray::ShardEncoder", "ray::ChunkSampler", "ray::FeatureWorker")
+# configs/demo.yaml cut down to seconds a stage, on two nodes: DDP across them, two actors.
+OVERRIDES = [
+    "shard.samples_per_shard=2", "shard.val_fraction=0.1",
+    "train_vae.steps=8", "train_vae.batch_size=8", "train_vae.log_every=2",
+    "train_vae.checkpoint_every=2", "train_vae.val_images=8", "train_vae.num_workers=2",
+    "train_vae.cpus_per_worker=1", "train_vae.loss.gan_weight=0.1",
+    "train_vae.loss.gan_start_step=2", "train_vae.tracking.backend=none",
+    "encode.cpus_per_actor=0.5", "encode.batch_size=1", "encode.num_actors=2",
+    "train_ar.steps=8", "train_ar.batch_size=8", "train_ar.log_every=2",
+    "train_ar.checkpoint_every=2", "train_ar.preview_per_class=1", "train_ar.num_workers=2",
+    "train_ar.cpus_per_worker=1", "train_ar.tracking.backend=none",
+    "sample.num_samples=8", "sample.chunk_size=2", "sample.grid_size=2",
+    "sample.cpus_per_actor=0.5", "sample.num_actors=2",
+    "evaluate.num_actors=2", "evaluate.cpus_per_actor=0.5",
+]  # fmt: skip
+# Fields that say when, how long or how fast, never what was computed.
+VOLATILE_KEYS = re.compile(r"(^|_)(time|seconds|started|finished|created|updated|heartbeat|"
+                           r"expires|elapsed|duration|host|pid|owner|history)($|_)|per_s|"
+                           r"data_wait|mfu")  # fmt: skip
+LEFT_OUT = ("checkpoint_manager_snapshot.json", "curves.png", "_lease.json")
+
+# A two-node Ray cluster held by its own process: "replace" on its stdin kills the second node
+# (not gracefully) and adds a fresh one; end of input shuts the cluster down.
+CLUSTER = r"""
+import sys
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+node = cluster.add_node(num_cpus=3)
+cluster.wait_for_nodes()
+print(cluster.address, flush=True)
+for line in sys.stdin:
+    cluster.remove_node(node, allow_graceful=False)
+    node = cluster.add_node(num_cpus=3)
+    cluster.wait_for_nodes()
+    print("replaced", flush=True)
+cluster.shutdown()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Store:
+    """moto's S3 server, and a proxy in front of it (bench/s3_meter.py at no added latency)
+    that `outage` stops for a while: connections refused, open ones cut, objects kept."""
+
+    def __init__(self, work: Path) -> None:
+        self.moto_port, self.port = free_port(), free_port()
+        env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
+        self.moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                      str(self.moto_port)], stdout=(work / "moto.log").open("wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True, env=env)  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proxy: subprocess.Popen | None = None
+        self.up()
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", self.moto_port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+    def up(self) -> None:
+        self.proxy = subprocess.Popen([sys.executable, str(REPO / "bench" / "s3_meter.py"),
+                                       str(self.port), str(self.moto_port), "0"],
+                                      stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        assert self.proxy.stdout.readline().strip() == b"listening"
+
+    def down(self) -> None:
+        os.killpg(self.proxy.pid, signal.SIGKILL)
+        self.proxy.wait()
+
+    def stop(self) -> None:
+        for process in (self.proxy, self.moto):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+class TwoNodes:
+    """The cluster process (CLUSTER); `replace()` loses the second node and adds another."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", CLUSTER], cwd=REPO, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        start_new_session=True)  # fmt: skip
+        self.address = self.process.stdout.readline().strip()
+        assert self.address, "the two-node cluster did not start"
+
+    def processes(self, titles: tuple[str, ...]) -> list[psutil.Process]:
+        """This cluster's processes whose title starts with one of `titles`, by pid."""
+        found = []
+        for process in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if " ".join(process.cmdline()).startswith(titles):
+                    found.append(process)
+            except psutil.Error:
+                continue
+        return sorted(found, key=lambda p: p.pid)
+
+    def replace(self) -> None:
+        self.process.stdin.write("replace\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline().strip() == "replaced"
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+# -- comparing two runs ---------------------------------------------------------------------------
+
+
+def _without_volatile(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_volatile(v) for k, v in value.items() if not VOLATILE_KEYS.search(k)}
+    if isinstance(value, list):
+        return [_without_volatile(v) for v in value]
+    return value
+
+
+def normalised(key: str, data: bytes) -> bytes:
+    """What of an object must be the same in every run: its bytes, its JSON without
+    VOLATILE_KEYS."""
+    if key.endswith(".json"):
+        return json.dumps(_without_volatile(json.loads(data)), sort_keys=True).encode()
+    if key.endswith(".jsonl"):
+        lines = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        return "\n".join(json.dumps(_without_volatile(r), sort_keys=True) for r in lines).encode()
+    return data
+
+
+def snapshot(client: Any, prefix: str) -> dict[str, bytes]:
+    """Every object under `prefix`, keyed without the timestamps Ray Train names checkpoint
+    folders by (`checkpoint_<when>/` -> `checkpoint@step<N>/`), Ray Train's snapshot left out."""
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for item in page.get("Contents", []):
+            key = item["Key"]
+            if not key.endswith(LEFT_OUT):
+                objects[key] = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    steps = {}
+    for key, data in objects.items():
+        folder, _, name = key.rpartition("/")
+        if re.search(r"/checkpoint_[^/]+$", folder) and name == "trainer.json":
+            trainer = json.loads(data)
+            if "__dict__" in trainer:
+                trainer = dict(p for p in trainer["__dict__"] if isinstance(p[0], str))
+            steps[folder] = trainer["step"]
+    renamed = {}
+    for key, data in objects.items():
+        folder = re.match(r"(.*/checkpoint_[^/]+)/", key)
+        if folder:
+            step = steps.get(folder.group(1), "?")
+            key = re.sub(r"/checkpoint_[^/]+/", f"/checkpoint@step{step}/", key)
+            if key in renamed:  # two folders of one step: an orphan beside the committed one
+                key += "#orphan"
+        renamed[key] = normalised(key, data)
+    return renamed
+
+
+def compare(reference: dict[str, bytes], run: dict[str, bytes]) -> list[str]:
+    """The differences: objects missing, extra, or other in content."""
+    differences = [f"missing {k}" for k in sorted(set(reference) - set(run))]
+    differences += [f"extra {k}" for k in sorted(set(run) - set(reference))]
+    differences += [f"differs {k}" for k in sorted(set(reference) & set(run))
+                    if reference[k] != run[k]]  # fmt: skip
+    return differences
+
+
+def keep(folder: Path, difference: str, reference: dict[str, bytes],
+         run: dict[str, bytes]) -> None:  # fmt: skip
+    """Both sides of a difference as files under `folder` ({key}.reference, {key}.run)."""
+    key = difference.split(" ", 1)[1]
+    for side, objects in (("reference", reference), ("run", run)):
+        if key in objects:
+            path = folder / f"{key}.{side}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(objects[key])
+
+
+def clear(client: Any, prefix: str) -> None:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+
+
+# -- the soak -------------------------------------------------------------------------------------
+
+
+class Soak:
+    """Runs of one command, each with at most one fault at a random moment; the record."""
+
+    def __init__(self, command: list[str], store: Store, cluster: TwoNodes, rng: random.Random,
+                 logs: Path, horizon: float) -> None:  # fmt: skip
+        self.command, self.store, self.cluster, self.rng = command, store, cluster, rng
+        self.logs, self.horizon = logs, horizon
+        self.injected: Counter[str] = Counter()
+        self.runs = 0
+        self.hangs = 0
+        self.events: list[dict[str, Any]] = []
+
+    def run(self, faults: int) -> int:
+        """One run of the command to its end, with up to `faults` faults at drawn moments
+        while it runs (the gaps between them drawn up to a third of the fault-free run's
+        time); -> its exit code."""
+        self.runs += 1
+        with (self.logs / f"run-{self.runs:03d}.log").open("w") as log:
+            driver = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)  # fmt: skip
+            started = time.time()
+            for _ in range(faults):
+                # drawn together, so the sequence of draws does not depend on timing
+                gap, kind_draw, detail = (self.rng.uniform(0, self.horizon / 3),
+                                          self.rng.random(), self.rng.random())  # fmt: skip
+                try:
+                    return driver.wait(timeout=gap)
+                except subprocess.TimeoutExpired:
+                    self._inject(driver, time.time() - started, kind_draw, detail)
+                if driver.poll() is not None:
+                    break
+            try:
+                return driver.wait(timeout=900)
+            except subprocess.TimeoutExpired:  # a hang is a finding: recorded, then ended
+                self.hangs += 1
+                print(f"  run {self.runs}: no end after 900 s: killed (log {log.name})")
+                os.killpg(driver.pid, signal.SIGKILL)
+                return driver.wait()
+
+    def _inject(self, driver: subprocess.Popen, moment: float, kind_draw: float,
+                detail: float) -> None:  # fmt: skip
+        workers = self.cluster.processes(("ray::RayTrainWorker",))
+        actors = self.cluster.processes(ACTOR_TITLES)
+        possible = ["driver", "node", "store"] + ["train-worker"] * bool(workers) + (
+            ["actor"] * bool(actors))  # fmt: skip
+        # the kinds injected least so far first: every kind comes up in a short soak
+        fewest = min(self.injected[k] for k in possible)
+        kinds = [k for k in KINDS if k in possible and self.injected[k] == fewest]
+        kind = kinds[int(kind_draw * len(kinds))]
+        target = ""
+        if kind == "driver":
+            os.killpg(driver.pid, signal.SIGKILL)
+        elif kind in ("train-worker", "actor"):
+            victims = workers if kind == "train-worker" else actors
+            victim = victims[int(detail * len(victims))]
+            target = " ".join(victim.cmdline())[:40]
+            victim.kill()
+        elif kind == "node":
+            self.cluster.replace()
+        else:
+            outage = 1 + 7 * detail
+            target = f"{outage:.1f} s"
+            self.store.down()
+            time.sleep(outage)
+            self.store.up()
+        self.injected[kind] += 1
+        event = {"run": self.runs, "at_s": round(moment, 1), "fault": kind, "target": target}
+        self.events.append(event)
+        print(f"  run {self.runs}: {kind} at {moment:.1f} s {target}", flush=True)
+
+
+def upload_input(client: Any, work: Path) -> None:
+    from pipeline.demo.data import demo_listing, write_demo_dataset
+
+    client.create_bucket(Bucket=BUCKET)
+    for path in write_demo_dataset(work / "in", per_class=PER_CLASS):
+        client.upload_file(str(path), BUCKET, f"in/{path.parent.name}/{path.name}")
+    client.upload_file(str(demo_listing(work / "in")), BUCKET, "in.csv")
+
+
+def classifier(work: Path) -> str:
+    """A randomly initialised demo classifier: evaluate's features."""
+    import torch
+
+    from model.evaluation.classifier import ImageClassifier, ImageClassifierConfig
+
+    torch.manual_seed(0)
+    folder = str(work / "classifier")
+    ImageClassifier(ImageClassifierConfig(num_classes=4)).save_pretrained(folder)
+    return folder
+
+
+def soak(faults: int, seed: int, work: Path, per_round: int = 8) -> dict[str, Any]:
+    """The reference run, then rounds of faulted runs until `faults` were injected; -> the
+    record (also printed)."""
+    import boto3
+
+    # loopback credentials; Ray Train's controller polling its workers every 0.1 s, not 2 s
+    # (inherited by the cluster's processes and the drivers)
+    for name, value in (("AWS_ACCESS_KEY_ID", "chaos"), ("AWS_SECRET_ACCESS_KEY", "chaos-secret"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"),
+                        ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")):  # fmt: skip
+        os.environ.setdefault(name, value)
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    store, cluster = Store(work), TwoNodes()
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{store.moto_port}")
+        upload_input(client, work)
+        command = [sys.executable, str(REPO / "jobs" / "run.py"), "--input",
+                   f"s3://{BUCKET}/in.csv", "--run-dir", f"s3://{BUCKET}/run", "--config",
+                   str(REPO / "configs" / "demo.yaml"), "--ray-address", cluster.address,
+                   *OVERRIDES, f"evaluate.weights={classifier(work)}",
+                   f"storage.endpoint_url={store.url}"]  # fmt: skip
+        started = time.time()
+        runner = Soak(command, store, cluster, random.Random(seed), logs, horizon=0.0)
+        if runner.run(faults=0) != 0:
+            raise RuntimeError(f"the fault-free run failed: {logs}/run-001.log")
+        runner.horizon = time.time() - started
+        reference = snapshot(client, "run/")
+        print(f"chaos: fault-free run {runner.horizon:.0f} s, {len(reference)} objects, "
+              f"{sum(map(len, reference.values())) / 1e6:.1f} MB", flush=True)  # fmt: skip
+        rounds, differences, compared = 0, [], 0
+        while rounds == 0 or sum(runner.injected.values()) < faults:  # 0: one clean round
+            rounds += 1
+            clear(client, "run/")
+            print(f"round {rounds}", flush=True)
+            attempts, at_start = 0, sum(runner.injected.values())
+            # at most `per_round` faults a round: then the runs go on to the end undisturbed
+            while (
+                runner.run(min(faults, at_start + per_round) - sum(runner.injected.values())) != 0
+            ):
+                attempts += 1
+                if attempts > 50:
+                    raise RuntimeError(f"round {rounds}: no successful run in 50 (logs: {logs})")
+            found = snapshot(client, "run/")
+            compared += sum(map(len, found.values()))
+            for difference in compare(reference, found):
+                differences.append(f"round {rounds}: {difference}")
+                print(f"  round {rounds}: {difference}", flush=True)
+                keep(work / "differences" / f"round-{rounds}", difference, reference, found)
+            print(f"  round {rounds}: done after {attempts + 1} runs; differences so far: "
+                  f"{len(differences)}", flush=True)  # fmt: skip
+    finally:
+        cluster.stop()
+        store.stop()
+    record = {"seed": seed, "faults": dict(runner.injected), "rounds": rounds,
+              "runs": runner.runs - 1, "hangs": runner.hangs, "objects": len(reference),
+              "bytes_compared": compared, "differences": differences, "events": runner.events}  # fmt: skip
+    (work / "chaos.json").write_text(json.dumps(record, indent=1))
+    print(f"\nchaos: seed {seed}; {sum(runner.injected.values())} faults in {rounds} rounds, "
+          f"{record['runs']} runs, {runner.hangs} hangs")  # fmt: skip
+    print("| fault | injected |\n|---|---:|")
+    for kind in KINDS:
+        print(f"| {kind} | {runner.injected[kind]} |")
+    print(f"objects a run: {len(reference)}; bytes compared: {compared / 1e6:.1f} MB; "
+          f"differences: {len(differences)}")  # fmt: skip
+    for line in differences:
+        print(f"  {line}")
+    print(f"reproduce: .venv/bin/python bench/chaos.py --faults {faults} --seed {seed}")
+    return record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--faults", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-round", type=int, default=8, help="faults before a round's "
+                        "runs go on undisturbed to the end and are compared")  # fmt: skip
+    parser.add_argument("--work", type=Path, default=Path("runs/chaos"))
+    args = parser.parse_args()
+    record = soak(args.faults, args.seed, args.work.resolve(), args.per_round)
+    return 1 if record["differences"] or record["hangs"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
