@@ -35,7 +35,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from scale import Services  # bench/ is first on the path: this file runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -89,48 +89,6 @@ for line in sys.stdin:
     print("replaced", flush=True)
 cluster.shutdown()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Store:
-    """moto's S3 server, and a proxy in front of it (bench/s3_meter.py at no added latency)
-    that `outage` stops for a while: connections refused, open ones cut, objects kept."""
-
-    def __init__(self, work: Path) -> None:
-        self.moto_port, self.port = free_port(), free_port()
-        env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
-        self.moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                      str(self.moto_port)], stdout=(work / "moto.log").open("wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True, env=env)  # fmt: skip
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proxy: subprocess.Popen | None = None
-        self.up()
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", self.moto_port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-
-    def up(self) -> None:
-        self.proxy = subprocess.Popen([sys.executable, str(REPO / "bench" / "s3_meter.py"),
-                                       str(self.port), str(self.moto_port), "0"],
-                                      stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
-        assert self.proxy.stdout.readline().strip() == b"listening"
-
-    def down(self) -> None:
-        os.killpg(self.proxy.pid, signal.SIGKILL)
-        self.proxy.wait()
-
-    def stop(self) -> None:
-        for process in (self.proxy, self.moto):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 class TwoNodes:
@@ -252,7 +210,7 @@ def clear(client: Any, prefix: str) -> None:
 class Soak:
     """Runs of one command, each with at most one fault at a random moment; the record."""
 
-    def __init__(self, command: list[str], store: Store, cluster: TwoNodes, rng: random.Random,
+    def __init__(self, command: list[str], store: Services, cluster: TwoNodes, rng: random.Random,
                  logs: Path, horizon: float) -> None:  # fmt: skip
         self.command, self.store, self.cluster, self.rng = command, store, cluster, rng
         self.logs, self.horizon = logs, horizon
@@ -311,9 +269,9 @@ class Soak:
         else:
             outage = 1 + 7 * detail
             target = f"{outage:.1f} s"
-            self.store.down()
+            self.store.stop_meter()
             time.sleep(outage)
-            self.store.up()
+            self.store.start_meter()
         self.injected[kind] += 1
         event = {"run": self.runs, "at_s": round(moment, 1), "fault": kind, "target": target}
         self.events.append(event)
@@ -355,9 +313,11 @@ def soak(faults: int, seed: int, work: Path, per_round: int = 8) -> dict[str, An
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    store, cluster = Store(work), TwoNodes()
+    # moto's server behind bench/s3_meter.py at no added latency: stopping the meter is the
+    # store outage, and the bench's own requests go to moto directly
+    store, cluster = Services(0, work / "moto.log"), TwoNodes()
     try:
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{store.moto_port}")
+        client = boto3.client("s3", endpoint_url=store.direct)
         upload_input(client, work)
         command = [sys.executable, str(REPO / "jobs" / "run.py"), "--input",
                    f"s3://{BUCKET}/in.csv", "--run-dir", f"s3://{BUCKET}/run", "--config",
@@ -393,13 +353,15 @@ def soak(faults: int, seed: int, work: Path, per_round: int = 8) -> dict[str, An
                 keep(work / "differences" / f"round-{rounds}", difference, reference, found)
             print(f"  round {rounds}: done after {attempts + 1} runs; differences so far: "
                   f"{len(differences)}", flush=True)  # fmt: skip
+            # the record so far, after every round: a soak stopped early keeps what it found
+            record = {"seed": seed, "faults": dict(runner.injected), "rounds": rounds,
+                      "runs": runner.runs - 1, "hangs": runner.hangs, "objects": len(reference),
+                      "bytes_compared": compared, "differences": differences,
+                      "events": runner.events}  # fmt: skip
+            (work / "chaos.json").write_text(json.dumps(record, indent=1))
     finally:
         cluster.stop()
         store.stop()
-    record = {"seed": seed, "faults": dict(runner.injected), "rounds": rounds,
-              "runs": runner.runs - 1, "hangs": runner.hangs, "objects": len(reference),
-              "bytes_compared": compared, "differences": differences, "events": runner.events}  # fmt: skip
-    (work / "chaos.json").write_text(json.dumps(record, indent=1))
     print(f"\nchaos: seed {seed}; {sum(runner.injected.values())} faults in {rounds} rounds, "
           f"{record['runs']} runs, {runner.hangs} hangs")  # fmt: skip
     print("| fault | injected |\n|---|---:|")

@@ -175,10 +175,8 @@ class Services:
         self.moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                       "-p", str(self.moto_port)], stdout=log.open("wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True, env=env)  # fmt: skip
-        self.meter = subprocess.Popen([sys.executable, str(REPO / "bench" / "s3_meter.py"),
-                                       str(self.port), str(self.moto_port), str(latency_ms)],
-                                      stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
-        assert self.meter.stdout.readline().strip() == b"listening"
+        self.latency_ms = latency_ms
+        self.start_meter()
         for _ in range(300):
             try:
                 socket.create_connection(("127.0.0.1", self.moto_port), timeout=0.5).close()
@@ -187,6 +185,18 @@ class Services:
                 time.sleep(0.1)
         self.url = f"http://127.0.0.1:{self.port}"
         self.direct = f"http://127.0.0.1:{self.moto_port}"
+
+    def start_meter(self) -> None:
+        """The meter in front of moto (again, after `stop_meter`: the outage ends)."""
+        self.meter = subprocess.Popen([sys.executable, str(REPO / "bench" / "s3_meter.py"),
+                                       str(self.port), str(self.moto_port), str(self.latency_ms)],
+                                      stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        assert self.meter.stdout.readline().strip() == b"listening"
+
+    def stop_meter(self) -> None:
+        """An endpoint outage: connections refused, open ones cut, the objects kept."""
+        os.killpg(self.meter.pid, signal.SIGKILL)
+        self.meter.wait()
 
     def log(self) -> list[str]:
         """The latest requests, "pid OP target", oldest first."""
