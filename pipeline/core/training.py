@@ -184,7 +184,7 @@ def start_at_epoch(dataset: Any, epoch: int) -> Any:
     Ray Data numbers a dataset's executions in its DataContext and seeds the file shuffle and
     `random()` columns with (seed, execution index); it counts from 0 in a new dataset. Ray
     2.58 keeps the count in a private field, `_execution_idx`: tests/test_train_vae.py's
-    resume test fails if a Ray upgrade moves it."""
+    augmentation test fails if a Ray upgrade moves it."""
     dataset.context._execution_idx = epoch
     return dataset
 
