@@ -18,7 +18,8 @@ fault-free run's, and the next round starts from an empty run dir, until --fault
 been injected (at most --per-round a round: then its runs go on undisturbed).
 
 What is compared (`compare`): every object's bytes, but for what records when and how fast a
-run went (VOLATILE_KEYS in JSON and JSON-lines objects; `curves.png`, which draws them) and
+run went (VOLATILE_KEYS in JSON and JSON-lines objects; `curves.png`, which draws them), the
+metrics logs' "resumed" records (a faulted run has them by design) and
 Ray Train's bookkeeping (its checkpoint folders are named by the time they were written: they
 are matched by the step in their trainer state; its snapshot file is left out). An object the
 fault-free run does not have (a temporary, an orphan checkpoint, a half-written part) and one
@@ -142,8 +143,9 @@ def normalised(key: str, data: bytes) -> bytes:
     VOLATILE_KEYS."""
     if key.endswith(".json"):
         return json.dumps(_without_volatile(json.loads(data)), sort_keys=True).encode()
-    if key.endswith(".jsonl"):
+    if key.endswith(".jsonl"):  # a metrics log; its {"event": "resumed"} records tell of faults
         lines = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        lines = [r for r in lines if "event" not in r]
         return "\n".join(json.dumps(_without_volatile(r), sort_keys=True) for r in lines).encode()
     return data
 

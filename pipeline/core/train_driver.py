@@ -50,7 +50,7 @@ class TrainerConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     num_to_keep: int = 2
-    max_failures: int = 3  # worker failures within a run, each resumed from the last checkpoint
+    max_failures: int = 3  # worker failures a stage survives, each resumed from the last checkpoint
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -143,7 +143,8 @@ def ordered_data_config():
 
 def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: int, storage: Any):
     """Ray Train's RunConfig for a stage whose run lives at RUN/{name}: named after the run dir
-    so that a re-submitted job resumes from the last committed checkpoint."""
+    so that a re-submitted job (or `fit`'s next run after a failure) resumes from the last
+    committed checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     filesystem, root = storage.arrow_fs(run_dir)
@@ -160,25 +161,40 @@ def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: in
 def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: TrainerConfig,
         dataset: Any) -> None:  # fmt: skip
     """Run `worker` (Ray Train's train_loop_per_worker) on `config.num_workers` workers over
-    `dataset`, checkpointing into the stage folder; returns when training is done."""
+    `dataset`, checkpointing into the stage folder; returns when training is done.
+
+    Each Ray Train run starts the dataset at the epoch of the checkpoint it resumes from
+    (exact resumption: core/training.py). So a failed worker (a lost node, a killed process)
+    ends the run, and a new run resumes from the last committed checkpoint, at most
+    `max_failures` times: Ray Train's own restart (FailureConfig) would re-read the data from
+    the epoch the run started at, and train another model than an uninterrupted run."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.exceptions import TrainingFailedError
 
     name = folder.uri.rstrip("/").rsplit("/", 1)[-1]
-    # exact resumption (core/training.py): the data from the resumed checkpoint's epoch on
-    _, position = resume_point(folder.storage, folder.uri)
-    loop_config = {**loop_config, "start_epoch": position.epoch}
-    trainer = TorchTrainer(
-        worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=train_run_config(folder.run_dir, name, config.max_failures, config.num_to_keep,
-                                    folder.storage),
-        datasets={"train": start_at_epoch(dataset, position.epoch)},
-        dataset_config=ordered_data_config(),  # reproducible: the same run trains the same model
-    )  # fmt: skip
-    trainer.fit()
+    for failures in range(config.max_failures + 1):
+        _, position = resume_point(folder.storage, folder.uri)
+        trainer = TorchTrainer(
+            worker,
+            train_loop_config={**loop_config, "start_epoch": position.epoch},
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                         resources_per_worker={"CPU": config.cpus_per_worker}),
+            run_config=train_run_config(folder.run_dir, name, 0, config.num_to_keep,
+                                        folder.storage),
+            datasets={"train": start_at_epoch(dataset, position.epoch)},
+            dataset_config=ordered_data_config(),  # the same run trains the same model
+        )  # fmt: skip
+        try:
+            trainer.fit()
+            return
+        except TrainingFailedError as error:
+            if failures == config.max_failures:
+                raise
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            print(f"{folder.stage}: a worker failed ({type(error).__name__}: {first}); "
+                  f"resuming from the last checkpoint (failure {failures + 1} of "
+                  f"max_failures {config.max_failures})", flush=True)  # fmt: skip
 
 
 def finish_training(folder: StageFolder, planned: Manifest, config: Any, started: float,

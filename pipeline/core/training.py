@@ -169,14 +169,14 @@ def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
 
 
 def check_data_position(position: DataPosition, start_epoch: int, rank: int) -> None:
-    """Inside a Ray Train loop, after loading a checkpoint: the dataset was started at
-    `start_epoch` (the driver's resume point). Another epoch means Ray Train restarted the
-    workers from a later checkpoint within the run (a failed worker): training goes on, with
-    this epoch's order re-drawn, so not bit for bit as an uninterrupted run."""
+    """Inside a Ray Train loop, after loading a checkpoint: the driver started the dataset at
+    `start_epoch`, the epoch of the checkpoint it expected the run to resume from. Another
+    epoch (a checkpoint committed in between) reads this epoch in another order: training
+    goes on, not bit for bit as an uninterrupted run, and says so."""
     if rank == 0 and position.epoch != start_epoch:
-        sys.__stdout__.write(f"resumed at epoch {position.epoch}, the dataset at epoch "
-                             f"{start_epoch}: this epoch's data order is another draw (an "
-                             f"in-run restart), the run is not exact from here\n")  # fmt: skip
+        sys.__stdout__.write(f"resumed at epoch {position.epoch}, the dataset started at epoch "
+                             f"{start_epoch}: this epoch's data order is another draw, the run "
+                             f"is not exact from here\n")  # fmt: skip
 
 
 def start_at_epoch(dataset: Any, epoch: int) -> Any:

@@ -5,8 +5,8 @@ state, all as safetensors + JSON), `metrics.jsonl` (object stores: `metrics/part
 `curves.png`, `reconstructions.png` (originals above, depth 1..D below; one per checkpoint too),
 `config.yaml`, and at the end `model/` (save_pretrained) and `_manifest.json`. The Ray Train run
 is named after the run dir, so a re-submitted run resumes from its last checkpoint, with the
-config it was started with (`steps` may rise: an extension); FailureConfig restarts failed
-workers within a run from the last checkpoint (`max_failures`, 3). `init_from` starts from an
+config it was started with (`steps` may rise: an extension); after a failed worker the stage
+starts a new Ray Train run from the last checkpoint (`max_failures`, 3: core/train_driver.py). `init_from` starts from an
 exported RQ-VAE instead of scratch. `pretrained` trains nothing: the exported RQ-VAE it names
 (a folder, hf://org/name, or what `rqpipe import-official` wrote) becomes RUN/vae/model, with
 its reconstructions of the val split, so encode and train-ar run on it.
