@@ -148,7 +148,7 @@ def test_an_epoch_without_a_full_batch_is_an_error_not_a_loop(ray_local):
 
     with pytest.raises(RuntimeError, match="gave no full batch of 8 rows"):
         run_steps(data, Config, "cpu", 0, 0, lambda micro, step: ({}, 8), lambda s, t: None,
-                  lambda s: None)  # fmt: skip
+                  lambda s, p: None)  # fmt: skip
 
 
 def test_metrics_append_and_a_resume_drops_what_followed_its_checkpoint(storage_root):
