@@ -274,7 +274,7 @@ def test_checkpoint_upload_does_not_block_the_step_loop(ray_local, s3_bucket, s3
             _loop_with_checkpoints,
             train_loop_config={"payload": payload, "progress": str(progress)},
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-            run_config=train_run_config(f"s3://{bucket}/run", "ar", 0, 3, storage),
+            run_config=train_run_config(f"s3://{bucket}/run", "ar", 3, storage),
         ).fit()
     finally:
         release.touch()

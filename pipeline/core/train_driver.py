@@ -109,21 +109,21 @@ def check_init_from(folder: StageFolder, config: Any, expected: Any) -> None:
                          f"({'; '.join(changes)}): set model_preset / model.* to match it")  # fmt: skip
 
 
-def resume_point(storage: Storage, stage_dir: str) -> tuple[int, DataPosition]:
-    """(step, data position) of the checkpoint a re-submitted stage resumes from: the one Ray
-    Train's snapshot names as its latest committed ((0, start) if none). Not the newest
+def resume_position(storage: Storage, stage_dir: str) -> DataPosition:
+    """The data position of the checkpoint a re-submitted stage resumes from: the one Ray
+    Train's snapshot names as its latest committed (the start if none). Not the newest
     checkpoint folder: a driver killed mid-upload leaves one Ray Train never committed."""
     snapshot_uri = join(stage_dir, "checkpoint_manager_snapshot.json")
     if not storage.exists(snapshot_uri):
-        return 0, DataPosition()
+        return DataPosition()
     latest = json.loads(storage.read_bytes(snapshot_uri)).get("latest_checkpoint_result")
     if not latest:
-        return 0, DataPosition()
+        return DataPosition()
     trainer = json.loads(storage.read_bytes(join(stage_dir, latest["checkpoint_dir_name"],
                                                  "trainer.json")))  # fmt: skip
     if "__dict__" in trainer:  # core/checkpoint.py's layout (DDP); else core/fsdp.py's
         trainer = state_fields(trainer)
-    return int(trainer["step"]), DataPosition.of(trainer)
+    return DataPosition.of(trainer)
 
 
 def ordered_data_config():
@@ -141,10 +141,10 @@ def ordered_data_config():
     return DataConfig(execution_options=options)
 
 
-def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: int, storage: Any):
+def train_run_config(run_dir: str, name: str, num_to_keep: int, storage: Any):
     """Ray Train's RunConfig for a stage whose run lives at RUN/{name}: named after the run dir
     so that a re-submitted job (or `fit`'s next run after a failure) resumes from the last
-    committed checkpoint."""
+    committed checkpoint. No restarts within a run (`fit` says why)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     filesystem, root = storage.arrow_fs(run_dir)
@@ -152,7 +152,7 @@ def train_run_config(run_dir: str, name: str, max_failures: int, num_to_keep: in
         name=name,
         storage_path=os.path.abspath(root) if is_local(run_dir) else root,
         storage_filesystem=None if is_local(run_dir) else filesystem,
-        failure_config=FailureConfig(max_failures=max_failures),
+        failure_config=FailureConfig(max_failures=0),
         checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
         logging_config=LoggingConfig(log_level="WARNING"),  # its INFO lines: Ray's log files
     )
@@ -174,14 +174,13 @@ def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: T
 
     name = folder.uri.rstrip("/").rsplit("/", 1)[-1]
     for failures in range(config.max_failures + 1):
-        _, position = resume_point(folder.storage, folder.uri)
+        position = resume_position(folder.storage, folder.uri)
         trainer = TorchTrainer(
             worker,
             train_loop_config={**loop_config, "start_epoch": position.epoch},
             scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                          resources_per_worker={"CPU": config.cpus_per_worker}),
-            run_config=train_run_config(folder.run_dir, name, 0, config.num_to_keep,
-                                        folder.storage),
+            run_config=train_run_config(folder.run_dir, name, config.num_to_keep, folder.storage),
             datasets={"train": start_at_epoch(dataset, position.epoch)},
             dataset_config=ordered_data_config(),  # the same run trains the same model
         )  # fmt: skip
