@@ -55,12 +55,12 @@ ACTOR_TITLES = ("ray::ShardEncoder", "ray::ChunkSampler", "ray::FeatureWorker")
 # configs/demo.yaml cut down to seconds a stage, on two nodes: DDP across them, two actors.
 OVERRIDES = [
     "shard.samples_per_shard=2", "shard.val_fraction=0.1",
-    "train_vae.steps=8", "train_vae.batch_size=8", "train_vae.log_every=2",
+    "train_vae.steps=8", "train_vae.batch_size=4", "train_vae.log_every=2",
     "train_vae.checkpoint_every=2", "train_vae.val_images=8", "train_vae.num_workers=2",
     "train_vae.cpus_per_worker=1", "train_vae.loss.gan_weight=0.1",
     "train_vae.loss.gan_start_step=2", "train_vae.tracking.backend=none",
     "encode.cpus_per_actor=0.5", "encode.batch_size=1", "encode.num_actors=2",
-    "train_ar.steps=8", "train_ar.batch_size=8", "train_ar.log_every=2",
+    "train_ar.steps=8", "train_ar.batch_size=4", "train_ar.log_every=2",
     "train_ar.checkpoint_every=2", "train_ar.preview_per_class=1", "train_ar.num_workers=2",
     "train_ar.cpus_per_worker=1", "train_ar.tracking.backend=none",
     "sample.num_samples=8", "sample.chunk_size=2", "sample.grid_size=2",
@@ -213,58 +213,92 @@ class Soak:
     """Runs of one command, each with at most one fault at a random moment; the record."""
 
     def __init__(self, command: list[str], store: Services, cluster: TwoNodes, rng: random.Random,
-                 logs: Path, horizon: float) -> None:  # fmt: skip
-        self.command, self.store, self.cluster, self.rng = command, store, cluster, rng
-        self.logs, self.horizon = logs, horizon
+                 logs: Path) -> None:  # fmt: skip
+        self.command, self.store, self.cluster = command, store, cluster
+        self.rng, self.logs = rng, logs
+        self.spacing = 0.0  # the longest gap between faults, seconds (set from the reference)
         self.injected: Counter[str] = Counter()
         self.runs = 0
         self.hangs = 0
         self.events: list[dict[str, Any]] = []
+        self.exits: list[dict[str, Any]] = []
+        self.findings: list[str] = []  # what is wrong other than a differing object
 
     def run(self, faults: int) -> int:
         """One run of the command to its end, with up to `faults` faults at drawn moments
-        while it runs (the gaps between them drawn up to a third of the fault-free run's
-        time); -> its exit code."""
+        while it runs (the gaps between them drawn up to `spacing` seconds); -> its exit code.
+        Its log keeps the driver's output; `self.exits` its exit code and faults."""
         self.runs += 1
+        faulted: list[str] = []
         with (self.logs / f"run-{self.runs:03d}.log").open("w") as log:
             driver = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)  # fmt: skip
             started = time.time()
+            code = None
             for _ in range(faults):
                 # drawn together, so the sequence of draws does not depend on timing
-                gap, kind_draw, detail = (self.rng.uniform(0, self.horizon / 3),
-                                          self.rng.random(), self.rng.random())  # fmt: skip
+                gap, kind_draw, detail = (self.rng.uniform(0, self.spacing), self.rng.random(),
+                                          self.rng.random())  # fmt: skip
                 try:
-                    return driver.wait(timeout=gap)
+                    code = driver.wait(timeout=gap)
+                    break
                 except subprocess.TimeoutExpired:
-                    self._inject(driver, time.time() - started, kind_draw, detail)
+                    pass
+                kind = self._kind(kind_draw, driver)
+                if kind is None:  # the driver ended while waiting for a target
+                    break
+                self._inject(driver, kind, time.time() - started, detail)
+                faulted.append(kind)
                 if driver.poll() is not None:
                     break
-            try:
-                return driver.wait(timeout=900)
-            except subprocess.TimeoutExpired:  # a hang is a finding: recorded, then ended
-                self.hangs += 1
-                print(f"  run {self.runs}: no end after 900 s: killed (log {log.name})")
-                os.killpg(driver.pid, signal.SIGKILL)
-                return driver.wait()
+            if code is None:
+                try:
+                    code = driver.wait(timeout=900)
+                except subprocess.TimeoutExpired:  # a hang is a finding: recorded, then ended
+                    self.hangs += 1
+                    print(f"  run {self.runs}: no end after 900 s: killed (log {log.name})")
+                    os.killpg(driver.pid, signal.SIGKILL)
+                    code = driver.wait()
+        self._check_exit(code, faulted)
+        return code
 
-    def _inject(self, driver: subprocess.Popen, moment: float, kind_draw: float,
-                detail: float) -> None:  # fmt: skip
-        workers = self.cluster.processes(("ray::RayTrainWorker",))
-        actors = self.cluster.processes(ACTOR_TITLES)
-        possible = ["driver", "node", "store"] + ["train-worker"] * bool(workers) + (
-            ["actor"] * bool(actors))  # fmt: skip
-        # the kinds injected least so far first: every kind comes up in a short soak
+    def _targets(self, kind: str) -> list[psutil.Process]:
+        titles = ("ray::RayTrainWorker",) if kind == "train-worker" else ACTOR_TITLES
+        return self.cluster.processes(titles)
+
+    def _kind(self, kind_draw: float, driver: subprocess.Popen) -> str | None:
+        """The kind of the next fault: one of those injected least so far (so a short soak has
+        every kind), drawn. A worker or an actor lives only in some stages: one not injected
+        yet is waited for as long as the run lasts, another for up to `spacing` seconds, then a
+        kind that can happen now is drawn. None: the driver ended while waiting."""
+        fewest = min(self.injected[k] for k in KINDS)
+        kinds = [k for k in KINDS if self.injected[k] == fewest]
+        kind = kinds[int(kind_draw * len(kinds))]
+        if kind not in ("train-worker", "actor"):
+            return kind
+        deadline = time.time() + (self.spacing if self.injected[kind] else float("inf"))
+        while time.time() < deadline:
+            if driver.poll() is not None:
+                return None
+            if self._targets(kind):
+                return kind
+            time.sleep(0.1)
+        possible = ["driver", "node", "store"] + [k for k in ("train-worker", "actor")
+                                                  if self._targets(k)]  # fmt: skip
         fewest = min(self.injected[k] for k in possible)
         kinds = [k for k in KINDS if k in possible and self.injected[k] == fewest]
-        kind = kinds[int(kind_draw * len(kinds))]
+        return kinds[int(kind_draw * len(kinds))]
+
+    def _inject(self, driver: subprocess.Popen, kind: str, moment: float, detail: float) -> None:
         target = ""
         if kind == "driver":
             os.killpg(driver.pid, signal.SIGKILL)
         elif kind in ("train-worker", "actor"):
-            victims = workers if kind == "train-worker" else actors
+            victims = self._targets(kind)
+            if not victims:  # gone since it was chosen: the stage moved on
+                return
             victim = victims[int(detail * len(victims))]
-            target = " ".join(victim.cmdline())[:40]
+            target = " ".join(victim.cmdline())[:40].strip()
             victim.kill()
         elif kind == "node":
             self.cluster.replace()
@@ -278,6 +312,44 @@ class Soak:
         event = {"run": self.runs, "at_s": round(moment, 1), "fault": kind, "target": target}
         self.events.append(event)
         print(f"  run {self.runs}: {kind} at {moment:.1f} s {target}", flush=True)
+
+    def _check_exit(self, code: int, faulted: list[str]) -> None:
+        """What an operator sees must be right too: a run that fails after nothing but store
+        outages ends with exit code 3 and the message naming the endpoint, no traceback of the
+        driver's own (tests/test_storage.py checks the message's text)."""
+        self.exits.append({"run": self.runs, "exit": code, "faults": faulted})
+        if code == 0 or not faulted or set(faulted) != {"store"}:
+            return
+        text = (self.logs / f"run-{self.runs:03d}.log").read_text(errors="replace")
+        tracebacks = [line for line in text.splitlines() if line.startswith("Traceback")]
+        if code != 3 or "cannot reach the object store" not in text or tracebacks:
+            self.findings.append(f"run {self.runs}: ended with exit {code} after a store outage, "
+                                 f"not 3 and the endpoint's message (log "
+                                 f"run-{self.runs:03d}.log)")  # fmt: skip
+
+
+def row_findings(objects: dict[str, bytes]) -> list[str]:
+    """No image lost or doubled: every image the shard stage kept is in the code tables once
+    (`snapshot`'s objects of a finished run)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    kept = json.loads(objects["run/shards/_manifest.json"])["counts"]["ok"]
+    keys = [key for name, data in sorted(objects.items())
+            if name.startswith("run/codes/") and name.endswith(".parquet")
+            for key in pq.read_table(io.BytesIO(data), columns=["key"]).column("key").to_pylist()]  # fmt: skip
+    doubled = len(keys) - len(set(keys))
+    if doubled or len(keys) != kept:
+        return [f"code tables: {len(keys)} rows, {len(set(keys))} distinct, of {kept} images kept"]
+    return []
+
+
+def listing(client: Any, prefix: str) -> dict[str, tuple[str, Any]]:
+    """key -> (ETag, LastModified): what a re-run that rewrites nothing leaves as it was."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for page in pages
+            for o in page.get("Contents", [])}  # fmt: skip
 
 
 def upload_input(client: Any, work: Path) -> None:
@@ -327,12 +399,16 @@ def soak(faults: int, seed: int, work: Path, per_round: int = 8) -> dict[str, An
                    *OVERRIDES, f"evaluate.weights={classifier(work)}",
                    f"storage.endpoint_url={store.url}"]  # fmt: skip
         started = time.time()
-        runner = Soak(command, store, cluster, random.Random(seed), logs, horizon=0.0)
+        runner = Soak(command, store, cluster, random.Random(seed), logs)
         if runner.run(faults=0) != 0:
             raise RuntimeError(f"the fault-free run failed: {logs}/run-001.log")
-        runner.horizon = time.time() - started
+        horizon = time.time() - started
+        # gaps up to a fair share of a run: a round's faults land within about half of one,
+        # and the runs after them (which resume) have the rest of the pipeline to go
+        runner.spacing = horizon / per_round
         reference = snapshot(client, "run/")
-        print(f"chaos: fault-free run {runner.horizon:.0f} s, {len(reference)} objects, "
+        runner.findings += [f"fault-free run: {f}" for f in row_findings(reference)]
+        print(f"chaos: fault-free run {horizon:.0f} s, {len(reference)} objects, "
               f"{sum(map(len, reference.values())) / 1e6:.1f} MB", flush=True)  # fmt: skip
         rounds, differences, compared = 0, [], 0
         while rounds == 0 or sum(runner.injected.values()) < faults:  # 0: one clean round
@@ -349,18 +425,23 @@ def soak(faults: int, seed: int, work: Path, per_round: int = 8) -> dict[str, An
                     raise RuntimeError(f"round {rounds}: no successful run in 50 (logs: {logs})")
             found = snapshot(client, "run/")
             compared += sum(map(len, found.values()))
+            runner.findings += [f"round {rounds}: {f}" for f in row_findings(found)]
             for difference in compare(reference, found):
                 differences.append(f"round {rounds}: {difference}")
                 print(f"  round {rounds}: {difference}", flush=True)
                 keep(work / "differences" / f"round-{rounds}", difference, reference, found)
             print(f"  round {rounds}: done after {attempts + 1} runs; differences so far: "
                   f"{len(differences)}", flush=True)  # fmt: skip
+            record = _record(seed, runner, rounds, reference, compared, differences)
             # the record so far, after every round: a soak stopped early keeps what it found
-            record = {"seed": seed, "faults": dict(runner.injected), "rounds": rounds,
-                      "runs": runner.runs - 1, "hangs": runner.hangs, "objects": len(reference),
-                      "bytes_compared": compared, "differences": differences,
-                      "events": runner.events}  # fmt: skip
             (work / "chaos.json").write_text(json.dumps(record, indent=1))
+        # The finished pipeline once more, as a retrying job would: it must rewrite nothing.
+        before = listing(client, "run/")
+        if runner.run(faults=0) != 0 or listing(client, "run/") != before:
+            runner.findings.append(f"the re-run of the finished pipeline failed or rewrote "
+                                   f"objects (log run-{runner.runs:03d}.log)")  # fmt: skip
+        record = _record(seed, runner, rounds, reference, compared, differences)
+        (work / "chaos.json").write_text(json.dumps(record, indent=1))
     finally:
         cluster.stop()
         store.stop()
@@ -373,8 +454,20 @@ def soak(faults: int, seed: int, work: Path, per_round: int = 8) -> dict[str, An
           f"differences: {len(differences)}")  # fmt: skip
     for line in differences:
         print(f"  {line}")
+    print(f"other findings: {len(runner.findings)}")
+    for line in runner.findings:
+        print(f"  {line}")
     print(f"reproduce: .venv/bin/python bench/chaos.py --faults {faults} --seed {seed}")
     return record
+
+
+def _record(seed: int, runner: Soak, rounds: int, reference: dict[str, bytes], compared: int,
+            differences: list[str]) -> dict[str, Any]:  # fmt: skip
+    return {"seed": seed, "faults": dict(runner.injected), "rounds": rounds,
+            "runs": runner.runs - 1, "hangs": runner.hangs, "objects": len(reference),
+            "keys": sorted(reference),
+            "bytes_compared": compared, "differences": differences,
+            "findings": runner.findings, "events": runner.events, "exits": runner.exits}  # fmt: skip
 
 
 def main() -> int:
@@ -386,7 +479,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/chaos"))
     args = parser.parse_args()
     record = soak(args.faults, args.seed, args.work.resolve(), args.per_round)
-    return 1 if record["differences"] or record["hangs"] else 0
+    return 1 if record["differences"] or record["hangs"] or record["findings"] else 0
 
 
 if __name__ == "__main__":

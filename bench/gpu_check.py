@@ -1,7 +1,8 @@
 """GPU smoke test and throughput of the model code: RQ-VAE training and encoding, RQ-Transformer
 training, at the paper's sizes, in bf16 autocast.
 
-    python bench/gpu_check.py          # needs a CUDA device
+    python bench/gpu_check.py                    # needs a CUDA device
+    python bench/gpu_check.py --deterministic    # the same steps with deterministic kernels
 """
 
 from __future__ import annotations
@@ -112,8 +113,28 @@ def ar_check(batch: int = 32, compile: bool = False) -> None:
     )
 
 
+def deterministic_check() -> None:
+    """The cost of `deterministic: true` (both training stages): the steps above with
+    deterministic kernels, and the ops that have none (they warn and void exactness)."""
+    import warnings
+
+    from pipeline.core.training import use_deterministic_kernels
+
+    use_deterministic_kernels()  # before this process's first CUDA work
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vae_check()
+        ar_check(128)
+    ops = sorted({str(w.message).split(" does not have a deterministic")[0] for w in caught
+                  if "deterministic" in str(w.message)})  # fmt: skip
+    print(f"deterministic kernels: ops without one: {ops or 'none'}")
+
+
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name())
+    if "--deterministic" in sys.argv:  # its own process: see deterministic_check
+        deterministic_check()
+        sys.exit()
     vae_check()
     for batch in (32, 128):
         ar_check(batch)

@@ -32,7 +32,22 @@ def _add_stage_args(parser: argparse.ArgumentParser,
                         help="replace this stage's output if it was made with another config")  # fmt: skip
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")  # fmt: skip
+    parser.add_argument("--cluster", default=None, metavar="YAML",
+                        help="a Ray cluster YAML or KubeRay manifest (cluster/aws.yaml): refuse, "
+                             "before anything runs, a request none of its node types holds")  # fmt: skip
     _add_config_args(parser, None, overrides_help)
+
+
+def _join_cluster(plan: list, args: argparse.Namespace) -> None:
+    """Check the plan against --cluster's node types, join Ray, check it against the cluster's."""
+    from pipeline.core.ray_runtime import init_ray
+    from pipeline.run import check_cluster
+
+    if args.cluster:
+        check_cluster(plan, args.cluster)
+    init_ray(args.ray_address)
+    if not args.cluster:
+        check_cluster(plan)
 
 
 def _analysis(args: argparse.Namespace) -> int:
@@ -255,21 +270,18 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.run_dir, args.config, args.overrides, args.overwrite, args.ray_address)
             return 0
         if args.command == "run":
-            from pipeline.core.ray_runtime import init_ray
             from pipeline.run import plan_pipeline, run_pipeline
 
             plan = plan_pipeline(args.config, args.overrides, args.input)
-            init_ray(args.ray_address)
+            _join_cluster(plan, args)
             run_pipeline(args.input, args.run_dir, plan, args.overwrite)
             return 0
-        from pipeline.run import stage
+        from pipeline.run import PlannedStage, stage
 
         config_class, run_stage = stage(args.command).load()
         overrides = [*args.overrides, *_flag_overrides(args)]
         config = load_config(config_class, args.config, overrides)
-        from pipeline.core.ray_runtime import init_ray
-
-        init_ray(args.ray_address)
+        _join_cluster([PlannedStage(stage(args.command), config, run_stage)], args)
         if args.command == "shard":
             run_stage(args.input, args.run_dir, config, overwrite=args.overwrite)
         else:

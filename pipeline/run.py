@@ -115,6 +115,26 @@ def plan_pipeline(config_path: str | None = None, overrides: list[str] = (),
     return planned
 
 
+def check_cluster(plan: list[PlannedStage], cluster_file: str | None = None) -> None:
+    """Every planned stage's requests fit a node type of the cluster (core/cluster_fit.py): of
+    `cluster_file` (before Ray is joined), else of the connected cluster."""
+    from pipeline.core.cluster_fit import (
+        check_requests,
+        live_node_types,
+        node_types_from_file,
+        stage_requests,
+    )
+
+    if cluster_file:
+        node_types, source = node_types_from_file(cluster_file), cluster_file
+    else:
+        node_types, source = live_node_types()
+        if node_types is None:  # an autoscaler whose node types only its YAML knows
+            return
+    requests = [r for p in plan for r in stage_requests(p.stage.name, p.config.section, p.config)]
+    check_requests(requests, node_types, source)
+
+
 def _fit_conditioning(plan: list[PlannedStage], described: InputDescription) -> None:
     """Resolve train-ar's conditioning against what the input has (refusing what it cannot
     serve) and check that the sample stage asks for what that model takes; the run's first

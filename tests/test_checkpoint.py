@@ -23,3 +23,30 @@ def test_optimizer_state_round_trip_without_pickle(tmp_path):
             torch.as_tensor(value), torch.as_tensor(loaded["optimizer"]["state"][0][key])
         )
     assert torch.equal(loaded["model"]["weight"], model.weight)
+
+
+def test_checkpoint_folders_ray_train_never_committed_are_removed(storage_root):
+    """What a cut upload leaves (a checkpoint folder the snapshot does not name) goes; the
+    committed ones, the snapshot and other files stay."""
+    import json
+
+    from pipeline.core.storage import join
+    from pipeline.core.train_driver import remove_uncommitted_checkpoints
+
+    root, storage = storage_root
+    stage = join(root, "vae")
+    committed = ["checkpoint_2026-12-07_10-00-00.000001", "checkpoint_2026-12-07_10-00-05.000002"]
+    cut = "checkpoint_2026-12-07_10-00-09.000003"
+    for name in [*committed, cut]:
+        storage.write_bytes(join(stage, name, "model.json"), b"{}")
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": n} for n in committed],
+                "latest_checkpoint_result": {"checkpoint_dir_name": committed[-1]}}  # fmt: skip
+    storage.write_bytes(
+        join(stage, "checkpoint_manager_snapshot.json"), json.dumps(snapshot).encode()
+    )
+    storage.write_bytes(join(stage, "metrics.jsonl"), b"")
+
+    assert remove_uncommitted_checkpoints(storage, stage) == [cut]
+    left = {uri.removeprefix(stage + "/").split("/")[0] for uri, _ in storage.list_files(stage)}
+    assert left == {*committed, "checkpoint_manager_snapshot.json", "metrics.jsonl"}
+    assert remove_uncommitted_checkpoints(storage, stage) == []

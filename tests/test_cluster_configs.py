@@ -75,3 +75,106 @@ def test_kuberay_manifest():
     base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
     assert RAY_TAG.match(base).group(1) == ray.__version__
     assert "pip install" in dockerfile and "rqpipe" in dockerfile
+
+
+# -- what the stages ask for against what the clusters have (pipeline/core/cluster_fit.py) ------
+
+
+def recipe_plan(config: str, *overrides: str) -> list:
+    """A paper recipe's planned stages, without the files its preflight wants (LPIPS weights)."""
+    from pipeline.core.config import load_config
+    from pipeline.run import STAGES, PlannedStage, stage_overrides
+
+    plan = []
+    for s in STAGES:
+        config_class, run = s.load()
+        stage_config = load_config(config_class, config, stage_overrides(config_class.section,
+                                                                          list(overrides)))  # fmt: skip
+        plan.append(PlannedStage(s, stage_config, run))
+    return plan
+
+
+RECIPES = ["imagenet256-8x8x4.yaml", "ffhq256-8x8x4.yaml", "cc3m-8x8x4.yaml"]
+
+
+@pytest.mark.parametrize("cluster", ["aws.yaml", "gcp.yaml", "kuberay.yaml"])
+def test_every_recipe_fits_every_cluster_file(cluster):
+    from pipeline.core.cluster_fit import node_types_from_file
+    from pipeline.run import check_cluster
+
+    types = {t.name: t for t in node_types_from_file(str(CLUSTER / cluster))}
+    assert types["head"].resources.get("CPU", 0) == 0 and types["head"].max_count == 1
+    assert sorted(t.resources.get("GPU", 0) for n, t in types.items() if n != "head") == [0, 1, 8]
+    for recipe in RECIPES:
+        check_cluster(recipe_plan(str(CLUSTER.parent / "configs" / recipe)), str(CLUSTER / cluster))
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("encode.gpus_per_actor=9", r"encode: an actor asks for CPU 1, GPU 9, more than any node "
+                                r"of the cluster has \(.*aws.yaml: head \(no CPU or GPU\); "
+                                r"cpu-16 \(CPU 16\); gpu-8xa100 \(CPU 96, GPU 8\); gpu-1xa10g "
+                                r"\(CPU 8, GPU 1\)\).* Lower encode.cpus_per_actor / "
+                                r"encode.gpus_per_actor"),
+    ("train_vae.cpus_per_worker=128", r"train-vae: a Train worker asks for CPU 128, GPU 1, more "
+                                      r"than any node"),
+    ("shard.cpus_per_task=100", r"shard: a task asks for CPU 100"),
+])  # fmt: skip
+def test_a_request_no_node_type_holds_is_refused_naming_it(override, expected):
+    from pipeline.core.config import ConfigError
+    from pipeline.run import check_cluster
+
+    plan = recipe_plan(str(CLUSTER.parent / "configs" / "imagenet256-8x8x4.yaml"), override)
+    with pytest.raises(ConfigError, match=expected):
+        check_cluster(plan, str(CLUSTER / "aws.yaml"))
+
+
+def test_train_workers_that_leave_ray_data_no_cpu_are_refused():
+    """Two 1-CPU Train workers on a 2-CPU machine: Ray Data's read task (1 CPU) could never run,
+    and the workers would wait for their first batch forever (found as a 6-minute silent hang)."""
+    from pipeline.core.cluster_fit import NodeType, Request, check_requests
+    from pipeline.core.config import ConfigError
+
+    machine = [NodeType("laptop", {"CPU": 2.0})]
+    workers = Request("train-ar", "a Train worker", {"CPU": 1.0, "GPU": 0.0},
+                      "train_ar.cpus_per_worker / train_ar.use_gpu", count=2)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train-ar: 2 Train workers x 1 CPU leave no node a "
+                                          r"whole CPU of the cluster's 2 .*Lower "
+                                          r"train_ar.cpus_per_worker \(e.g. 0.5\)"):  # fmt: skip
+        check_requests([workers], machine, "its live nodes")
+    check_requests([Request(**{**workers.__dict__, "resources": {"CPU": 0.5}})], machine, "")
+    # two nodes: the workers take one each and leave each a CPU
+    check_requests([workers], [NodeType("node", {"CPU": 2.0}, max_count=2)], "")
+    # an unbounded node type: the autoscaler adds what the read tasks need
+    check_requests([workers], [NodeType("node", {"CPU": 2.0}, max_count=-1)], "")
+
+
+def test_the_cli_refuses_what_the_cluster_cannot_serve_before_any_stage_runs(ray_local,
+                                                                             tmp_path):  # fmt: skip
+    """Against the live cluster (this session's 4-CPU instance): two 2-CPU Train workers would
+    leave Ray Data no CPU; against a cluster file, given with --cluster: an actor no node type
+    holds, refused before Ray is even joined. Nothing is written either time."""
+    import subprocess
+    import sys
+
+    from pipeline.demo.data import demo_listing, write_demo_dataset
+
+    repo = CLUSTER.parent
+    address = ray_local.get_runtime_context().gcs_address
+    refused = subprocess.run([sys.executable, str(repo / "jobs" / "train_ar.py"), "--run-dir",
+                              str(tmp_path / "run"), "--ray-address", address, "strategy=fsdp",
+                              "num_workers=2", "cpus_per_worker=2"], capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert ("train-ar: 2 Train workers x 2 CPU leave no node a whole CPU of the cluster's 4 "
+            "(its live nodes)") in refused.stderr  # fmt: skip
+
+    write_demo_dataset(tmp_path / "in", per_class=1)
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--input",
+               str(demo_listing(tmp_path / "in")), "--run-dir", str(tmp_path / "run"),
+               "--config", "configs/demo.yaml", "--cluster", "cluster/aws.yaml",
+               "evaluate.enabled=false", "encode.gpus_per_actor=9"]  # fmt: skip
+    refused = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "encode: an actor asks for CPU 1, GPU 9" in refused.stderr
+    assert "cluster/aws.yaml: head" in refused.stderr and "Ray" not in refused.stdout
+    assert not (tmp_path / "run").exists()

@@ -180,3 +180,26 @@ def test_local_uris_are_resolved_against_the_callers_directory(tmp_path, monkeyp
     assert absolute("/abs/path") == "/abs/path"
     assert absolute("s3://bucket/runs/demo") == "s3://bucket/runs/demo"  # left as given
     assert absolute("~/x") == str(Path.home() / "x")
+
+
+def test_an_unreachable_endpoint_ends_a_command_with_exit_3_naming_it(ray_local, tmp_path):
+    """What an operator sees of an endpoint that is down: exit code 3, the endpoint named and
+    what to do, no traceback. (Runs whose store outage ends them mid-stage, in actors and
+    Train workers, are checked the same way by the fault soak, bench/chaos.py.)"""
+    import os
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    address = ray_local.get_runtime_context().gcs_address
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train-vae", "--run-dir",
+                             "s3://bucket/run", "--ray-address", address,
+                             f"storage.endpoint_url={endpoint}"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert f"cannot reach the object store at {endpoint}" in result.stderr
+    assert "run the same command again" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]

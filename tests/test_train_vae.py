@@ -137,6 +137,11 @@ def test_a_killed_worker_and_driver_then_resubmitted_train_the_uninterrupted_mod
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     assert not (run / "vae" / "_manifest.json").exists()
+    # What a driver killed mid-upload leaves: a partial checkpoint folder Ray Train never
+    # committed; the resumed stage removes it.
+    orphan = run / "vae" / "checkpoint_2026-01-01_00-00-00.000000"
+    orphan.mkdir()
+    (orphan / "model.json").write_text("{}")
 
     # Another lr on the unfinished run is refused, naming it; the killed driver's lease is
     # taken over at once (its pid is gone from this host).
@@ -155,6 +160,7 @@ def test_a_killed_worker_and_driver_then_resubmitted_train_the_uninterrupted_mod
             "data_wait_fraction"} <= set(records[0])  # fmt: skip
     assert (run / "vae" / "reconstructions.png").exists()
     assert (run / "vae" / "config.yaml").exists()
+    assert not orphan.exists() and "a checkpoint never committed" in resumed.stdout
     manifest = json.loads((run / "vae" / "_manifest.json").read_text())
     assert manifest["upstream"]["shard"] == json.loads(
         (run / "shards" / "_manifest.json").read_text())["fingerprint"]  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +24,13 @@ from pipeline.core.training import DataPosition, start_at_epoch
 # more steps (the cosine schedule is then recomputed for the new total) and another number of
 # workers (the global batch changes from the resumed step on).
 RESUMABLE_FIELDS = ("steps", "num_workers")
+# Ray Train's names of checkpoint folders: checkpoint_<date>_<time>.<microseconds>
+CHECKPOINT_FOLDER = re.compile(r"checkpoint_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+$")
 # Where and how fast a stage trains, not what it learns: execution fields (not fingerprinted)
 # of both training configs.
-TRAINER_FIELDS = ("use_gpu", "compile", "cpus_per_worker", "threads_per_worker", "log_every",
-                  "checkpoint_every", "num_to_keep", "max_failures", "tracking")  # fmt: skip
+TRAINER_FIELDS = ("use_gpu", "compile", "deterministic", "cpus_per_worker", "threads_per_worker",
+                  "log_every", "checkpoint_every", "num_to_keep", "max_failures",
+                  "tracking")  # fmt: skip
 
 
 @dataclass
@@ -47,6 +51,9 @@ class TrainerConfig:
     threads_per_worker: int | None = None  # torch threads; default: Ray's (whole CPUs)
     bf16: bool = True  # autocast on GPU
     compile: bool = False  # torch.compile the model's forward (and backward); off: eager
+    # CUDA kernels that give the same bits every run (torch.use_deterministic_algorithms,
+    # CUBLAS_WORKSPACE_CONFIG): exact resumption on GPUs, at a cost bench/gpu.sh measures
+    deterministic: bool = False
     log_every: int = 50
     checkpoint_every: int = 500
     num_to_keep: int = 2
@@ -109,14 +116,17 @@ def check_init_from(folder: StageFolder, config: Any, expected: Any) -> None:
                          f"({'; '.join(changes)}): set model_preset / model.* to match it")  # fmt: skip
 
 
+def _checkpoint_snapshot(storage: Storage, stage_dir: str) -> dict[str, Any]:
+    """Ray Train's record of a run's committed checkpoints ({} before the first)."""
+    uri = join(stage_dir, "checkpoint_manager_snapshot.json")
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+
+
 def resume_position(storage: Storage, stage_dir: str) -> DataPosition:
     """The data position of the checkpoint a re-submitted stage resumes from: the one Ray
     Train's snapshot names as its latest committed (the start if none). Not the newest
     checkpoint folder: a driver killed mid-upload leaves one Ray Train never committed."""
-    snapshot_uri = join(stage_dir, "checkpoint_manager_snapshot.json")
-    if not storage.exists(snapshot_uri):
-        return DataPosition()
-    latest = json.loads(storage.read_bytes(snapshot_uri)).get("latest_checkpoint_result")
+    latest = _checkpoint_snapshot(storage, stage_dir).get("latest_checkpoint_result")
     if not latest:
         return DataPosition()
     trainer = json.loads(storage.read_bytes(join(stage_dir, latest["checkpoint_dir_name"],
@@ -124,6 +134,23 @@ def resume_position(storage: Storage, stage_dir: str) -> DataPosition:
     if "__dict__" in trainer:  # core/checkpoint.py's layout (DDP); else core/fsdp.py's
         trainer = state_fields(trainer)
     return DataPosition.of(trainer)
+
+
+def remove_uncommitted_checkpoints(storage: Storage, stage_dir: str) -> list[str]:
+    """Remove the checkpoint folders Ray Train's snapshot does not name, before a run starts;
+    -> their names. A driver or worker killed mid-upload leaves a partial folder that no run
+    reads and that Ray Train, which deletes only what it committed (num_to_keep), never
+    removes: the fault soak found one beside a finished model."""
+    snapshot = _checkpoint_snapshot(storage, stage_dir)
+    results = [*snapshot.get("checkpoint_results", []), snapshot.get("latest_checkpoint_result")]
+    committed = {result["checkpoint_dir_name"] for result in results if result}
+    removed = []
+    for uri in storage.glob(join(stage_dir, "checkpoint_*")):
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        if CHECKPOINT_FOLDER.match(name) and name not in committed:
+            storage.remove_tree(uri)
+            removed.append(name)
+    return removed
 
 
 def ordered_data_config():
@@ -174,6 +201,9 @@ def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: T
 
     name = folder.uri.rstrip("/").rsplit("/", 1)[-1]
     for failures in range(config.max_failures + 1):
+        for removed in remove_uncommitted_checkpoints(folder.storage, folder.uri):
+            print(f"{folder.stage}: removed {removed}, a checkpoint never committed (its upload "
+                  f"was cut)", flush=True)  # fmt: skip
         position = resume_position(folder.storage, folder.uri)
         trainer = TorchTrainer(
             worker,

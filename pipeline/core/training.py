@@ -6,6 +6,7 @@ is in core/train_driver.py."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -149,16 +150,29 @@ def shuffled_batches(shard: Any, batch_size: int, shuffle_buffer: int, device: A
 
 @dataclass
 class DataPosition:
-    """Where the training data stands at a checkpoint (saved in it as `data`): the epoch, and
-    how many of its batches every rank has trained on (ranks get equal shares)."""
+    """Where the training data stands at a checkpoint (saved in it as `data`): the epoch, how
+    many of its batches every rank has trained on (ranks get equal shares), and on how many
+    ranks (0: a checkpoint from before this was recorded, taken as the count resumed on)."""
 
     epoch: int = 0
     batches: int = 0
+    ranks: int = 0
 
     @classmethod
     def of(cls, trainer: dict[str, Any]) -> DataPosition:
         """From a checkpoint's trainer state (older checkpoints have none: the start)."""
         return cls(**trainer.get("data", {}))
+
+    def exact_on(self, ranks: int) -> bool:
+        """Whether a resume on `ranks` ranks continues the batch sequence of the run that
+        wrote this checkpoint (the same worker count), bit for bit."""
+        return self.ranks in (0, ranks)
+
+    def batches_on(self, ranks: int) -> int:
+        """The batches of the epoch each of `ranks` ranks skips on resuming: those trained on;
+        on another worker count (elastic training), as many rows in all, rounded down: the
+        epoch goes on at about the same point, with other rows in each batch."""
+        return self.batches if self.exact_on(ranks) else self.batches * self.ranks // ranks
 
 
 def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
@@ -168,15 +182,26 @@ def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, step, rank, stream]).generate_state(1, np.uint64)[0])
 
 
-def check_data_position(position: DataPosition, start_epoch: int, rank: int) -> None:
+def check_data_position(position: DataPosition, start_epoch: int, rank: int,
+                        ranks: int) -> None:  # fmt: skip
     """Inside a Ray Train loop, after loading a checkpoint: the driver started the dataset at
     `start_epoch`, the epoch of the checkpoint it expected the run to resume from. Another
-    epoch (a checkpoint committed in between) reads this epoch in another order: training
-    goes on, not bit for bit as an uninterrupted run, and says so."""
-    if rank == 0 and position.epoch != start_epoch:
+    epoch (a checkpoint committed in between) reads this epoch in another order, and another
+    worker count splits it otherwise: training goes on, not bit for bit as an uninterrupted
+    run, and says so (docs/architecture.md, "Exact resumption", says what holds instead)."""
+    if rank != 0:
+        return
+    if position.epoch != start_epoch:
         sys.__stdout__.write(f"resumed at epoch {position.epoch}, the dataset started at epoch "
                              f"{start_epoch}: this epoch's data order is another draw, the run "
                              f"is not exact from here\n")  # fmt: skip
+    if not position.exact_on(ranks):
+        sys.__stdout__.write(f"resumed on {ranks} workers from a checkpoint written by "
+                             f"{position.ranks}: the global batch and the split of the data "
+                             f"change, the run is not exact from here (each worker skips "
+                             f"{position.batches_on(ranks)} batches of epoch {position.epoch}, "
+                             f"as many rows as were trained on)\n")  # fmt: skip
+        sys.__stdout__.flush()
 
 
 def start_at_epoch(dataset: Any, epoch: int) -> Any:
@@ -215,9 +240,11 @@ def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
               train_step: Callable[[list[Any], int], tuple[dict[str, float], int]],
               log: Callable[[int, dict[str, float]], None],
               checkpoint: Callable[[int, DataPosition], None], dtypes: Any = None,
-              views: int = 1, position: DataPosition | None = None) -> None:  # fmt: skip
-    """Steps `start` -> `config.steps` over epochs of a Ray Train dataset shard, from the
-    data `position` of the checkpoint at `start` (its epoch's first batches skipped).
+              views: int = 1, position: DataPosition | None = None,
+              ranks: int = 1) -> None:  # fmt: skip
+    """Steps `start` -> `config.steps` over epochs of a Ray Train dataset shard (this is
+    `rank` of `ranks`), from the data `position` of the checkpoint at `start` (its epoch's
+    first batches skipped).
 
     `train_step(micro_batches, step) -> (terms, rows)` runs one optimizer step on
     `grad_accum_steps` micro-batches, its random draws seeded by `step_seed`; `log(step, terms)`
@@ -230,7 +257,7 @@ def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
 
     position = position or DataPosition()
     step, rows, waited, window = start, 0, 0.0, time.time()
-    epoch, skip = position.epoch, position.batches
+    epoch, skip = position.epoch, position.batches_on(ranks)
     micro: list[Any] = []
     while step < config.steps:
         batches, fetch = 0, time.time()
@@ -259,7 +286,7 @@ def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
                 rows, waited = 0, 0.0
                 window = time.time()  # after logging: validation is not training time
             if step % config.checkpoint_every == 0 or step == config.steps:
-                checkpoint(step, DataPosition(epoch, batches))
+                checkpoint(step, DataPosition(epoch, batches, ranks))
                 window = time.time()
             if step >= config.steps:
                 return
@@ -269,7 +296,7 @@ def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
                                f"of {config.batch_size} rows: the worker's share of the train "
                                f"split is smaller than batch_size; lower batch_size or "
                                f"num_workers")  # fmt: skip
-        if batches < skip:
+        if batches < skip and position.exact_on(ranks):
             raise RuntimeError(f"worker {rank}: the checkpoint's epoch {epoch} had {skip} "
                                f"batches, now {batches}: the training data changed since it was "
                                f"written")  # fmt: skip
@@ -315,10 +342,24 @@ def report_checkpoint(step: int, rank: int, write: Callable[[str], None],
                      checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip
 
 
-def train_worker_setup(threads: int | None) -> tuple[int, int, Any]:
+def use_deterministic_kernels() -> None:
+    """CUDA kernels that compute the same bits every run, which exact resumption on a GPU
+    needs: torch's deterministic algorithms and cuBLAS with a fixed workspace
+    (CUBLAS_WORKSPACE_CONFIG, read when this process makes its first cuBLAS handle: call this
+    before any CUDA work). An op that has no deterministic kernel warns, naming itself (it
+    voids exactness), rather than stopping a run. On CPU, where our kernels are deterministic
+    already, it changes nothing."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def train_worker_setup(threads: int | None, deterministic: bool = False) -> tuple[int, int, Any]:
     """Inside a Ray Train loop: (rank, world size, torch device), after setting the torch
-    threads. Ray gives a worker as many threads as it has whole CPUs (at least 1); on a small
-    machine whose data pipeline is light, more threads than reserved CPUs pay."""
+    threads (and, `deterministic`, the kernels: `use_deterministic_kernels`). Ray gives a
+    worker as many threads as it has whole CPUs (at least 1); on a small machine whose data
+    pipeline is light, more threads than reserved CPUs pay."""
     import logging
 
     import ray.train
@@ -329,6 +370,8 @@ def train_worker_setup(threads: int | None) -> tuple[int, int, Any]:
     # that says nothing metrics.jsonl does not) through a logger named after its file path,
     # outside `ray.train`, so its own level setting misses it.
     train_context.logger.setLevel(logging.WARNING)
+    if deterministic:
+        use_deterministic_kernels()
     if threads is not None:
         import torch
 

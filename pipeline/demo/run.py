@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.core.manifest import read_manifest
 from pipeline.core.storage import Storage, absolute
 from pipeline.demo.data import DEMO_CLASSES, demo_listing, demo_prompts, write_demo_dataset
-from pipeline.run import plan_pipeline, run_pipeline, stage, stage_overrides
+from pipeline.run import check_cluster, plan_pipeline, run_pipeline, stage, stage_overrides
 
 
 def _report(run: Path) -> dict[str, Any]:
@@ -87,6 +87,7 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
     if text and not (sample.prompts or sample.prompts_file):
         sample.prompts = demo_prompts()  # every shape in every colour, seen or not
     init_ray(ray_address)
+    check_cluster(plan)  # what the stages ask of Ray fits this machine
     records = run_pipeline(str(listing), run_dir, plan, overwrite)
     report = _report(run)
     vae_metrics = [json.loads(line) for line in (run / "vae" / "metrics.jsonl").open()]

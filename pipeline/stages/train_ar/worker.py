@@ -147,7 +147,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     model_config: RQTransformerConfig = loop_config["model_config"]
     run_dir: str = loop_config["run_dir"]
     ar_dir = join(run_dir, "ar")
-    rank, world, device = train_worker_setup(config.threads_per_worker)
+    rank, world, device = train_worker_setup(config.threads_per_worker, config.deterministic)
     storage = Storage(config.storage)
     condition = "text" if model_config.text_vocab_size else (
         "class" if model_config.num_classes else "none")  # fmt: skip
@@ -173,7 +173,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start, position = _load_checkpoint(model, optimizer, ema, directory)
-    check_data_position(position, loop_config["start_epoch"], rank)
+    check_data_position(position, loop_config["start_epoch"], rank, world)
     forward = model
     if world > 1 and config.strategy == "ddp":
         forward = ray.train.torch.prepare_model(model)
@@ -242,7 +242,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
                           every_rank=is_sharded(model))  # fmt: skip
 
     run_steps(ray.train.get_dataset_shard("train"), config, device, start, rank, train_step,
-              log, save, views=loop_config["views"], position=position)  # fmt: skip
+              log, save, views=loop_config["views"], position=position, ranks=world)  # fmt: skip
     exports = {"model": whole.at(config.steps)}  # every rank: collective under FSDP
     if raw is not None:  # the raw weights stay exportable
         exports["model-raw"] = raw.at(config.steps)

@@ -84,7 +84,7 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     config: TrainVAEConfig = loop_config["config"]
     run_dir: str = loop_config["run_dir"]
     vae_dir = join(run_dir, "vae")
-    rank, world, device = train_worker_setup(config.threads_per_worker)
+    rank, world, device = train_worker_setup(config.threads_per_worker, config.deterministic)
     storage = Storage(config.storage)
 
     state = build_train_state(config)  # same seed on every rank: identical initial weights
@@ -98,7 +98,7 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start, position = _load_checkpoint(state, ema, directory)
-    check_data_position(position, loop_config["start_epoch"], rank)
+    check_data_position(position, loop_config["start_epoch"], rank, world)
     state.model.to(device)
     state.loss.to(device)
     exported = state.model  # what the stage exports, validates and reconstructs with
@@ -160,7 +160,7 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
 
     run_steps(ray.train.get_dataset_shard("train"), config, device, start, rank, train_step,
               log if metrics is not None else lambda step, terms: None, save, torch.uint8,
-              position=position)  # fmt: skip
+              position=position, ranks=world)  # fmt: skip
     if metrics is not None:
         exported.eval().save_pretrained(join(vae_dir, "model"), storage.options(vae_dir))
         if ema is not None:  # the raw weights stay exportable
