@@ -155,11 +155,16 @@ def test_the_cli_refuses_what_the_cluster_cannot_serve_before_any_stage_runs(ray
     holds, refused before Ray is even joined. Nothing is written either time."""
     import subprocess
     import sys
+    import time
 
+    from pipeline.core.cluster_fit import live_node_types
     from pipeline.demo.data import demo_listing, write_demo_dataset
 
     repo = CLUSTER.parent
     address = ray_local.get_runtime_context().gcs_address
+    deadline = time.time() + 60  # a fresh instance's monitor reports its nodes within seconds
+    while live_node_types()[0] is None and time.time() < deadline:
+        time.sleep(0.5)
     refused = subprocess.run([sys.executable, str(repo / "jobs" / "train_ar.py"), "--run-dir",
                               str(tmp_path / "run"), "--ray-address", address, "strategy=fsdp",
                               "num_workers=2", "cpus_per_worker=2"], capture_output=True,

@@ -144,7 +144,7 @@ def test_an_epoch_without_a_full_batch_is_an_error_not_a_loop(ray_local):
 
     class Config:
         steps, batch_size, shuffle_buffer, grad_accum_steps = 10, 8, 0, 1
-        log_every, checkpoint_every, seed = 1, 1, 0
+        log_every, checkpoint_every, seed, batch_wait_warning_s = 1, 1, 0, 300.0
 
     with pytest.raises(RuntimeError, match="gave no full batch of 8 rows"):
         run_steps(data, Config, "cpu", 0, 0, lambda micro, step: ({}, 8), lambda s, t: None,

@@ -35,9 +35,9 @@ def test_whole_pipeline_through_eight_seeded_faults_ends_as_the_fault_free_run(t
     assert record["runs"] > 2 and record["bytes_compared"] > 10e6
     artifacts = set(record["keys"])
     assert {"run/shards/_manifest.json", "run/vae/model/model.safetensors",
-            "run/vae/reconstructions.png", "run/vae/curves.png", "run/codes/_manifest.json",
+            "run/vae/reconstructions.png", "run/codes/_manifest.json",
             "run/ar/model/model.safetensors", "run/ar/model/tokenizer.json", "run/ar/samples.png",
             "run/samples/_manifest.json", "run/eval/metrics.json", "run/eval/report.md",
             "run/eval/reference.npz"} <= artifacts  # fmt: skip
     assert any(k.startswith("run/samples/grid-000-a_") for k in artifacts)  # a grid a prompt
-    assert sum(k.startswith("run/codes/") and k.endswith(".parquet") for k in artifacts) > 10
+    assert sum(k.startswith("run/codes/") and k.endswith(".parquet") for k in artifacts) > 5

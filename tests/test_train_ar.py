@@ -162,15 +162,16 @@ def test_a_killed_driver_resubmitted_trains_the_uninterrupted_model(encoded_run,
 
     # Another worker count on resuming (elastic training) voids exactness: the global batch and
     # the split of the data change. What holds instead: the run goes on along the curve of an
-    # uninterrupted run. Both runs extended to 40 steps, the resumed one on one worker.
-    elastic = subprocess.run([*command, "steps=40", "num_workers=1"], capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
-    assert elastic.returncode == 0, elastic.stderr[-3000:]
-    assert "resumed on 1 workers from a checkpoint written by 2" in elastic.stdout
+    # uninterrupted run. Both runs extended to 32 steps, the resumed one on one worker.
+    run_train_ar_stage(str(run), load_config(TrainARConfig, None,
+                                             [*overrides, "steps=32", "num_workers=1"]))  # fmt: skip
+    resumed = [m for m in metrics(run / "ar") if m.get("event") == "resumed"]
+    assert [(m["step"], m["workers"], m["exact"]) for m in resumed] == [
+        (events[0]["step"], 2, True), (24, 1, False)]  # fmt: skip
     run_train_ar_stage(str(reference), load_config(
-        TrainARConfig, None, [*overrides, "ema_decay=0.9", "steps=40"]))  # fmt: skip
+        TrainARConfig, None, [*overrides, "ema_decay=0.9", "steps=32"]))  # fmt: skip
     one, two = (losses_after(folder / "ar", 24) for folder in (run, reference))
-    assert len(one) == len(two) == 4, (one, two)
+    assert len(one) == len(two) == 2, (one, two)
     for a, b in zip(one, two, strict=True):
         assert abs(a - b) <= ELASTIC_TOLERANCE * b, (one, two)
 

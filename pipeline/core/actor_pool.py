@@ -16,7 +16,7 @@ from typing import Any
 
 # The pool knobs change where and how fast a stage runs, never what it writes: they are
 # execution fields (not fingerprinted) of every config that inherits them.
-POOL_FIELDS = ("num_actors", "gpus_per_actor", "cpus_per_actor", "max_retries")
+POOL_FIELDS = ("num_actors", "gpus_per_actor", "cpus_per_actor", "max_retries", "pending_warning_s")
 
 
 @dataclass
@@ -28,6 +28,9 @@ class ActorPoolConfig:
     gpus_per_actor: float = 0.0  # > 0: the actors run on GPUs (CPU where CUDA is absent)
     cpus_per_actor: float = 1.0
     max_retries: int = 3  # per task, after its actor died
+    # no result for this long: say why (what the actors ask, what the cluster has free); stop
+    # when no node of a cluster without an autoscaler can ever hold an actor
+    pending_warning_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.num_actors < 1:
@@ -54,6 +57,9 @@ class ActorPool:
             max_restarts=-1, max_task_retries=config.max_retries,
         )  # fmt: skip
         self.actors = [remote.remote(*args) for _ in range(min(config.num_actors, max(1, units)))]
+        self.request = {"CPU": config.cpus_per_actor, "GPU": config.gpus_per_actor}
+        self.pending_warning_s = config.pending_warning_s
+        self.name = actor_class.__name__
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -79,6 +85,27 @@ class ActorPool:
                 queued = Counter(in_flight.values())
                 index = min(range(len(self.actors)), key=queued.__getitem__)
                 in_flight[call(self.actors[index], queue.pop(0))] = index
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.pending_warning_s)
+            if not ready:
+                self._stalled()
+                continue
             del in_flight[ready[0]]
             on_result(ray.get(ready[0]))
+
+    def _stalled(self) -> None:
+        """No result for `pending_warning_s`: an actor no node of a fixed cluster holds stops
+        the stage, naming the request (the plan-time check, core/cluster_fit.py, catches it
+        first from the CLI); otherwise say what the actors ask and what is free, and wait on
+        (an autoscaler may be adding a node, a unit may be slow)."""
+        from pipeline.core.cluster_fit import live_node_types
+        from pipeline.core.progress import free_resources
+
+        asked = ", ".join(f"{k} {v:g}" for k, v in self.request.items() if v > 0)
+        node_types, source = live_node_types()
+        if node_types is not None and not any(t.holds(self.request) for t in node_types):
+            raise RuntimeError(f"{self.name} actors ask for {asked}, more than any node of the "
+                               f"cluster has ({source}: {'; '.join(map(str, node_types))}), and "
+                               f"no autoscaler can add one: lower cpus_per_actor / "
+                               f"gpus_per_actor, or add a node that holds it")  # fmt: skip
+        print(f"{self.name}: no result for {self.pending_warning_s:.0f} s; each actor asks for "
+              f"{asked}. {free_resources()} An autoscaler may be adding a node.", flush=True)  # fmt: skip

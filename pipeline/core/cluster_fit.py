@@ -21,8 +21,8 @@ from typing import Any
 from pipeline.core.config import ConfigError
 
 READ_TASK_CPUS = 1.0  # what Ray Data's read tasks ask for (ray.data.read_* defaults)
-# What Ray's monitor writes to the GCS KV: with an autoscaler (the cluster launcher's, v1), an
-# "autoscaler_report" beside the load metrics
+# What Ray's monitor writes to the GCS KV every few seconds: the load metrics, and the
+# autoscaler's report with each node's type
 AUTOSCALER_STATUS_KEY = "__autoscaling_status"
 
 
@@ -153,9 +153,9 @@ def _quantity(value: Any) -> float:
 
 def live_node_types() -> tuple[list[NodeType] | None, str]:
     """(node types, where from) of the connected cluster: the node groups its autoscaler
-    reports (KubeRay, autoscaler v2); None when an autoscaler runs that does not report them
-    (the cluster launcher's: give the YAML with --cluster); else its live nodes, a fixed
-    cluster's, each a type of its own."""
+    reports (KubeRay, autoscaler v2); a fixed cluster's live nodes, each a type of its own;
+    None when an autoscaler runs that does not report its types (the cluster launcher's: give
+    its YAML with --cluster) or the monitor has not reported yet."""
     import ray
     from ray._private.state import state
     from ray.experimental.internal_kv import _internal_kv_get
@@ -164,8 +164,11 @@ def live_node_types() -> tuple[list[NodeType] | None, str]:
     if config is not None and config.node_group_configs:
         return [NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, g.max_count)
                 for g in config.node_group_configs], "the autoscaler's node types"  # fmt: skip
-    status = json.loads(_internal_kv_get(AUTOSCALER_STATUS_KEY) or b"{}")
-    if "autoscaler_report" in status:  # a fixed cluster's monitor writes load metrics only
+    report = json.loads(_internal_kv_get(AUTOSCALER_STATUS_KEY) or b"{}").get("autoscaler_report")
+    mapping = (report or {}).get("node_type_mapping") or {}
+    # A fixed cluster's monitor runs a read-only autoscaler whose node types are its nodes
+    # ("node_<id>"); none yet: the monitor has not reported (its first seconds), so unknown.
+    if not mapping or any(kind != f"node_{node}" for node, kind in mapping.items()):
         return None, "an autoscaler that does not report its node types"
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     return [NodeType(f"node {n['NodeID'][:8]}", {k: float(v) for k, v in n["Resources"].items()

@@ -1,4 +1,5 @@
-"""Progress of a stage's units (shards, tables, chunks), for the person watching the job.
+"""Progress of a stage's units (shards, tables, chunks), for the person watching the job, and
+a training worker's wait for data when it stalls (`BatchWait`).
 
 On a terminal: a tqdm bar over the items (images, samples) with rate and ETA. In a log (stdout
 is not a TTY: `ray job submit`, CI, `| tee`): one plain line every `every_s` seconds and at the
@@ -53,3 +54,56 @@ class Progress:
                   f"{self.total_items:,} {self.unit} ({100 * fraction:.0f}%), {rate:,.1f} "
                   f"{self.unit}/s, elapsed {_duration(elapsed)}, ETA {_duration(eta)}{extra}",
                   file=self.stream, flush=True)  # fmt: skip
+
+
+class BatchWait:
+    """Says so, once a wait, when no training batch has come for `after` seconds, and why it
+    may be: what the cluster has free. A data pipeline left no CPU (the Train workers holding
+    them all) waits forever; this makes it loud. The step loop calls `fetching()` before it
+    asks for a batch and `got()` once it has one; a daemon thread watches."""
+
+    def __init__(self, rank: int, after: float) -> None:
+        import threading
+
+        self.rank, self.after = rank, after
+        self.since: float | None = None  # when the current wait began; None: not waiting
+        self.warned = False
+        self.stopped = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def fetching(self) -> float:
+        """A wait for a batch begins (-> its start)."""
+        self.since, self.warned = time.time(), False
+        return self.since
+
+    def got(self) -> None:
+        self.since = None
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(min(self.after, 5.0)):
+            since = self.since
+            if since is None or self.warned or time.time() - since < self.after:
+                continue
+            self.warned = True
+            # not print(): Ray Train tees a worker's print to the driver twice (RunMetrics)
+            sys.__stdout__.write(f"worker {self.rank}: no training batch for "
+                                 f"{time.time() - since:.0f} s. {free_resources()} Ray Data's "
+                                 f"read tasks need a CPU each: if the Train workers hold them "
+                                 f"all, lower cpus_per_worker or num_workers (docs/cluster.md); "
+                                 f"a slow object store also shows here.\n")  # fmt: skip
+            sys.__stdout__.flush()
+
+
+def free_resources() -> str:
+    """What the connected Ray cluster has free, in a sentence."""
+    try:
+        import ray
+
+        free, total = ray.available_resources(), ray.cluster_resources()
+    except Exception as error:  # the watch must never fail the run
+        return f"(the cluster's resources could not be read: {type(error).__name__})"
+    shown = [f"{k} {free.get(k, 0):g} of {total[k]:g}" for k in ("CPU", "GPU") if k in total]
+    return f"The cluster has {', '.join(shown) or 'no CPU or GPU'} free."

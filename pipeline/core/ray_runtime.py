@@ -6,6 +6,8 @@ dashboard):
 - Ray's Python loggers, in the driver and every worker, at WARNING; Ray Train's own logger too
   (`train_driver.train_run_config`), so "Requesting resources", "Checkpoint successfully created" and the
   like stay in the files; on a local instance Ray Data's as well (`RAY_DATA_LOG_LEVEL`);
+- Ray Data's errors off the console (`_ray_data_console_without_errors`): a failed dataset's
+  exception reaches the stage, which reports it once;
 - Ray Data's progress bars off: the training datasets stream endlessly, so their per-epoch
   bars are noise (the stages print their own progress);
 - a local instance runs a dashboard on 127.0.0.1: Ray Train's placement-group cleaner asks the
@@ -26,6 +28,7 @@ def init_ray(address: str | None = None) -> None:
     import ray
     from ray.data import DataContext
 
+    _ray_data_console_without_errors()
     if ray.is_initialized():
         return
     quiet = {"logging_level": logging.WARNING,
@@ -44,3 +47,18 @@ def init_ray(address: str | None = None) -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+def _ray_data_console_without_errors() -> None:
+    """Ray Data logs a failed dataset's exception to the driver's console (ERROR, with its
+    stack traces), then raises it to the stage, which reports it: an unreachable endpoint as
+    the CLI's one line, anything else as a traceback. So its console handler drops ERROR
+    records here; its log file (`logs/ray-data/` of the session) keeps them, and its warnings
+    still show. The fault soak found a store outage during shard printing 200 lines."""
+    import ray.data  # noqa: F401  (configures Ray Data's loggers)
+    from ray.data._internal.logging import SessionFileHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler) and not hasattr(handler, "rqpipe"):
+            handler.addFilter(lambda record: record.levelno < logging.ERROR)
+            handler.rqpipe = True  # once a process

@@ -30,7 +30,7 @@ CHECKPOINT_FOLDER = re.compile(r"checkpoint_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+$
 # of both training configs.
 TRAINER_FIELDS = ("use_gpu", "compile", "deterministic", "cpus_per_worker", "threads_per_worker",
                   "log_every", "checkpoint_every", "num_to_keep", "max_failures",
-                  "tracking")  # fmt: skip
+                  "batch_wait_warning_s", "tracking")  # fmt: skip
 
 
 @dataclass
@@ -58,6 +58,8 @@ class TrainerConfig:
     checkpoint_every: int = 500
     num_to_keep: int = 2
     max_failures: int = 3  # worker failures a stage survives, each resumed from the last checkpoint
+    # a worker that waits this long for a training batch says so, with what the cluster has free
+    batch_wait_warning_s: float = 300.0
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.core.progress import BatchWait
+
 
 class RunMetrics:
     """A training stage's metrics, append-only, one JSON record per log (every record has a
@@ -183,14 +185,16 @@ def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
 
 
 def check_data_position(position: DataPosition, start_epoch: int, rank: int,
-                        ranks: int) -> None:  # fmt: skip
+                        ranks: int) -> bool:  # fmt: skip
     """Inside a Ray Train loop, after loading a checkpoint: the driver started the dataset at
     `start_epoch`, the epoch of the checkpoint it expected the run to resume from. Another
     epoch (a checkpoint committed in between) reads this epoch in another order, and another
     worker count splits it otherwise: training goes on, not bit for bit as an uninterrupted
-    run, and says so (docs/architecture.md, "Exact resumption", says what holds instead)."""
+    run, and says so (docs/architecture.md, "Exact resumption", says what holds instead);
+    -> whether the run goes on exactly (the resumed record in metrics.jsonl says it too)."""
+    exact = position.epoch == start_epoch and position.exact_on(ranks)
     if rank != 0:
-        return
+        return exact
     if position.epoch != start_epoch:
         sys.__stdout__.write(f"resumed at epoch {position.epoch}, the dataset started at epoch "
                              f"{start_epoch}: this epoch's data order is another draw, the run "
@@ -202,6 +206,7 @@ def check_data_position(position: DataPosition, start_epoch: int, rank: int,
                              f"{position.batches_on(ranks)} batches of epoch {position.epoch}, "
                              f"as many rows as were trained on)\n")  # fmt: skip
         sys.__stdout__.flush()
+    return exact
 
 
 def start_at_epoch(dataset: Any, epoch: int) -> Any:
@@ -259,48 +264,53 @@ def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
     step, rows, waited, window = start, 0, 0.0, time.time()
     epoch, skip = position.epoch, position.batches_on(ranks)
     micro: list[Any] = []
-    while step < config.steps:
-        batches, fetch = 0, time.time()
-        seed = (config.seed + 7919 * epoch + 104729 * rank) % 2**31
-        stream = shuffled_batches(shard, config.batch_size, config.shuffle_buffer, device,
-                                  dtypes, seed)  # fmt: skip
-        if views > 1:
-            stream = one_view_per_image(stream, epoch, views, config.batch_size)
-        for batch in stream:
-            batches += 1
-            if batches <= skip:  # trained on before the checkpoint this run resumed from
-                fetch = time.time()
-                continue
-            waited += time.time() - fetch
-            micro.append(batch)
-            if len(micro) < config.grad_accum_steps:
-                fetch = time.time()
-                continue
-            torch.manual_seed(step_seed(config.seed, step, rank))
-            terms, used = train_step(micro, step)
-            rows, micro, step = rows + used, [], step + 1
-            if step % config.log_every == 0 or step == config.steps:
-                elapsed = time.time() - window
-                log(step, {**terms, "rows_per_s_per_worker": rows / elapsed,
-                           "data_wait_fraction": waited / elapsed})  # fmt: skip
-                rows, waited = 0, 0.0
-                window = time.time()  # after logging: validation is not training time
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                checkpoint(step, DataPosition(epoch, batches, ranks))
-                window = time.time()
-            if step >= config.steps:
-                return
-            fetch = time.time()
-        if batches == 0:
-            raise RuntimeError(f"worker {rank}: an epoch of the training data gave no full batch "
-                               f"of {config.batch_size} rows: the worker's share of the train "
-                               f"split is smaller than batch_size; lower batch_size or "
-                               f"num_workers")  # fmt: skip
-        if batches < skip and position.exact_on(ranks):
-            raise RuntimeError(f"worker {rank}: the checkpoint's epoch {epoch} had {skip} "
-                               f"batches, now {batches}: the training data changed since it was "
-                               f"written")  # fmt: skip
-        epoch, skip = epoch + 1, 0
+    watch = BatchWait(rank, config.batch_wait_warning_s)
+    try:
+        while step < config.steps:
+            batches, fetch = 0, watch.fetching()
+            seed = (config.seed + 7919 * epoch + 104729 * rank) % 2**31
+            stream = shuffled_batches(shard, config.batch_size, config.shuffle_buffer, device,
+                                      dtypes, seed)  # fmt: skip
+            if views > 1:
+                stream = one_view_per_image(stream, epoch, views, config.batch_size)
+            for batch in stream:
+                watch.got()
+                batches += 1
+                if batches <= skip:  # trained on before the checkpoint this run resumed from
+                    fetch = watch.fetching()
+                    continue
+                waited += time.time() - fetch
+                micro.append(batch)
+                if len(micro) < config.grad_accum_steps:
+                    fetch = watch.fetching()
+                    continue
+                torch.manual_seed(step_seed(config.seed, step, rank))
+                terms, used = train_step(micro, step)
+                rows, micro, step = rows + used, [], step + 1
+                if step % config.log_every == 0 or step == config.steps:
+                    elapsed = time.time() - window
+                    log(step, {**terms, "rows_per_s_per_worker": rows / elapsed,
+                               "data_wait_fraction": waited / elapsed})  # fmt: skip
+                    rows, waited = 0, 0.0
+                    window = time.time()  # after logging: validation is not training time
+                if step % config.checkpoint_every == 0 or step == config.steps:
+                    checkpoint(step, DataPosition(epoch, batches, ranks))
+                    window = time.time()
+                if step >= config.steps:
+                    return
+                fetch = watch.fetching()
+            if batches == 0:
+                raise RuntimeError(f"worker {rank}: an epoch of the training data gave no full "
+                                   f"batch of {config.batch_size} rows: the worker's share of the "
+                                   f"train split is smaller than batch_size; lower batch_size or "
+                                   f"num_workers")  # fmt: skip
+            if batches < skip and position.exact_on(ranks):
+                raise RuntimeError(f"worker {rank}: the checkpoint's epoch {epoch} had {skip} "
+                                   f"batches, now {batches}: the training data changed since it "
+                                   f"was written")  # fmt: skip
+            epoch, skip = epoch + 1, 0
+    finally:
+        watch.stop()
 
 
 # Rank 0's checkpoint folders handed to Ray Train and not yet uploaded (Ray deletes each one

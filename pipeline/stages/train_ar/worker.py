@@ -173,7 +173,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start, position = _load_checkpoint(model, optimizer, ema, directory)
-    check_data_position(position, loop_config["start_epoch"], rank, world)
+    exact = check_data_position(position, loop_config["start_epoch"], rank, world)
     forward = model
     if world > 1 and config.strategy == "ddp":
         forward = ray.train.torch.prepare_model(model)
@@ -199,7 +199,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
             preview = SamplePreview(loop_config["vae_uri"], storage, model_config.num_classes,
                                     config.preview_per_class, loop_config["preview_prompts"])  # fmt: skip
         if start > 0:
-            metrics.write({"step": start, "event": "resumed"})
+            metrics.write({"step": start, "event": "resumed", "workers": world, "exact": exact})
     tokens_per_row = int(np.prod(model_config.code_shape))
 
     def train_step(micro: list[dict[str, torch.Tensor]], step: int) -> tuple[dict[str, float], int]:

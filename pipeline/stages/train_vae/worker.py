@@ -98,7 +98,7 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start, position = _load_checkpoint(state, ema, directory)
-    check_data_position(position, loop_config["start_epoch"], rank, world)
+    exact = check_data_position(position, loop_config["start_epoch"], rank, world)
     state.model.to(device)
     state.loss.to(device)
     exported = state.model  # what the stage exports, validates and reconstructs with
@@ -126,7 +126,7 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
         tracker = open_tracker(config.tracking, run_dir, "train-vae", to_dict(config), storage)
         metrics = RunMetrics(storage, vae_dir, "train-vae", start, tracker)
         if start > 0:
-            metrics.write({"step": start, "event": "resumed"})
+            metrics.write({"step": start, "event": "resumed", "workers": world, "exact": exact})
 
     def train_step(micro: list[dict[str, Tensor]], step: int) -> tuple[dict[str, float], int]:
         images = [pixels_to_model(batch["image"]) for batch in micro]
