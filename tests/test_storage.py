@@ -192,8 +192,9 @@ def test_an_unreachable_endpoint_ends_a_command_with_exit_3_naming_it(ray_local,
     with socket.socket() as s:  # a port nothing listens on once closed
         s.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    # no retries: the message is what is tested, not botocore's backoff
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}  # fmt: skip
     address = ray_local.get_runtime_context().gcs_address
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train-vae", "--run-dir",
                              "s3://bucket/run", "--ray-address", address,
