@@ -160,6 +160,27 @@ def test_listings_and_resharding(ray_local, tmp_path):
     assert {json.loads(s["json"])["caption"] for s in resharded} == {m["caption"] for m in metas}
 
 
+def test_a_listing_is_read_in_blocks_of_its_size_by_workers_without_torch(ray_local, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    """The planning's cold start: a small listing is one read task (Ray Data would split a
+    lone file into 2 blocks a CPU, each a worker to start), and a shard worker imports no
+    torch (1 s a worker on 2 cores)."""
+    import math
+
+    from pipeline.stages.shard import listing
+
+    rows = ["path,label"] + [f"img/{i}.png,bird" for i in range(200)]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    storage, uri = Storage(StorageConfig()), str(tmp_path / "list.csv")
+    assert listing.input_rows(storage, uri, 0.0, 1)[0].materialize().num_blocks() == 1
+    monkeypatch.setattr(listing, "CSV_BLOCK_BYTES", 1000)  # a large listing, in miniature
+    blocks = math.ceil((tmp_path / "list.csv").stat().st_size / 1000)
+    assert listing.input_rows(storage, uri, 0.0, 1)[0].materialize().num_blocks() == blocks > 1
+    imports = subprocess.run([sys.executable, "-c", "import sys, pipeline.stages.shard; "
+                              "print('torch' in sys.modules)"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert imports.stdout.strip() == "False", imports.stderr
+
 def test_s3_end_to_end(ray_local, s3_bucket, s3_endpoint, tmp_path):
     bucket, client = s3_bucket
     for rel, (data, _) in corpus().items():

@@ -12,12 +12,15 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.weights.fileio import write_bytes_atomic
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the shard workers move bytes
+    import torch
 
 RESIZE_MODES = ("center_crop", "shorter_side", "pad", "none")
 # shorter_side keeps the aspect ratio up to this (longer / shorter); a longer side beyond it is
@@ -144,11 +147,15 @@ def encode_image(image: Image.Image, encoding: str, quality: int) -> bytes:
 
 def to_model_tensor(pixels: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1], the models' input range."""
+    import torch
+
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    import torch
+
     pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 

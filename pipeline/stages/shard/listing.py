@@ -134,6 +134,9 @@ def _listing_rows(batch: pa.Table, base: str) -> pa.Table:
     return _table(columns)
 
 
+CSV_BLOCK_BYTES = 16 << 20  # a block of a CSV listing: ~150,000 rows
+
+
 def input_rows(storage: Storage, input_uri: str, val_fraction: float, cpus: float
                ) -> tuple[Any, str]:  # fmt: skip
     """(the input's rows as a Ray Dataset, its kind: listing | folder | tars)."""
@@ -152,8 +155,13 @@ def input_rows(storage: Storage, input_uri: str, val_fraction: float, cpus: floa
                 _row_groups, batch_format="pyarrow", batch_size=1, num_cpus=cpus,
                 fn_kwargs={"storage_config": storage.config, "uri": input_uri})  # fmt: skip
         else:
+            # Ray Data splits a lone file's rows into 2 blocks a cluster CPU: on a small
+            # listing that is a task (and a worker to start) a few rows. One block a
+            # CSV_BLOCK_BYTES instead.
             filesystem, path = storage.arrow_fs(input_uri)
-            rows = ray.data.read_csv(path, filesystem=filesystem)
+            size = filesystem.get_file_info(path).size
+            rows = ray.data.read_csv(path, filesystem=filesystem,
+                                     override_num_blocks=max(1, -(-size // CSV_BLOCK_BYTES)))
         return rows.map_batches(_listing_rows, batch_format="pyarrow", fn_kwargs={"base": base},
                                 num_cpus=cpus), "listing"  # fmt: skip
     folders_ref, top_ref = ray.remote(_list_top).options(num_cpus=cpus, num_returns=2).remote(
