@@ -181,6 +181,7 @@ def test_a_listing_is_read_in_blocks_of_its_size_by_workers_without_torch(ray_lo
                              cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert imports.stdout.strip() == "False", imports.stderr
 
+
 def test_s3_end_to_end(ray_local, s3_bucket, s3_endpoint, tmp_path):
     bucket, client = s3_bucket
     for rel, (data, _) in corpus().items():

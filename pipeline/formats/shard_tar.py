@@ -1,6 +1,7 @@
 """The shards' file format: WebDataset tars, one sample per key ({key}.{ext} members).
 
-The shard stage writes them; train-vae, encode and evaluate read them.
+The shard stage writes them; train-vae, encode and evaluate read them. Torch-free: Ray Data's
+workers import it for the maps here without paying for torch.
 """
 
 from __future__ import annotations
@@ -85,3 +86,36 @@ def decode_shard(tar_uri: str, resolution: int, storage_config: StorageConfig, v
     empty = np.zeros((0, resolution, resolution, 3), np.uint8)
     return {"keys": keys, "views": numbers, "labels": labels, "captions": captions,
             "images": np.stack(images) if images else empty}  # fmt: skip
+
+
+# -- training images (train-vae's Ray Data map) ---------------------------------------------------
+
+
+def random_square(image: Image.Image, resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """Random crop to resolution (shards may be larger), or resize when smaller."""
+    w, h = image.size
+    if min(w, h) < resolution:
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        w = h = resolution
+    left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+
+
+AUGMENT_SEED = "augment_seed"  # a column of uniform draws in [0, 1), one per row and epoch
+
+
+def decode_batch(
+    batch: dict[str, Any], resolution: int, random_flip: bool
+) -> dict[str, np.ndarray]:
+    """Ray Data map: WebDataset rows (image bytes) -> {"image": (B, R, R, 3) uint8}. Each
+    row's crop and flip come from its own draw in AUGMENT_SEED, so they are reproducible."""
+    column = next(c for c in IMAGE_EXTENSIONS if c in batch)
+    images = []
+    for data, draw in zip(batch[column], batch[AUGMENT_SEED], strict=True):
+        rng = np.random.default_rng(int(draw * 2**53))
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = random_square(image.convert("RGB"), resolution, rng)
+        if random_flip and rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        images.append(pixels)
+    return {"image": np.ascontiguousarray(np.stack(images))}

@@ -159,9 +159,8 @@ def input_rows(storage: Storage, input_uri: str, val_fraction: float, cpus: floa
             # listing that is a task (and a worker to start) a few rows. One block a
             # CSV_BLOCK_BYTES instead.
             filesystem, path = storage.arrow_fs(input_uri)
-            size = filesystem.get_file_info(path).size
-            rows = ray.data.read_csv(path, filesystem=filesystem,
-                                     override_num_blocks=max(1, -(-size // CSV_BLOCK_BYTES)))
+            blocks = max(1, -(-filesystem.get_file_info(path).size // CSV_BLOCK_BYTES))
+            rows = ray.data.read_csv(path, filesystem=filesystem, override_num_blocks=blocks)
         return rows.map_batches(_listing_rows, batch_format="pyarrow", fn_kwargs={"base": base},
                                 num_cpus=cpus), "listing"  # fmt: skip
     folders_ref, top_ref = ray.remote(_list_top).options(num_cpus=cpus, num_returns=2).remote(

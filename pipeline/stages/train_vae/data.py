@@ -4,47 +4,25 @@ held-out images every checkpoint reconstructs."""
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from pipeline.core.storage import Storage
 from pipeline.core.training import epoch_file_order
-from pipeline.formats.shard_tar import IMAGE_EXTENSIONS, image_member, iter_tar
+
+# decode_batch runs in Ray Data's workers: from a torch-free module, they start without torch
+from pipeline.formats.shard_tar import (
+    AUGMENT_SEED,
+    decode_batch,
+    image_member,
+    iter_tar,
+    random_square,
+)
 
 if TYPE_CHECKING:
     from pipeline.stages.train_vae import TrainVAEConfig
-
-
-def _to_square(image: Image.Image, resolution: int, rng: np.random.Generator) -> np.ndarray:
-    """Random crop to resolution (shards may be larger), or resize when smaller."""
-    w, h = image.size
-    if min(w, h) < resolution:
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-        w = h = resolution
-    left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
-    return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
-
-
-AUGMENT_SEED = "augment_seed"  # a column of uniform draws in [0, 1), one per row and epoch
-
-
-def decode_batch(
-    batch: dict[str, Any], resolution: int, random_flip: bool
-) -> dict[str, np.ndarray]:
-    """Ray Data map: WebDataset rows (image bytes) -> {"image": (B, R, R, 3) uint8}. Each
-    row's crop and flip come from its own draw in AUGMENT_SEED, so they are reproducible."""
-    column = next(c for c in IMAGE_EXTENSIONS if c in batch)
-    images = []
-    for data, draw in zip(batch[column], batch[AUGMENT_SEED], strict=True):
-        rng = np.random.default_rng(int(draw * 2**53))
-        with Image.open(io.BytesIO(data)) as image:
-            pixels = _to_square(image.convert("RGB"), resolution, rng)
-        if random_flip and rng.random() < 0.5:
-            pixels = pixels[:, ::-1]
-        images.append(pixels)
-    return {"image": np.ascontiguousarray(np.stack(images))}
 
 
 def _split_tars(storage: Storage, shards_dir: str, split: str) -> list[str]:
@@ -88,7 +66,7 @@ def validation_images(storage: Storage, shards_dir: str, resolution: int, count:
             data = image_member(parts)
             if data is not None:
                 with Image.open(io.BytesIO(data)) as image:
-                    images.append(_to_square(image.convert("RGB"), resolution, rng))
+                    images.append(random_square(image.convert("RGB"), resolution, rng))
             if len(images) >= count:
                 return np.stack(images)
     return np.stack(images)
