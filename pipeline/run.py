@@ -95,10 +95,9 @@ class PlannedStage:
     run: Callable[..., Manifest]
 
 
-def plan_pipeline(config_path: str | None = None, overrides: list[str] = (),
-                  input_uri: str | None = None) -> list[PlannedStage]:  # fmt: skip
-    """Every stage's config, loaded and checked before anything starts (Ray included): the
-    input (when given) and every file a stage will need (weights, models it reads) exist."""
+def load_stage_configs(config_path: str | None = None, overrides: list[str] = ()
+                       ) -> list[PlannedStage]:  # fmt: skip
+    """Every enabled stage's config: a mistyped key or a bad value is refused here, at once."""
     planned = []
     for s in STAGES:
         config_class, run_stage = s.load()
@@ -106,6 +105,14 @@ def plan_pipeline(config_path: str | None = None, overrides: list[str] = (),
         config = load_config(config_class, config_path, section_overrides)
         if getattr(config, "enabled", True):  # a stage that can be turned off (evaluate)
             planned.append(PlannedStage(s, config, run_stage))
+    return planned
+
+
+def plan_pipeline(config_path: str | None = None, overrides: list[str] = (),
+                  input_uri: str | None = None) -> list[PlannedStage]:  # fmt: skip
+    """Every stage's config, loaded and checked before anything starts (Ray included): the
+    input (when given) and every file a stage will need (weights, models it reads) exist."""
+    planned = load_stage_configs(config_path, overrides)
     for p in planned:  # the files each stage will need, before any stage starts
         if hasattr(p.config, "preflight"):
             p.config.preflight()

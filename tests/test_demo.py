@@ -109,8 +109,9 @@ def test_demo_runs_every_stage_reports_and_is_idempotent(tmp_path):
                      cwd=clone)  # fmt: skip
     assert changed.returncode == 1 and "chunk_size: 4 -> 2" in changed.stderr
     assert "--overwrite" in changed.stderr
-    bad = rqpipe("demo", "--run-dir", "runs/demo", "train_vae.stpes=4", cwd=clone)
+    bad = rqpipe("demo", "--run-dir", "runs/typo", "train_vae.stpes=4", cwd=clone)
     assert bad.returncode == 2 and "stpes" in bad.stderr
+    assert not (clone / "runs" / "typo").exists()  # refused before the demo data were written
     unprefixed = rqpipe("demo", "--run-dir", "runs/demo", "steps=4", cwd=clone)
     assert unprefixed.returncode == 2 and "train_vae.steps=100" in unprefixed.stderr
 

@@ -20,7 +20,13 @@ from typing import Any
 from pipeline.core.manifest import read_manifest
 from pipeline.core.storage import Storage, absolute
 from pipeline.demo.data import DEMO_CLASSES, demo_listing, demo_prompts, write_demo_dataset
-from pipeline.run import check_cluster, plan_pipeline, run_pipeline, stage, stage_overrides
+from pipeline.run import (
+    PlannedStage,
+    check_cluster,
+    load_stage_configs,
+    plan_pipeline,
+    run_pipeline,
+)
 
 
 def _report(run: Path) -> dict[str, Any]:
@@ -55,18 +61,22 @@ def _report(run: Path) -> dict[str, Any]:
     return report
 
 
-def _with_demo_classifier(run: Path, config_path: str, overrides: list[str]) -> list[str]:
-    """The demo's shape classifier, trained once into RUN/demo-classifier: the evaluate stage
-    reads its features (the "demo FID") unless the overrides name other weights."""
-    from pipeline.core.config import load_config
-    from pipeline.demo.check import demo_classifier
-
+def _with_demo_classifier(run: Path, overrides: list[str]) -> list[str]:
+    """The evaluate stage reads the demo's shape classifier's features (the "demo FID"), from
+    RUN/demo-classifier, unless the overrides name other weights."""
     if any(o.startswith(("evaluate.weights=", "evaluate.features=")) for o in overrides):
         return overrides
-    shard_config_class = stage("shard").load()[0]
-    shard = load_config(shard_config_class, config_path, stage_overrides("shard", overrides))
-    demo_classifier(Storage(), str(run / "demo-classifier"), shard.image_size)
     return [*overrides, f"evaluate.weights={run / 'demo-classifier'}"]
+
+
+def _train_demo_classifier(run: Path, plan: list[PlannedStage]) -> None:
+    """The demo's shape classifier, trained once into RUN/demo-classifier (when used)."""
+    from pipeline.demo.check import demo_classifier
+
+    evaluate = next((p.config for p in plan if p.stage.name == "evaluate"), None)
+    if evaluate is not None and evaluate.weights == str(run / "demo-classifier"):
+        image_size = next(p.config for p in plan if p.stage.name == "shard").image_size
+        demo_classifier(Storage(), evaluate.weights, image_size)
 
 
 def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
@@ -76,7 +86,9 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
     run_dir = absolute(run_dir)  # the stages resolve it too; the report paths need it here
     run = Path(run_dir)
     started = time.time()
-    overrides = _with_demo_classifier(run, config_path, list(overrides))
+    overrides = _with_demo_classifier(run, list(overrides))
+    # a mistyped key is refused before the demo's data and classifier are made
+    _train_demo_classifier(run, load_stage_configs(config_path, overrides))
     paths = write_demo_dataset(run / "demo-data")
     listing = demo_listing(run / "demo-data")
     print(f"demo data: {len(paths)} captioned images in {len(DEMO_CLASSES)} classes under "
