@@ -50,3 +50,31 @@ def test_checkpoint_folders_ray_train_never_committed_are_removed(storage_root):
     left = {uri.removeprefix(stage + "/").split("/")[0] for uri, _ in storage.list_files(stage)}
     assert left == {*committed, "checkpoint_manager_snapshot.json", "metrics.jsonl"}
     assert remove_uncommitted_checkpoints(storage, stage) == []
+
+
+def test_an_incomplete_checkpoint_upload_is_an_error_naming_the_file(storage_root, tmp_path):
+    """pyarrow's copy_files (Ray Train's upload) can return normally after a failed upload
+    (bench/upload_outage.py): the check after it finds a missing or short object and names it,
+    so the worker fails instead of committing the checkpoint."""
+    import pyarrow.fs as pafs
+    import pytest
+
+    from pipeline.core.checkpoint import check_uploaded
+    from pipeline.core.storage import join
+
+    root, storage = storage_root
+    local = tmp_path / "checkpoint"
+    (local / "shards").mkdir(parents=True)
+    (local / "model.safetensors").write_bytes(b"m" * 1000)
+    (local / "shards" / "rank-1.safetensors").write_bytes(b"t" * 3000)
+    filesystem, destination = storage.arrow_fs(join(root, "checkpoint_1"))
+    filesystem.create_dir(destination)
+    pafs.copy_files(str(local), destination, destination_filesystem=filesystem)
+    check_uploaded(str(local), filesystem, destination)  # whole: no error
+
+    storage.write_bytes(join(root, "checkpoint_1", "shards", "rank-1.safetensors"), b"t" * 100)
+    with pytest.raises(OSError, match=r"shards/rank-1\.safetensors is 100 bytes .*3000 bytes"):
+        check_uploaded(str(local), filesystem, destination)
+    filesystem.delete_file(f"{destination}/model.safetensors")
+    with pytest.raises(OSError, match=r"incomplete: model\.safetensors is missing"):
+        check_uploaded(str(local), filesystem, destination)

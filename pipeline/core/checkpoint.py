@@ -67,3 +67,40 @@ def load_state(directory: str | Path, name: str, device: str | torch.device = "c
     directory = Path(directory)
     tensors = load_file(str(directory / f"{name}.safetensors"), device=str(device))
     return _join(json.loads((directory / f"{name}.json").read_text()), tensors)
+
+
+# -- uploads ----------------------------------------------------------------------------------
+
+
+def check_uploaded(local_dir: str, filesystem: Any, destination: str) -> None:
+    """Every file of `local_dir` is at `destination` on the pyarrow `filesystem`, whole; else
+    OSError naming the first that is not. pyarrow's `copy_files`, which Ray Train uploads
+    checkpoints with, returns normally when an upload failed (a multipart upload cut by a store
+    outage: bench/upload_outage.py), so a checkpoint could be committed without a file."""
+    import os
+
+    from pyarrow.fs import FileType
+
+    for root, _, names in os.walk(local_dir):
+        for name in sorted(names):
+            relative = os.path.relpath(os.path.join(root, name), local_dir)
+            expected = os.path.getsize(os.path.join(root, name))
+            info = filesystem.get_file_info(f"{destination.rstrip('/')}/{relative}")
+            if info.type != FileType.File or info.size != expected:
+                found = "missing" if info.type != FileType.File else f"{info.size} bytes"
+                raise OSError(f"checkpoint upload incomplete: {relative} is {found} at "
+                              f"{destination} ({expected} bytes written locally)")  # fmt: skip
+
+
+def verified_checkpoint_upload(checkpoint: Any, checkpoint_dir_name: str) -> Any:
+    """Ray Train's `checkpoint_upload_fn`: its own upload, then `check_uploaded`. A short
+    upload raises, so Ray Train fails the worker and the stage resumes from the last complete
+    checkpoint instead of committing this one."""
+    # Ray 2.58 gives the upload function no storage context: it is taken from the train
+    # context, as Ray Train's own default upload takes it.
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    storage = get_train_context().storage_context
+    persisted = storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+    check_uploaded(checkpoint.path, storage.storage_filesystem, persisted.path)
+    return persisted

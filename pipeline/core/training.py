@@ -326,8 +326,9 @@ def report_checkpoint(step: int, rank: int, write: Callable[[str], None],
     rank: a sharded checkpoint's shards, which Ray Train merges into one checkpoint) writes the
     checkpoint files with `write(directory)` into a local folder and hands them to Ray Train,
     which uploads them on its own thread (`CheckpointUploadMode.ASYNC`, Ray >= 2.50): the step
-    loop goes on while the files travel to S3. The training function's return waits for the
-    last upload, so a stage's export always finds its final checkpoint."""
+    loop goes on while the files travel to S3, each checked whole once there (an incomplete
+    upload fails the worker: core/checkpoint.py). The training function's return waits for
+    the last upload, so a stage's export always finds its final checkpoint."""
     import os
     import tempfile
 
@@ -345,11 +346,14 @@ def report_checkpoint(step: int, rank: int, write: Callable[[str], None],
         while len(_pending_uploads) >= MAX_PENDING_UPLOADS:
             time.sleep(0.05)
             _pending_uploads[:] = [d for d in _pending_uploads if os.path.exists(d)]
+    from pipeline.core.checkpoint import verified_checkpoint_upload
+
     directory = tempfile.mkdtemp(prefix=f"rqpipe-checkpoint-{step}-")
     write(directory)
     _pending_uploads.append(directory)
     ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                     checkpoint_upload_fn=verified_checkpoint_upload)  # fmt: skip
 
 
 def use_deterministic_kernels() -> None:
