@@ -114,6 +114,14 @@ def build_train_state(config: Any) -> VAETrainState:
     return VAETrainState(model.train(), loss, optimizer, disc_optimizer)
 
 
+def micro_shares(micro_batches: list[Tensor]) -> list[float]:
+    """What each micro-batch's mean loss is divided by so that their gradients sum to the
+    step's mean over all rows: total rows / its rows (n for n micro-batches of one size; an
+    elastic worker count can make them differ by one row)."""
+    total = sum(len(m) for m in micro_batches)
+    return [total / len(m) for m in micro_batches]
+
+
 def vae_train_step(
     state: VAETrainState, micro_batches: list[Tensor], step: int, config: Any
 ) -> dict[str, float]:
@@ -123,11 +131,10 @@ def vae_train_step(
         group["lr"] = lr
     forward = state.model if state.forward is None else state.forward
     use_gan = state.disc_optimizer is not None and state.loss.gan_active(step)
-    n = len(micro_batches)
     terms: dict[str, float] = {}
     recons, stats = [], []
     state.optimizer.zero_grad(set_to_none=True)
-    for images in micro_batches:
+    for images, n in zip(micro_batches, micro_shares(micro_batches), strict=True):
         with _autocast(images, config):
             out = forward(images)
             total, micro_terms = state.loss.generator_loss(
@@ -142,7 +149,8 @@ def vae_train_step(
     state.optimizer.step()
     if use_gan:
         state.disc_optimizer.zero_grad(set_to_none=True)
-        for images, recon in zip(micro_batches, recons, strict=True):
+        for images, recon, n in zip(micro_batches, recons, micro_shares(micro_batches),
+                                    strict=True):  # fmt: skip
             with _autocast(images, config):
                 d_loss, d_terms = state.loss.discriminator_loss(images, recon)
             (d_loss / n).backward()
@@ -251,8 +259,9 @@ def ar_train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    n, sums, per_depth = len(micro_batches), {}, None
-    for batch in micro_batches:
+    sums, per_depth = {}, None
+    for batch, n in zip(micro_batches, micro_shares([b["codes"] for b in micro_batches]),
+                        strict=True):  # fmt: skip
         codes, targets = batch["codes"].long(), None
         if quantizer is not None:
             codes, targets = quantizer.soft_codes(batch["latents"].float(),

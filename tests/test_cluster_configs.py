@@ -146,6 +146,16 @@ def test_train_workers_that_leave_ray_data_no_cpu_are_refused():
     check_requests([workers], [NodeType("node", {"CPU": 2.0}, max_count=2)], "")
     # an unbounded node type: the autoscaler adds what the read tasks need
     check_requests([workers], [NodeType("node", {"CPU": 2.0}, max_count=-1)], "")
+    # an elastic range: its min must fit at once, and as many as Ray may place up to its max
+    # must leave a CPU (a 3-CPU machine holds one 2-CPU worker beside the reads)
+    wide = Request("train-ar", "a Train worker", {"CPU": 2.0}, "train_ar.cpus_per_worker",
+                   count=1, most=2)  # fmt: skip
+    check_requests([wide], [NodeType("head", {"CPU": 3.0})], "")
+    with pytest.raises(ConfigError, match="train-ar: 2 Train workers x 2 CPU leave no node"):
+        check_requests([wide], [NodeType("head", {"CPU": 4.0})], "")
+    with pytest.raises(ConfigError, match="train-ar: 2 Train workers x 2 CPU do not fit"):
+        check_requests([Request(**{**wide.__dict__, "count": 2})], [NodeType("h", {"CPU": 3.0})],
+                       "")  # fmt: skip
 
 
 def test_the_cli_refuses_what_the_cluster_cannot_serve_before_any_stage_runs(ray_local,

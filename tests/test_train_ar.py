@@ -21,9 +21,6 @@ from pipeline.stages.train_ar import TrainARConfig, run_train_ar_stage
 from tests.train_helpers import committed_checkpoints, metrics, same_results
 
 REPO = Path(__file__).resolve().parents[1]
-# A resume on another worker count keeps each logged loss within 10% of the uninterrupted
-# run's (measured: at most 3%, steps 28-40 of the test below; a restart from scratch: ~4x).
-ELASTIC_TOLERANCE = 0.10
 
 
 def ar_config(**kw) -> TrainARConfig:
@@ -55,10 +52,6 @@ def edit_encode_manifest(run: Path, **properties) -> None:
 
 def losses(ar_dir: Path) -> list[float]:
     return [m["loss"] for m in metrics(ar_dir) if "event" not in m]
-
-
-def losses_after(ar_dir: Path, step: int) -> list[float]:
-    return [m["loss"] for m in metrics(ar_dir) if "event" not in m and m["step"] > step]
 
 
 def test_soft_targets_without_latents_is_a_clear_error(encoded_run, tmp_path):
@@ -158,21 +151,6 @@ def test_a_killed_driver_resubmitted_trains_the_uninterrupted_model(encoded_run,
     assert not torch.equal(average.head.weight, model.head.weight)
     last = metrics(reference / "ar")[-1]
     assert last["val_loss"] != last["val_loss_raw"]
-
-    # Another worker count on resuming (elastic training) voids exactness: the global batch and
-    # the split of the data change. What holds instead: the run goes on along the curve of an
-    # uninterrupted run. Both runs extended to 32 steps, the resumed one on one worker.
-    run_train_ar_stage(str(run), load_config(TrainARConfig, None,
-                                             [*overrides, "steps=32", "num_workers=1"]))  # fmt: skip
-    resumed = [m for m in metrics(run / "ar") if m.get("event") == "resumed"]
-    assert [(m["step"], m["workers"], m["exact"]) for m in resumed] == [
-        (events[0]["step"], 2, True), (24, 1, False)]  # fmt: skip
-    run_train_ar_stage(str(reference), load_config(
-        TrainARConfig, None, [*overrides, "ema_decay=0.9", "steps=32"]))  # fmt: skip
-    one, two = (losses_after(folder / "ar", 24) for folder in (run, reference))
-    assert len(one) == len(two) == 2, (one, two)
-    for a, b in zip(one, two, strict=True):
-        assert abs(a - b) <= ELASTIC_TOLERANCE * b, (one, two)
 
 
 @pytest.mark.slow

@@ -46,7 +46,11 @@ class Request:
     what: str  # "a Train worker", "an actor", "a task"
     resources: dict[str, float]
     keys: str  # the config keys that set it, e.g. "train_vae.cpus_per_worker / use_gpu"
-    count: int = 1
+    count: int = 1  # how many must fit at once (an elastic range: its min) ...
+    most: int = 0  # ... and how many Ray may place when the cluster has room (its max; 0: count)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "most", max(self.most, self.count))  # frozen
 
 
 def stage_requests(stage: str, section: str, config: Any) -> list[Request]:
@@ -54,7 +58,8 @@ def stage_requests(stage: str, section: str, config: Any) -> list[Request]:
     if hasattr(config, "num_workers") and hasattr(config, "cpus_per_worker"):  # Ray Train
         resources = {"CPU": config.cpus_per_worker, "GPU": 1.0 if config.use_gpu else 0.0}
         return [Request(stage, "a Train worker", resources,
-                        f"{section}.cpus_per_worker / {section}.use_gpu", config.num_workers)]  # fmt: skip
+                        f"{section}.cpus_per_worker / {section}.use_gpu",
+                        *config.worker_range)]  # fmt: skip
     if hasattr(config, "num_actors"):  # an actor pool: encode, sample, evaluate
         resources = {"CPU": config.cpus_per_actor, "GPU": config.gpus_per_actor}
         return [Request(stage, "an actor", resources,
@@ -82,14 +87,18 @@ def check_requests(requests: list[Request], node_types: list[NodeType], source: 
 
 
 def _check_data_cpus(workers: Request, node_types: list[NodeType], source: str) -> None:
-    """The Train workers must fit the cluster all at once (Ray Train places them as one group),
-    and the CPUs left beside them must run one read task; with an unbounded node type the
-    autoscaler adds what is missing."""
+    """The Train workers must fit the cluster all at once (Ray Train places them as one group;
+    an elastic range, its min), and the CPUs left beside as many as Ray may place (up to its
+    max) must run one read task; with an unbounded node type the autoscaler adds what is
+    missing."""
     if any(t.max_count < 0 for t in node_types):
         return
     nodes = [dict(t.resources) for t in node_types for _ in range(t.max_count)]
-    for _ in range(workers.count):  # first fit, on the nodes with the fewest CPUs left
+    placed = 0
+    while placed < workers.most:  # first fit, on the nodes with the fewest CPUs left
         fitting = [n for n in nodes if all(n.get(k, 0) >= v for k, v in workers.resources.items())]
+        if not fitting and placed >= workers.count:
+            break  # an elastic range runs on fewer than its max
         if not fitting:
             cpus = workers.resources["CPU"]
             raise ConfigError(f"{workers.stage}: {workers.count} Train workers x {cpus:g} CPU"
@@ -100,10 +109,11 @@ def _check_data_cpus(workers: Request, node_types: list[NodeType], source: str) 
         node = min(fitting, key=lambda n: n.get("CPU", 0))
         for key, value in workers.resources.items():
             node[key] = node.get(key, 0) - value
+        placed += 1
     if max((n.get("CPU", 0) for n in nodes), default=0) < READ_TASK_CPUS:
         total = sum(t.resources.get("CPU", 0) * t.max_count for t in node_types)
         cpus = workers.resources["CPU"]
-        raise ConfigError(f"{workers.stage}: {workers.count} Train workers x {cpus:g} CPU leave "
+        raise ConfigError(f"{workers.stage}: {placed} Train workers x {cpus:g} CPU leave "
                           f"no node a whole CPU of the cluster's {total:g} ({source}), and Ray "
                           f"Data's read tasks ask for {READ_TASK_CPUS:g}: the workers would wait "
                           f"for their first batch forever. Lower {workers.keys.split(' / ')[0]} "

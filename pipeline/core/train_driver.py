@@ -18,11 +18,12 @@ from pipeline.core.manifest import Manifest, model_fingerprint
 from pipeline.core.stage_folder import StageFolder
 from pipeline.core.storage import Storage, is_local, join, model_location
 from pipeline.core.tracking import TrackingConfig
-from pipeline.core.training import DataPosition, start_at_epoch
+from pipeline.core.training import DataPosition, read_metrics, start_at_epoch
 
 # Training-config fields that may change when a stage resumes or is extended (begin_stage):
 # more steps (the cosine schedule is then recomputed for the new total) and another number of
-# workers (the global batch changes from the resumed step on).
+# workers (a fixed count sets the global batch, which then changes from the resumed step on;
+# a range keeps it: `TrainerConfig.global_batch`).
 RESUMABLE_FIELDS = ("steps", "num_workers")
 # Ray Train's names of checkpoint folders: checkpoint_<date>_<time>.<microseconds>
 CHECKPOINT_FOLDER = re.compile(r"checkpoint_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+$")
@@ -30,7 +31,7 @@ CHECKPOINT_FOLDER = re.compile(r"checkpoint_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+$
 # of both training configs.
 TRAINER_FIELDS = ("use_gpu", "compile", "deterministic", "cpus_per_worker", "threads_per_worker",
                   "log_every", "checkpoint_every", "num_to_keep", "max_failures",
-                  "batch_wait_warning_s", "tracking")  # fmt: skip
+                  "batch_wait_warning_s", "resize_interval_s", "tracking")  # fmt: skip
 
 
 @dataclass
@@ -45,7 +46,12 @@ class TrainerConfig:
     # > 0: an exponential moving average of the weights (model/training.py WeightEMA), updated
     # every step and checkpointed; the stage exports it as model/ (the raw weights: model-raw/).
     ema_decay: float = 0.0
-    num_workers: int = 1  # the global batch is batch_size x num_workers x grad_accum_steps
+    # A count, or a range [min, max] (elastic training: Ray Train starts on as many workers as
+    # the cluster holds, at least min, and resizes to the cluster every resize_interval_s,
+    # resuming from the latest checkpoint). The global batch is batch_size x grad_accum_steps
+    # x the count (the max of a range), whatever the number of workers up: `global_batch`.
+    num_workers: int | list[int] = 1
+    resize_interval_s: float = 60.0  # a range: how often Ray Train compares the cluster with it
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     threads_per_worker: int | None = None  # torch threads; default: Ray's (whole CPUs)
@@ -65,8 +71,10 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         from model.training import LR_DECAYS
 
-        for name in ("steps", "batch_size", "log_every", "grad_accum_steps", "num_workers",
-                     "checkpoint_every"):  # fmt: skip
+        self._check_num_workers()
+        if self.resize_interval_s <= 0:
+            raise ValueError(f"resize_interval_s must be > 0, got {self.resize_interval_s}")
+        for name in ("steps", "batch_size", "log_every", "grad_accum_steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
@@ -78,16 +86,55 @@ class TrainerConfig:
         if not 0 <= self.final_lr_ratio <= 1:
             raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
 
+    def _check_num_workers(self) -> None:
+        workers = self.num_workers
+        if isinstance(workers, list):
+            if len(workers) != 2 or not 1 <= workers[0] <= workers[1]:
+                raise ValueError(f"num_workers={workers}: a range is [min, max] with "
+                                 f"1 <= min <= max, e.g. [1, 8]; or give a count")  # fmt: skip
+        elif workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {workers}")
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers: a count n is (n, n)."""
+        workers = self.num_workers
+        return (workers[0], workers[1]) if isinstance(workers, list) else (workers, workers)
+
+    @property
+    def elastic(self) -> bool:
+        return self.worker_range[0] < self.worker_range[1]
+
+    @property
+    def global_batch(self) -> int:
+        """Rows an optimizer step trains on, on any number of workers n: each takes
+        global_batch // n of them (in ceil(that / batch_size) micro-batches), so the step, the
+        lr schedule and the loss do not depend on n. Where n does not divide it, the step
+        trains on n x (global_batch // n): fewer by less than n rows."""
+        return self.batch_size * self.grad_accum_steps * self.worker_range[1]
+
+    def workers_text(self) -> str:
+        low, high = self.worker_range
+        if low == high:
+            return f"{low} worker(s)"
+        return f"{low}-{high} workers (elastic, global batch {self.global_batch})"
+
+    def rows_per_worker(self, workers: int) -> tuple[int, int]:
+        """On `workers` workers: (rows each trains on in a step, micro-batches they make)."""
+        rows = self.global_batch // workers
+        return rows, -(-rows // self.batch_size)
+
 
 def check_one_batch(stage: str, train_rows: int, config: Any) -> None:
     """Refuse at plan time a train split smaller than one global batch: with drop_last, no
     worker would ever get a full batch."""
-    needed = config.batch_size * config.num_workers
+    workers = config.worker_range[1]
+    needed = config.batch_size * workers
     if train_rows < needed:
         raise ValueError(f"{stage}: the train split has {train_rows} rows, fewer than one global "
                          f"batch (batch_size {config.batch_size} x num_workers "
-                         f"{config.num_workers} = {needed}): lower batch_size to at most "
-                         f"{max(1, train_rows // config.num_workers)}, or add data")  # fmt: skip
+                         f"{workers} = {needed}): lower batch_size to at most "
+                         f"{max(1, train_rows // workers)}, or add data")  # fmt: skip
 
 
 def add_init_from(folder: StageFolder, config: Any, upstream: dict[str, str]) -> None:
@@ -190,7 +237,9 @@ def train_run_config(run_dir: str, name: str, num_to_keep: int, storage: Any):
 def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: TrainerConfig,
         dataset: Any) -> None:  # fmt: skip
     """Run `worker` (Ray Train's train_loop_per_worker) on `config.num_workers` workers over
-    `dataset`, checkpointing into the stage folder; returns when training is done.
+    `dataset`, checkpointing into the stage folder; returns when training is done. A range of
+    workers is Ray Train's elastic training: it resizes the worker group to the cluster, each
+    time resuming from the latest checkpoint (a loss of a worker's node is a failure, below).
 
     Each Ray Train run starts the dataset at the epoch of the checkpoint it resumes from
     (exact resumption: core/training.py). So a failed worker (a lost node, a killed process)
@@ -210,8 +259,10 @@ def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: T
         trainer = TorchTrainer(
             worker,
             train_loop_config={**loop_config, "start_epoch": position.epoch},
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                         resources_per_worker={"CPU": config.cpus_per_worker}),
+            scaling_config=ScalingConfig(num_workers=config.worker_range if config.elastic
+                                         else config.worker_range[0], use_gpu=config.use_gpu,
+                                         resources_per_worker={"CPU": config.cpus_per_worker},
+                                         elastic_resize_monitor_interval_s=config.resize_interval_s),
             run_config=train_run_config(folder.run_dir, name, config.num_to_keep, folder.storage),
             datasets={"train": start_at_epoch(dataset, position.epoch)},
             dataset_config=ordered_data_config(),  # the same run trains the same model
@@ -230,11 +281,14 @@ def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: T
 
 def finish_training(folder: StageFolder, planned: Manifest, config: Any, started: float,
                     **counts: Any) -> Manifest:  # fmt: skip
-    """The manifest of a trained stage: its exported model as the unit, the steps and `counts`;
-    written last."""
+    """The manifest of a trained stage: its exported model as the unit, the steps, the worker
+    counts it trained on ([[from step, workers], ...]: every start, resume and resize) and
+    `counts`; written last."""
     planned.units = [{"name": "model/model.safetensors", "rows": config.steps,
                       "bytes": folder.size("model", "model.safetensors")}]  # fmt: skip
-    planned.counts = {"steps": config.steps, **counts}
+    workers = [[r["step"], r["workers"]] for r in read_metrics(folder.storage, folder.uri)
+               if r.get("event") in ("started", "resumed")]  # fmt: skip
+    planned.counts = {"steps": config.steps, "workers": workers, **counts}
     folder.finish(planned)
     print(f"{folder.stage}: done in {time.time() - started:.0f} s; model {folder.path('model')}")
     return planned

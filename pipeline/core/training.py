@@ -5,6 +5,7 @@ is in core/train_driver.py."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -153,28 +154,32 @@ def shuffled_batches(shard: Any, batch_size: int, shuffle_buffer: int, device: A
 @dataclass
 class DataPosition:
     """Where the training data stands at a checkpoint (saved in it as `data`): the epoch, how
-    many of its batches every rank has trained on (ranks get equal shares), and on how many
-    ranks (0: a checkpoint from before this was recorded, taken as the count resumed on)."""
+    many of its rows every rank has trained on (ranks get equal shares), and on how many ranks
+    (0: a checkpoint from before this was recorded, taken as the count resumed on)."""
 
     epoch: int = 0
-    batches: int = 0
+    rows: int = 0
     ranks: int = 0
 
     @classmethod
-    def of(cls, trainer: dict[str, Any]) -> DataPosition:
-        """From a checkpoint's trainer state (older checkpoints have none: the start)."""
-        return cls(**trainer.get("data", {}))
+    def of(cls, trainer: dict[str, Any], batch_size: int = 0) -> DataPosition:
+        """From a checkpoint's trainer state (older checkpoints have none: the start; or count
+        `batches` of `batch_size` rows)."""
+        data = dict(trainer.get("data", {}))
+        if "batches" in data:
+            data["rows"] = data.pop("batches") * batch_size
+        return cls(**data)
 
     def exact_on(self, ranks: int) -> bool:
         """Whether a resume on `ranks` ranks continues the batch sequence of the run that
         wrote this checkpoint (the same worker count), bit for bit."""
         return self.ranks in (0, ranks)
 
-    def batches_on(self, ranks: int) -> int:
-        """The batches of the epoch each of `ranks` ranks skips on resuming: those trained on;
-        on another worker count (elastic training), as many rows in all, rounded down: the
-        epoch goes on at about the same point, with other rows in each batch."""
-        return self.batches if self.exact_on(ranks) else self.batches * self.ranks // ranks
+    def rows_on(self, ranks: int) -> int:
+        """The rows of the epoch each of `ranks` ranks skips on resuming: those trained on; on
+        another worker count (elastic training), as many rows in all: the epoch goes on at
+        the same point, with other rows in each batch."""
+        return self.rows if self.exact_on(ranks) else self.rows * self.ranks // ranks
 
 
 def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
@@ -201,10 +206,11 @@ def check_data_position(position: DataPosition, start_epoch: int, rank: int,
                              f"is not exact from here\n")  # fmt: skip
     if not position.exact_on(ranks):
         sys.__stdout__.write(f"resumed on {ranks} workers from a checkpoint written by "
-                             f"{position.ranks}: the global batch and the split of the data "
-                             f"change, the run is not exact from here (each worker skips "
-                             f"{position.batches_on(ranks)} batches of epoch {position.epoch}, "
-                             f"as many rows as were trained on)\n")  # fmt: skip
+                             f"{position.ranks}: the split of the data changes (the global "
+                             f"batch too, where num_workers is a count), the run is not exact "
+                             f"from here (each worker skips "
+                             f"{position.rows_on(ranks)} rows of epoch {position.epoch}, as "
+                             f"many in all as were trained on)\n")  # fmt: skip
         sys.__stdout__.flush()
     return exact
 
@@ -241,6 +247,46 @@ def one_view_per_image(batches: Any, epoch: int, views: int, batch_size: int) ->
             count -= batch_size
 
 
+def step_micro_batches(batches: Any, skip_rows: int, rows: int, micro: int,
+                       strict: bool = True) -> Any:  # fmt: skip
+    """The batches of one epoch of a rank's stream re-cut into optimizer steps: each step is
+    `micro` micro-batches holding `rows` rows in all (sizes differ by at most one), after the
+    first `skip_rows` rows (trained on before a resume) -> (micro-batches, rows of the epoch
+    consumed). Where the stream's batches already have the micro-batches' size (the count of
+    workers the global batch was set for) they pass through untouched; the remainder ends
+    the epoch. `strict`: an epoch shorter than `skip_rows` is an error (the data changed)."""
+    import torch
+
+    sizes = [rows // micro + (i < rows % micro) for i in range(micro)]
+    held: list[dict[str, Any]] = []  # rows not yet in a step, in order
+    count, consumed = 0, 0
+    for batch in batches:
+        size = len(next(iter(batch.values())))
+        if skip_rows >= size:
+            skip_rows, consumed = skip_rows - size, consumed + size
+            continue
+        if skip_rows:
+            batch = {k: v[skip_rows:] for k, v in batch.items()}
+            consumed, size, skip_rows = consumed + skip_rows, size - skip_rows, 0
+        held.append(batch)
+        count += size
+        while count >= rows:
+            if [len(next(iter(part.values()))) for part in held[:micro]] == sizes:
+                step, held = held[:micro], held[micro:]
+            else:
+                joined = {k: torch.cat([part[k] for part in held]) for k in batch}
+                bounds = list(itertools.accumulate(sizes, initial=0))
+                step = [{k: v[a:b] for k, v in joined.items()}
+                        for a, b in itertools.pairwise(bounds)]  # fmt: skip
+                held = [{k: v[rows:] for k, v in joined.items()}] if count > rows else []
+            count, consumed = count - rows, consumed + rows
+            yield step, consumed
+    if skip_rows and strict:
+        raise RuntimeError(f"this worker's share of the epoch has {consumed} rows, fewer than "
+                           f"the {consumed + skip_rows} its checkpoint says were trained on: "
+                           f"the training data changed since the checkpoint was written")  # fmt: skip
+
+
 def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
               train_step: Callable[[list[Any], int], tuple[dict[str, float], int]],
               log: Callable[[int, dict[str, float]], None],
@@ -249,44 +295,40 @@ def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
               ranks: int = 1) -> None:  # fmt: skip
     """Steps `start` -> `config.steps` over epochs of a Ray Train dataset shard (this is
     `rank` of `ranks`), from the data `position` of the checkpoint at `start` (its epoch's
-    first batches skipped).
+    first rows skipped).
 
-    `train_step(micro_batches, step) -> (terms, rows)` runs one optimizer step on
-    `grad_accum_steps` micro-batches, its random draws seeded by `step_seed`; `log(step, terms)`
-    gets the terms every `log_every` steps with `rows_per_s_per_worker` and
-    `data_wait_fraction` (training time only) added; `checkpoint(step, position)` runs every
-    `checkpoint_every` steps and at the last. `views` > 1: the rows are views of images, one
-    per image and epoch is kept (`one_view_per_image`). An epoch that yields no full batch is
-    an error, never an endless loop."""
+    `train_step(micro_batches, step) -> (terms, rows)` runs one optimizer step on this rank's
+    share of the global batch (`TrainerConfig.rows_per_worker`: `grad_accum_steps`
+    micro-batches of `batch_size` on the count of workers it was set for, more or fewer on
+    others), its random draws seeded by `step_seed`; `log(step, terms)` gets the terms every
+    `log_every` steps with `rows_per_s_per_worker` and `data_wait_fraction` (training time
+    only) added; `checkpoint(step, position)` runs every `checkpoint_every` steps and at the
+    last. `views` > 1: the rows are views of images, one per image and epoch is kept
+    (`one_view_per_image`). An epoch that yields no step is an error, never an endless
+    loop."""
     import torch
 
     position = position or DataPosition()
     step, rows, waited, window = start, 0, 0.0, time.time()
-    epoch, skip = position.epoch, position.batches_on(ranks)
-    micro: list[Any] = []
+    epoch, skip = position.epoch, position.rows_on(ranks)
+    step_rows, micro = config.rows_per_worker(ranks)
     watch = BatchWait(rank, config.batch_wait_warning_s)
     try:
         while step < config.steps:
-            batches, fetch = 0, watch.fetching()
+            steps_done, fetch = 0, watch.fetching()
             seed = (config.seed + 7919 * epoch + 104729 * rank) % 2**31
             stream = shuffled_batches(shard, config.batch_size, config.shuffle_buffer, device,
                                       dtypes, seed)  # fmt: skip
             if views > 1:
                 stream = one_view_per_image(stream, epoch, views, config.batch_size)
-            for batch in stream:
+            steps = step_micro_batches(stream, skip, step_rows, micro, position.exact_on(ranks))
+            for micro_batches, consumed in steps:
                 watch.got()
-                batches += 1
-                if batches <= skip:  # trained on before the checkpoint this run resumed from
-                    fetch = watch.fetching()
-                    continue
+                steps_done += 1
                 waited += time.time() - fetch
-                micro.append(batch)
-                if len(micro) < config.grad_accum_steps:
-                    fetch = watch.fetching()
-                    continue
                 torch.manual_seed(step_seed(config.seed, step, rank))
-                terms, used = train_step(micro, step)
-                rows, micro, step = rows + used, [], step + 1
+                terms, used = train_step(micro_batches, step)
+                rows, step = rows + used, step + 1
                 if step % config.log_every == 0 or step == config.steps:
                     elapsed = time.time() - window
                     log(step, {**terms, "rows_per_s_per_worker": rows / elapsed,
@@ -294,20 +336,16 @@ def run_steps(shard: Any, config: Any, device: Any, start: int, rank: int,
                     rows, waited = 0, 0.0
                     window = time.time()  # after logging: validation is not training time
                 if step % config.checkpoint_every == 0 or step == config.steps:
-                    checkpoint(step, DataPosition(epoch, batches, ranks))
+                    checkpoint(step, DataPosition(epoch, consumed, ranks))
                     window = time.time()
                 if step >= config.steps:
                     return
                 fetch = watch.fetching()
-            if batches == 0:
+            if steps_done == 0 and skip == 0:
                 raise RuntimeError(f"worker {rank}: an epoch of the training data gave no full "
-                                   f"batch of {config.batch_size} rows: the worker's share of the "
-                                   f"train split is smaller than batch_size; lower batch_size or "
-                                   f"num_workers")  # fmt: skip
-            if batches < skip and position.exact_on(ranks):
-                raise RuntimeError(f"worker {rank}: the checkpoint's epoch {epoch} had {skip} "
-                                   f"batches, now {batches}: the training data changed since it "
-                                   f"was written")  # fmt: skip
+                                   f"step of {step_rows} rows: the worker's share of the train "
+                                   f"split is smaller than its share of the global batch; lower "
+                                   f"batch_size or num_workers")  # fmt: skip
             epoch, skip = epoch + 1, 0
     finally:
         watch.stop()

@@ -227,7 +227,7 @@ def run_train_ar_stage(run_dir: str, config: TrainARConfig, overwrite: bool = Fa
     if tokenizer_json:
         kind = f"captions of {config.text.context_length} tokens, vocabulary {text_vocab_size}"
     views = f", {tables.views} views an image" if tables.views > 1 else ""
-    print(f"train-ar: {config.steps} steps on {config.num_workers} worker(s), {tables.rows:,} "
+    print(f"train-ar: {config.steps} steps on {config.workers_text()}, {tables.rows:,} "
           f"code stacks {tables.code_shape} (K={tables.codebook_size}, {kind}, "
           f"{config.targets} targets{views}), writing {ar.uri}", flush=True)  # fmt: skip
     fit(ar, train_ar_worker, loop_config, config, dataset)

@@ -95,14 +95,14 @@ def _save_checkpoint(model: RQTransformer, optimizer, ema: WeightEMA | None, ste
         save_state({"model": average.state_dict()}, directory, "ema")
 
 
-def _load_checkpoint(model: RQTransformer, optimizer, ema: WeightEMA | None,
-                     directory: str) -> tuple[int, DataPosition]:  # fmt: skip
+def _load_checkpoint(model: RQTransformer, optimizer, ema: WeightEMA | None, directory: str,
+                     batch_size: int = 0) -> tuple[int, DataPosition]:  # fmt: skip
     """Either layout into either strategy (a run may change `strategy` when it resumes);
     -> the checkpoint's step and data position."""
     average = ema.average if ema is not None else None
     if os.path.isdir(os.path.join(directory, SHARDED_DIR)):
         trainer = load_sharded(model, optimizer, directory, average)
-        return int(trainer["step"]), DataPosition.of(trainer)
+        return int(trainer["step"]), DataPosition.of(trainer, batch_size)
     model_state = load_state(directory, "model")["model"]
     trainer = load_state(directory, "trainer")
     if is_sharded(model):
@@ -112,7 +112,7 @@ def _load_checkpoint(model: RQTransformer, optimizer, ema: WeightEMA | None,
         optimizer.load_state_dict(trainer["optimizer"])
     if average is not None:
         load_full_model(average, load_state(directory, "ema")["model"])
-    return int(trainer["step"]), DataPosition.of(trainer)
+    return int(trainer["step"]), DataPosition.of(trainer, batch_size)
 
 
 class RankZeroCopy:
@@ -172,7 +172,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     start, position = 0, DataPosition()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            start, position = _load_checkpoint(model, optimizer, ema, directory)
+            start, position = _load_checkpoint(model, optimizer, ema, directory, config.batch_size)
     exact = check_data_position(position, loop_config["start_epoch"], rank, world)
     forward = model
     if world > 1 and config.strategy == "ddp":
@@ -198,8 +198,11 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
         if config.preview_per_class > 0:
             preview = SamplePreview(loop_config["vae_uri"], storage, model_config.num_classes,
                                     config.preview_per_class, loop_config["preview_prompts"])  # fmt: skip
-        if start > 0:
-            metrics.write({"step": start, "event": "resumed", "workers": world, "exact": exact})
+        metrics.write(
+            {"step": start, "event": "resumed", "workers": world, "exact": exact}
+            if start > 0
+            else {"step": 0, "event": "started", "workers": world}
+        )
     tokens_per_row = int(np.prod(model_config.code_shape))
 
     def train_step(micro: list[dict[str, torch.Tensor]], step: int) -> tuple[dict[str, float], int]:

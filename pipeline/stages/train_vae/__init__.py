@@ -131,7 +131,7 @@ def run_train_vae_stage(run_dir: str, config: TrainVAEConfig, overwrite: bool = 
                    "val_images": validation_images(vae.storage, shards_dir, resolution,
                                                    config.val_images)}  # fmt: skip
     dataset = train_dataset(vae.storage, shards_dir, config, resolution)
-    print(f"train-vae: {config.steps} steps on {config.num_workers} worker(s), "
+    print(f"train-vae: {config.steps} steps on {config.workers_text()}, "
           f"{shards.counts.get('ok', '?')} images, writing {vae.uri}", flush=True)  # fmt: skip
     fit(vae, train_vae_worker, loop_config, config, dataset)
     return finish_training(vae, planned, config, started)

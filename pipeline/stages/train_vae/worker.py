@@ -50,8 +50,8 @@ def _save_checkpoint(state: VAETrainState, discriminator: torch.nn.Module | None
     save_state(trainer, directory, "trainer")
 
 
-def _load_checkpoint(state: VAETrainState, ema: WeightEMA | None,
-                     directory: str) -> tuple[int, DataPosition]:  # fmt: skip
+def _load_checkpoint(state: VAETrainState, ema: WeightEMA | None, directory: str,
+                     batch_size: int) -> tuple[int, DataPosition]:  # fmt: skip
     state.model.load_state_dict(load_state(directory, "model")["model"])
     if ema is not None:
         ema.average.load_state_dict(load_state(directory, "ema")["model"])
@@ -60,7 +60,7 @@ def _load_checkpoint(state: VAETrainState, ema: WeightEMA | None,
     if state.disc_optimizer is not None:
         state.loss.discriminator.load_state_dict(trainer["discriminator"])
         state.disc_optimizer.load_state_dict(trainer["disc_optimizer"])
-    return int(trainer["step"]), DataPosition.of(trainer)
+    return int(trainer["step"]), DataPosition.of(trainer, batch_size)
 
 
 @torch.no_grad()
@@ -97,7 +97,7 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     ema = WeightEMA.of(state.model, config.ema_decay) if config.ema_decay else None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            start, position = _load_checkpoint(state, ema, directory)
+            start, position = _load_checkpoint(state, ema, directory, config.batch_size)
     exact = check_data_position(position, loop_config["start_epoch"], rank, world)
     state.model.to(device)
     state.loss.to(device)
@@ -125,8 +125,11 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         tracker = open_tracker(config.tracking, run_dir, "train-vae", to_dict(config), storage)
         metrics = RunMetrics(storage, vae_dir, "train-vae", start, tracker)
-        if start > 0:
-            metrics.write({"step": start, "event": "resumed", "workers": world, "exact": exact})
+        metrics.write(
+            {"step": start, "event": "resumed", "workers": world, "exact": exact}
+            if start > 0
+            else {"step": 0, "event": "started", "workers": world}
+        )
 
     def train_step(micro: list[dict[str, Tensor]], step: int) -> tuple[dict[str, float], int]:
         images = [pixels_to_model(batch["image"]) for batch in micro]
