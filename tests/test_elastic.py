@@ -21,9 +21,13 @@ from pipeline.stages.train_vae import TrainVAEConfig
 from tests.train_helpers import metrics
 
 REPO = Path(__file__).resolve().parents[1]
-# An elastic run's logged losses stay within 10% of a fixed-size run's with the same global
-# batch (measured: at most 3%, the test below; the data order and the reduction differ).
+# An elastic run's held-out loss stays within 10% of a fixed-size run's with the same global
+# batch at every logged step, and so does its mean training loss after the first resize
+# (measured: at most 3.5% and 2.1%, the test below with DDP and FSDP, resized at steps 4-40;
+# the data order and the reduction differ). One step's training loss, a batch of other rows,
+# differed by up to 12%.
 ELASTIC_TOLERANCE = 0.10
+STEPS = 80
 
 
 def stream(sizes: list[int]) -> list[dict[str, torch.Tensor]]:
@@ -152,19 +156,24 @@ def train():
         outcome["error"] = repr(error)
 thread = threading.Thread(target=train)
 thread.start()
+def committed_step(stage):
+    try:  # Ray Train's record of its latest committed checkpoint
+        with open(stage + "/checkpoint_manager_snapshot.json") as f:
+            return json.load(f)["latest_checkpoint_result"]["metrics"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 def wait_for(done):
     while thread.is_alive() and not done(metrics(elastic + "/ar")):
         time.sleep(0.05)
     return thread.is_alive()
 moments = {}
-if wait_for(lambda logged: any(m["step"] >= 4 for m in logged)):
+if wait_for(lambda logged: any(m["step"] >= 2 for m in logged)):
     node = cluster.add_node(num_cpus=2)
     moments["joined"] = time.time()
     if wait_for(lambda logged: any(m.get("workers") == 2 for m in logged)):
         moments["on_two"] = time.time()
         resized = [m["step"] for m in metrics(elastic + "/ar") if m.get("workers") == 2][0]
-        # past a checkpoint on two workers, typically committed by then
-        if wait_for(lambda logged: any(m["step"] >= resized + 6 for m in logged)):
+        if wait_for(lambda logged: committed_step(elastic + "/ar") > resized):  # one on 2
             cluster.remove_node(node)
             moments["left"] = time.time()
             wait_for(lambda logged: [m.get("workers") for m in logged if "workers" in m][-1] == 1)
@@ -189,7 +198,7 @@ def test_training_goes_on_as_nodes_join_and_leave(encoded_run, tmp_path):
         shutil.copytree(encoded_run, run)
     # Ray Train waits this long for a worker group it sized before the node left (default 60 s)
     env = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
-    result = subprocess.run([sys.executable, "-c", ELASTIC, str(fixed), str(elastic), "60"],
+    result = subprocess.run([sys.executable, "-c", ELASTIC, str(fixed), str(elastic), str(STEPS)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
     assert result.returncode == 0 and lines, (result.stdout + result.stderr)[-4000:]
@@ -205,16 +214,25 @@ def test_training_goes_on_as_nodes_join_and_leave(encoded_run, tmp_path):
     events = [(m["event"], m["step"], m["workers"]) for m in logged if "event" in m]
     assert [(e, w) for e, _, w in events] == [("started", 1), ("resumed", 2), ("resumed", 1)]
     (_, _, _), (_, grown, _), (_, shrunk, _) = events
-    # each resume from the latest committed checkpoint, never from step 0
-    assert 4 <= grown <= shrunk < 60, events
+    # each resume from the latest committed checkpoint (the second, one written on 2 workers),
+    # never from step 0
+    assert 2 <= grown < shrunk < STEPS, events
     assert not any(m.get("exact", False) for m in logged if "event" in m)
     assert outcome["manifest"]["workers"] == [[0, 1], [grown, 2], [shrunk, 1]]
-    assert outcome["manifest"]["steps"] == 60 and (elastic / "ar/model/model.safetensors").exists()
+    assert outcome["manifest"]["steps"] == STEPS
+    assert (elastic / "ar" / "model" / "model.safetensors").exists()
 
-    ours = {m["step"]: m["loss"] for m in logged if "loss" in m}
-    reference = {m["step"]: m["loss"] for m in metrics(fixed / "ar") if "loss" in m}
-    assert sorted(ours) == sorted(reference) == list(range(2, 61, 2))
-    assert all(ours[step] == reference[step] for step in ours if step <= grown)
+    ours = {m["step"]: m for m in logged if "loss" in m}
+    reference = {m["step"]: m for m in metrics(fixed / "ar") if "loss" in m}
+    assert sorted(ours) == sorted(reference) == list(range(2, STEPS + 1, 2))
+    assert all(ours[step][key] == reference[step][key] for step in ours if step <= grown
+               for key in ("loss", "val_loss"))  # fmt: skip
+    # the model's curve: the held-out loss at every logged step; the training loss is one
+    # batch's, other rows after a resize, so it is compared as a mean
     for step in ours:
-        assert abs(ours[step] - reference[step]) <= ELASTIC_TOLERANCE * reference[step], (
-            step, ours, reference)  # fmt: skip
+        ratio = ours[step]["val_loss"] / reference[step]["val_loss"]
+        assert abs(ratio - 1) <= ELASTIC_TOLERANCE, (step, ours[step], reference[step])
+    after = [step for step in ours if step > grown]
+    mean_ours, mean_reference = (sum(run[s]["loss"] for s in after) / len(after)
+                                 for run in (ours, reference))  # fmt: skip
+    assert abs(mean_ours / mean_reference - 1) <= ELASTIC_TOLERANCE, (mean_ours, mean_reference)
