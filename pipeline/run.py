@@ -78,7 +78,12 @@ def stage_overrides(section: str, overrides: list[str]) -> list[str]:
 
 
 def _summary(manifest: Manifest) -> str:
-    counts = manifest.counts
+    counts = dict(manifest.counts)
+    if "workers" in counts:  # a training stage's sizes, [[from step, workers], ...]
+        sizes = counts["workers"]
+        counts["workers"] = " -> ".join(
+            f"{n}" if i == 0 else f"{n} (step {step})" for i, (step, n) in enumerate(sizes)
+        )  # e.g. "1 -> 2 (step 40) -> 1 (step 44)"
     shown = [f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items()]
     return ", ".join(shown)
 
