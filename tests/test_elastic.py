@@ -140,14 +140,15 @@ from pipeline.stages.train_ar import TrainARConfig, run_train_ar_stage
 from tests.train_helpers import metrics
 
 mode, run, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-common = [f"steps={steps}", "batch_size=8", "lr=2e-3", "warmup_steps=2", "log_every=2",
-          "checkpoint_every=4", "preview_per_class=0", "cpus_per_worker=2",
-          "threads_per_worker=1", "tracking.backend=none"]
+common = [f"steps={steps}", "batch_size=8", "lr=2e-3", "warmup_steps=2", "log_every=4",
+          "preview_per_class=0", "cpus_per_worker=2", "threads_per_worker=1",
+          "tracking.backend=none"]
 if mode == "fixed":  # the reference, on a Ray instance of its own: one worker, the same
-    # global batch of 16 rows (2 micro-batches of 8)
+    # global batch of 16 rows (2 micro-batches of 8); one checkpoint, which changes no bit
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     run_train_ar_stage(run, load_config(TrainARConfig, None, [*common, "num_workers=1",
-                                                              "grad_accum_steps=2"]))
+                                                              "grad_accum_steps=2",
+                                                              f"checkpoint_every={steps}"]))
     print("RESULT", json.dumps({}))
     sys.exit(0)
 elastic = run
@@ -156,7 +157,7 @@ ray.init(address=cluster.address, log_to_driver=False)
 outcome = {}
 def train():
     try:
-        config = [*common, "num_workers=[1, 2]", "resize_interval_s=1"]
+        config = [*common, "num_workers=[1, 2]", "resize_interval_s=1", "checkpoint_every=4"]
         outcome["manifest"] = run_train_ar_stage(elastic, load_config(TrainARConfig, None, config))
     except BaseException as error:
         outcome["error"] = repr(error)
@@ -173,7 +174,7 @@ def wait_for(done):
         time.sleep(0.05)
     return thread.is_alive()
 moments = {}
-if wait_for(lambda logged: any(m["step"] >= 2 for m in logged)):
+if wait_for(lambda logged: any(m["step"] >= 4 for m in logged)):
     node = cluster.add_node(num_cpus=2)
     moments["joined"] = time.time()
     if wait_for(lambda logged: any(m.get("workers") == 2 for m in logged)):
@@ -226,7 +227,7 @@ def test_training_goes_on_as_nodes_join_and_leave(encoded_run, tmp_path):
     (_, _, _), (_, grown, _), (_, shrunk, _) = events
     # each resume from the latest committed checkpoint (the second, one written on 2 workers),
     # never from step 0
-    assert 2 <= grown < shrunk < STEPS, events
+    assert 4 <= grown < shrunk < STEPS, events
     assert not any(m.get("exact", False) for m in logged if "event" in m)
     assert outcome["manifest"]["workers"] == [[0, 1], [grown, 2], [shrunk, 1]]
     assert outcome["manifest"]["steps"] == STEPS
@@ -234,7 +235,7 @@ def test_training_goes_on_as_nodes_join_and_leave(encoded_run, tmp_path):
 
     ours = {m["step"]: m for m in logged if "loss" in m}
     reference = {m["step"]: m for m in metrics(fixed / "ar") if "loss" in m}
-    assert sorted(ours) == sorted(reference) == list(range(2, STEPS + 1, 2))
+    assert sorted(ours) == sorted(reference) == list(range(4, STEPS + 1, 4))
     assert all(ours[step][key] == reference[step][key] for step in ours if step <= grown
                for key in ("loss", "val_loss"))  # fmt: skip
     # the model's curve: the held-out loss at every logged step; the training loss is one

@@ -282,12 +282,16 @@ def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: T
 def finish_training(folder: StageFolder, planned: Manifest, config: Any, started: float,
                     **counts: Any) -> Manifest:  # fmt: skip
     """The manifest of a trained stage: its exported model as the unit, the steps, the worker
-    counts it trained on ([[from step, workers], ...]: every start, resume and resize) and
-    `counts`; written last."""
+    counts it trained on ([[from step, workers], ...]: the start and every resize) and
+    `counts`; written last. A resume on the same count is no entry: a fault costs time, and
+    the manifest of a faulted run is the uninterrupted run's (the fault soak compares them)."""
     planned.units = [{"name": "model/model.safetensors", "rows": config.steps,
                       "bytes": folder.size("model", "model.safetensors")}]  # fmt: skip
-    workers = [[r["step"], r["workers"]] for r in read_metrics(folder.storage, folder.uri)
-               if r.get("event") in ("started", "resumed")]  # fmt: skip
+    workers: list[list[int]] = []
+    for record in read_metrics(folder.storage, folder.uri):
+        sized = record.get("event") in ("started", "resumed")
+        if sized and (not workers or workers[-1][1] != record["workers"]):
+            workers.append([record["step"], record["workers"]])
     planned.counts = {"steps": config.steps, "workers": workers, **counts}
     folder.finish(planned)
     print(f"{folder.stage}: done in {time.time() - started:.0f} s; model {folder.path('model')}")

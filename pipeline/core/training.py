@@ -37,8 +37,11 @@ class RunMetrics:
         self.tracker = tracker
         self.local = is_local(stage_dir)
         self.pending: list[str] = []  # object stores: the lines since the last checkpoint
-        # Every record so far, in memory: curves.png is drawn from it at each checkpoint.
-        self.records = [r for r in read_metrics(storage, stage_dir) if r["step"] <= resume_step]
+        # Every record so far, in memory: curves.png is drawn from it at each checkpoint. An
+        # earlier attempt's start or resume record at the step this run starts from is this
+        # run's to write.
+        self.records = [r for r in read_metrics(storage, stage_dir) if r["step"] < resume_step
+                        or (r["step"] == resume_step and "event" not in r)]  # fmt: skip
         if self.local:
             self.path = storage.fs(join(stage_dir, "metrics.jsonl"))[1]
             storage.write_bytes(join(stage_dir, "metrics.jsonl"),
