@@ -1,6 +1,11 @@
 """A seeded fault soak of the whole pipeline: `jobs/run.py` on moto's S3 server and a two-node Ray
 cluster, killed and cut at random moments and re-run as an operator (or a retrying job) would,
-until it completes; then every object it wrote is compared with a fault-free run's.
+until it completes; then every object it wrote is compared with a fault-free run's. The
+fault-free run is on another cluster: one that starts with no worker nodes and grows from
+cluster/aws.yaml's node types under Ray's own autoscaler (bench/fake_cluster.py), whose record
+(which node types each stage brought up, the idle ones gone) is the record's "autoscaled". The
+stages ask for GPUs as the ImageNet recipe does; both clusters only declare them, and the
+stages compute on the CPU (RQPIPE_CPU_FOR_DECLARED_GPUS).
 
     .venv/bin/python bench/chaos.py --faults 50 --seed 0 [--work runs/chaos]
 
@@ -46,34 +51,42 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import psutil
+from fake_cluster import AutoscalingCluster, print_scaling, timed_run
 from scale import Services  # bench/ is first on the path: this file runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pipeline.core.devices import CPU_FOR_DECLARED_GPUS  # noqa: E402  (REPO on the path first)
+
+AUTOSCALED = REPO / "cluster" / "aws.yaml"  # the fault-free run's node types
 
 BUCKET, PER_CLASS = "soak", 12  # 48 demo images
 KINDS = ("driver", "train-worker", "actor", "node", "store")
 ACTOR_TITLES = ("ray::ShardEncoder", "ray::ChunkSampler", "ray::FeatureWorker")
-# configs/demo.yaml cut down to seconds a stage, on two nodes: DDP across them, two actors.
+# configs/demo.yaml cut down to seconds a stage, asking for GPUs as the ImageNet recipe does
+# (declared ones, computing on the CPU: RQPIPE_CPU_FOR_DECLARED_GPUS): two Train workers with a
+# GPU each, DDP; two actors with a GPU each.
 OVERRIDES = [
     "shard.samples_per_shard=4", "shard.val_fraction=0.1",
     "train_vae.steps=8", "train_vae.batch_size=4", "train_vae.log_every=4",
     "train_vae.checkpoint_every=4", "train_vae.val_images=8", "train_vae.num_workers=2",
-    "train_vae.cpus_per_worker=1", "train_vae.loss.gan_weight=0.1",
+    "train_vae.cpus_per_worker=1", "train_vae.use_gpu=true", "train_vae.loss.gan_weight=0.1",
     "train_vae.loss.gan_start_step=2", "train_vae.tracking.backend=none",
-    "encode.cpus_per_actor=0.5", "encode.batch_size=1", "encode.num_actors=2",
+    "encode.cpus_per_actor=0.5", "encode.gpus_per_actor=1", "encode.batch_size=1",
+    "encode.num_actors=2",
     "train_ar.steps=8", "train_ar.batch_size=4", "train_ar.log_every=4",
     "train_ar.checkpoint_every=4", "train_ar.preview_per_class=1", "train_ar.num_workers=2",
-    "train_ar.cpus_per_worker=1", "train_ar.tracking.backend=none",
+    "train_ar.cpus_per_worker=1", "train_ar.use_gpu=true", "train_ar.tracking.backend=none",
     "sample.num_samples=8", "sample.chunk_size=2", "sample.grid_size=2",
-    "sample.cpus_per_actor=0.5", "sample.num_actors=2",
-    "evaluate.num_actors=2", "evaluate.cpus_per_actor=0.5",
+    "sample.cpus_per_actor=0.5", "sample.gpus_per_actor=1", "sample.num_actors=2",
+    "evaluate.num_actors=2", "evaluate.cpus_per_actor=0.5", "evaluate.gpus_per_actor=1",
 ]  # fmt: skip
 # Fields that say when, how long or how fast, never what was computed.
 VOLATILE_KEYS = re.compile(r"(^|_)(time|seconds|started|finished|created|updated|heartbeat|"
@@ -87,13 +100,14 @@ CLUSTER = r"""
 import sys
 from ray.cluster_utils import Cluster
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
-node = cluster.add_node(num_cpus=3)
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "num_gpus": 2,
+                                                       "include_dashboard": False})
+node = cluster.add_node(num_cpus=3, num_gpus=2)
 cluster.wait_for_nodes()
 print(cluster.address, flush=True)
 for line in sys.stdin:
     cluster.remove_node(node, allow_graceful=False)
-    node = cluster.add_node(num_cpus=3)
+    node = cluster.add_node(num_cpus=3, num_gpus=2)
     cluster.wait_for_nodes()
     print("replaced", flush=True)
 cluster.shutdown()
@@ -159,14 +173,19 @@ def normalised(key: str, data: bytes) -> bytes:
 
 
 def snapshot(client: Any, prefix: str) -> dict[str, bytes]:
-    """Every object under `prefix`, keyed without the timestamps Ray Train names checkpoint
-    folders by (`checkpoint_<when>/` -> `checkpoint@step<N>/`), Ray Train's snapshot left out."""
+    """Every object under `prefix`, as `comparable`."""
     objects = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         for item in page.get("Contents", []):
             key = item["Key"]
-            if not key.endswith(LEFT_OUT):
-                objects[key] = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+            objects[key] = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return comparable(objects)
+
+
+def comparable(objects: dict[str, bytes]) -> dict[str, bytes]:
+    """`objects` (key -> bytes) `normalised`, keyed without the timestamps Ray Train names
+    checkpoint folders by (`checkpoint_<when>/` -> `checkpoint@step<N>/`), LEFT_OUT left out."""
+    objects = {k: v for k, v in objects.items() if not k.endswith(LEFT_OUT)}
     steps = {}
     for key, data in objects.items():
         folder, _, name = key.rpartition("/")
@@ -392,25 +411,36 @@ def soak(faults: int, seed: int, work: Path, per_round: int = 8) -> dict[str, An
                         ("AWS_DEFAULT_REGION", "us-east-1"),
                         ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")):  # fmt: skip
         os.environ.setdefault(name, value)
+    os.environ[CPU_FOR_DECLARED_GPUS] = "1"  # both clusters' GPUs are declared ones
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     # moto's server behind bench/s3_meter.py at no added latency: stopping the meter is the
     # store outage, and the bench's own requests go to moto directly
     store, cluster = Services(0, work / "moto.log"), TwoNodes()
+    scaling = AutoscalingCluster(AUTOSCALED, work)
+    watching = None
     try:
         client = boto3.client("s3", endpoint_url=store.direct)
         upload_input(client, work)
         command = [sys.executable, str(REPO / "jobs" / "run.py"), "--input",
                    f"s3://{BUCKET}/in.csv", "--run-dir", f"s3://{BUCKET}/run", "--config",
-                   str(REPO / "configs" / "demo.yaml"), "--ray-address", cluster.address,
-                   *OVERRIDES, f"evaluate.weights={classifier(work)}",
-                   f"storage.endpoint_url={store.url}"]  # fmt: skip
+                   str(REPO / "configs" / "demo.yaml")]  # fmt: skip
+        overrides = [*OVERRIDES, f"evaluate.weights={classifier(work)}",
+                     f"storage.endpoint_url={store.url}"]  # fmt: skip
+        # The fault-free run, on the cluster that grows from the YAML's node types; the faulted
+        # rounds, on the fixed two-node cluster, must end with its objects.
         started = time.time()
-        runner = Soak(command, store, cluster, random.Random(seed), logs)
-        if runner.run(faults=0) != 0:
+        code, ends = timed_run([*command, "--ray-address", scaling.address, "--cluster",
+                                str(AUTOSCALED), *overrides], logs / "run-001.log")  # fmt: skip
+        if code != 0:
             raise RuntimeError(f"the fault-free run failed: {logs}/run-001.log")
         horizon = time.time() - started
+        runner = Soak([*command, "--ray-address", cluster.address, *overrides], store, cluster,
+                      random.Random(seed), logs)  # fmt: skip
+        runner.runs = 1
+        # its idle nodes going, watched while the rounds run
+        watching = Watching(scaling, started, ends)
         # gaps up to a fair share of a run: a round's faults land within about half of one,
         # and the runs after them (which resume) have the rest of the pipeline to go
         runner.spacing = horizon / per_round
@@ -449,10 +479,19 @@ def soak(faults: int, seed: int, work: Path, per_round: int = 8) -> dict[str, An
             runner.findings.append(f"the re-run of the finished pipeline failed or rewrote "
                                    f"objects (log run-{runner.runs:03d}.log)")  # fmt: skip
         record = _record(seed, runner, rounds, reference, compared, differences)
+        record["autoscaled"] = watching.result()
         (work / "chaos.json").write_text(json.dumps(record, indent=1))
     finally:
+        if watching is not None:
+            watching.thread.join()
+        left = scaling.stop()
         cluster.stop()
         store.stop()
+    record["autoscaled"]["processes_left"] = left
+    (work / "chaos.json").write_text(json.dumps(record, indent=1))
+    print("the fault-free run, on cluster/aws.yaml's node types under Ray's autoscaler:")
+    print_scaling(record["autoscaled"])
+    print(f"processes left after that cluster was stopped: {left}")
     print(f"\nchaos: seed {seed}; {sum(runner.injected.values())} faults in {rounds} rounds, "
           f"{record['runs']} runs, {runner.hangs} hangs")  # fmt: skip
     print("| fault | injected |\n|---|---:|")
@@ -467,6 +506,21 @@ def soak(faults: int, seed: int, work: Path, per_round: int = 8) -> dict[str, An
         print(f"  {line}")
     print(f"reproduce: .venv/bin/python bench/chaos.py --faults {faults} --seed {seed}")
     return record
+
+
+class Watching:
+    """`AutoscalingCluster.record` in a thread of its own (it waits for idle nodes to go)."""
+
+    def __init__(self, scaling: AutoscalingCluster, start: float, ends: dict[str, float]) -> None:
+        self.found: dict[str, Any] = {}
+        self.thread = threading.Thread(
+            target=lambda: self.found.update(scaling.record(start, ends))
+        )
+        self.thread.start()
+
+    def result(self) -> dict[str, Any]:
+        self.thread.join()
+        return self.found
 
 
 def _record(seed: int, runner: Soak, rounds: int, reference: dict[str, bytes], compared: int,

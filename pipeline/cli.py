@@ -45,9 +45,9 @@ def _join_cluster(plan: list, args: argparse.Namespace) -> None:
 
     if args.cluster:
         check_cluster(plan, args.cluster)
-    init_ray(args.ray_address)
+    started_here = init_ray(args.ray_address)
     if not args.cluster:
-        check_cluster(plan)
+        check_cluster(plan, started_here=started_here)
 
 
 def _analysis(args: argparse.Namespace) -> int:

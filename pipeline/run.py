@@ -127,9 +127,11 @@ def plan_pipeline(config_path: str | None = None, overrides: list[str] = (),
     return planned
 
 
-def check_cluster(plan: list[PlannedStage], cluster_file: str | None = None) -> None:
+def check_cluster(plan: list[PlannedStage], cluster_file: str | None = None,
+                  started_here: bool = False) -> None:  # fmt: skip
     """Every planned stage's requests fit a node type of the cluster (core/cluster_fit.py): of
-    `cluster_file` (before Ray is joined), else of the connected cluster."""
+    `cluster_file` (before Ray is joined), else of the connected cluster (a local instance
+    `started_here` by `init_ray`: its node)."""
     from pipeline.core.cluster_fit import (
         check_requests,
         live_node_types,
@@ -140,7 +142,7 @@ def check_cluster(plan: list[PlannedStage], cluster_file: str | None = None) -> 
     if cluster_file:
         node_types, source = node_types_from_file(cluster_file), cluster_file
     else:
-        node_types, source = live_node_types()
+        node_types, source = live_node_types(started_here)
         if node_types is None:  # an autoscaler whose node types only its YAML knows
             return
     requests = [r for p in plan for r in stage_requests(p.stage.name, p.config.section, p.config)]

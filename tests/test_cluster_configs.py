@@ -2,6 +2,7 @@
 default-filling, and the KubeRay manifest has what autoscaling from zero needs."""
 
 import copy
+import os
 import re
 from pathlib import Path
 
@@ -182,6 +183,21 @@ def test_the_cli_refuses_what_the_cluster_cannot_serve_before_any_stage_runs(ray
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert ("train-ar: 2 Train workers x 2 CPU leave no node a whole CPU of the cluster's 4 "
             "(its live nodes)") in refused.stderr  # fmt: skip
+    # the same on the local instance a command starts for itself, before its monitor reports
+    # (it once hung there: the check waited for a report that comes seconds later)
+    from ray._private.utils import get_num_cpus  # what a local instance takes (cgroup-aware)
+
+    cpus = get_num_cpus()
+    half = cpus / 2
+    refused = subprocess.run([sys.executable, str(repo / "jobs" / "train_ar.py"), "--run-dir",
+                              str(tmp_path / "run"), "num_workers=2", f"cpus_per_worker={half:g}"],
+                             capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert (
+        f"train-ar: 2 Train workers x {half:g} CPU leave no node a whole CPU of the "
+        f"cluster's {os.cpu_count()} (this machine's local Ray instance)"
+    ) in refused.stderr
 
     write_demo_dataset(tmp_path / "in", per_class=1)
     command = [sys.executable, "-m", "pipeline.cli", "run", "--input",

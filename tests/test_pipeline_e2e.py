@@ -22,7 +22,8 @@ def test_whole_pipeline_through_eight_seeded_faults_ends_as_the_fault_free_run(t
     """Every object the faulted run wrote is the fault-free run's (tars, code tables, weights,
     samples, metrics; nothing missing, nothing extra), every image once in the code tables, a
     run that a store outage ends says so with exit code 3, and the finished pipeline re-run
-    rewrites nothing."""
+    rewrites nothing. The fault-free run is on a cluster that grows from cluster/aws.yaml's
+    node types under Ray's autoscaler (bench/chaos.py), the faulted ones on a fixed cluster."""
     work = tmp_path / "soak"
     soak = subprocess.run([sys.executable, str(REPO / "bench" / "chaos.py"), "--faults", "8",
                            "--seed", str(SEED), "--work", str(work)], cwd=REPO,
@@ -41,3 +42,18 @@ def test_whole_pipeline_through_eight_seeded_faults_ends_as_the_fault_free_run(t
             "run/eval/reference.npz"} <= artifacts  # fmt: skip
     assert any(k.startswith("run/samples/grid-000-a_") for k in artifacts)  # a grid a prompt
     assert sum(k.startswith("run/codes/") and k.endswith(".parquet") for k in artifacts) > 5
+
+    # The fault-free run was on cluster/aws.yaml's node types under Ray's autoscaler, from zero
+    # worker nodes: shard's CPU tasks brought up CPU nodes, never GPU ones; train-vae's GPU
+    # workers a GPU node; the faulted runs on a fixed cluster ended with its objects (above).
+    scaling = record["autoscaled"]
+    stages = scaling["stages"]
+    assert scaling["workers_at_start"] == 0 and stages["shard"]["launched"], scaling
+    assert set(stages["shard"]["launched"]) == {"cpu-16"}, stages
+    assert set(stages["train-vae"]["launched"]) & {"gpu-8xa100", "gpu-1xa10g"}, stages
+    assert {t for s in stages.values() for t in s["launched"]} <= {"cpu-16", "gpu-8xa100",
+                                                                    "gpu-1xa10g"}  # fmt: skip
+    # idle nodes went after idle_timeout, their processes with them; nothing was left running
+    assert scaling["workers_at_end"] == 0 and scaling["raylets_at_end"] == 1, scaling
+    assert scaling["last_worker_gone_s"] <= scaling["idle_timeout_s"] + 60, scaling
+    assert scaling["processes_left"] == 0

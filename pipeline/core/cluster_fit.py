@@ -161,15 +161,17 @@ def _quantity(value: Any) -> float:
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
-def live_node_types() -> tuple[list[NodeType] | None, str]:
+def live_node_types(started_here: bool = False) -> tuple[list[NodeType] | None, str]:
     """(node types, where from) of the connected cluster: the node groups its autoscaler
-    reports (KubeRay, autoscaler v2); a fixed cluster's live nodes, each a type of its own;
+    reports (KubeRay, autoscaler v2); a fixed cluster's live nodes, each a type of its own (a
+    local instance this process `started_here`: its one node, before its monitor reports);
     None when an autoscaler runs that does not report its types (the cluster launcher's: give
     its YAML with --cluster) or the monitor has not reported yet."""
-    import ray
     from ray._private.state import state
     from ray.experimental.internal_kv import _internal_kv_get
 
+    if started_here:
+        return _live_nodes(), "this machine's local Ray instance"
     config = state.get_cluster_config()
     if config is not None and config.node_group_configs:
         return [NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, g.max_count)
@@ -180,10 +182,15 @@ def live_node_types() -> tuple[list[NodeType] | None, str]:
     # ("node_<id>"); none yet: the monitor has not reported (its first seconds), so unknown.
     if not mapping or any(kind != f"node_{node}" for node, kind in mapping.items()):
         return None, "an autoscaler that does not report its node types"
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return _live_nodes(), "its live nodes"
+
+
+def _live_nodes() -> list[NodeType]:
+    import ray
+
     return [NodeType(f"node {n['NodeID'][:8]}", {k: float(v) for k, v in n["Resources"].items()
                                                  if not k.startswith(NOT_REQUESTED)})
-            for n in nodes], "its live nodes"  # fmt: skip
+            for n in ray.nodes() if n.get("Alive")]  # fmt: skip
 
 
 # Resources of a live node that no stage asks for

@@ -23,14 +23,15 @@ import logging
 import os
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join `address` (or RAY_ADDRESS); without either, start a local Ray instance."""
+def init_ray(address: str | None = None) -> bool:
+    """Join `address` (or RAY_ADDRESS); without either, start a local Ray instance (-> True:
+    the cluster is this machine, fixed, and its one node is what the stages may use)."""
     import ray
     from ray.data import DataContext
 
     _ray_data_console_without_errors()
     if ray.is_initialized():
-        return
+        return False
     quiet = {"logging_level": logging.WARNING,
              "logging_config": ray.LoggingConfig(log_level="WARNING")}  # fmt: skip
     address = address or os.environ.get("RAY_ADDRESS")
@@ -47,6 +48,7 @@ def init_ray(address: str | None = None) -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    return not address
 
 
 def _ray_data_console_without_errors() -> None:

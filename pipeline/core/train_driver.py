@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.core.checkpoint import state_fields
+from pipeline.core.devices import train_backend
 from pipeline.core.manifest import Manifest, model_fingerprint
 from pipeline.core.stage_folder import StageFolder
 from pipeline.core.storage import Storage, is_local, join, model_location
@@ -247,7 +248,7 @@ def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: T
     `max_failures` times: Ray Train's own restart (FailureConfig) would re-read the data from
     the epoch the run started at, and train another model than an uninterrupted run."""
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.exceptions import TrainingFailedError
 
     name = folder.uri.rstrip("/").rsplit("/", 1)[-1]
@@ -266,6 +267,7 @@ def fit(folder: StageFolder, worker: Any, loop_config: dict[str, Any], config: T
             run_config=train_run_config(folder.run_dir, name, config.num_to_keep, folder.storage),
             datasets={"train": start_at_epoch(dataset, position.epoch)},
             dataset_config=ordered_data_config(),  # the same run trains the same model
+            torch_config=TorchConfig(backend=train_backend(config.use_gpu)),
         )  # fmt: skip
         try:
             trainer.fit()

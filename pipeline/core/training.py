@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.core.devices import usable_device
 from pipeline.core.progress import BatchWait
 
 
@@ -112,6 +113,18 @@ def read_metrics(storage: Any, stage_dir: str) -> list[dict[str, Any]]:
             text = storage.read_bytes(uri).decode()
             records += [json.loads(line) for line in text.splitlines() if line.strip()]
     return records
+
+
+# Ray Data reads at most this many blocks a dataset (its own default, read_op_min_num_blocks)
+READ_BLOCKS = 200
+
+
+def read_blocks(files: int) -> int:
+    """The read tasks (blocks) of a training dataset: fixed by its file count. Left to Ray Data,
+    the count follows the CPUs the cluster has when the stage starts, and with other block
+    boundaries the ranks get other rows and the rows other augmentation seeds: the autoscaling
+    test's run trained other weights than the same config on a local instance."""
+    return max(1, min(files, READ_BLOCKS))
 
 
 def epoch_file_order(seed: int):
@@ -432,4 +445,6 @@ def train_worker_setup(threads: int | None, deterministic: bool = False) -> tupl
 
         torch.set_num_threads(threads)
     context = ray.train.get_context()
-    return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+    # a GPU the node only declares runs on the CPU, or stops here (core/devices.py)
+    device = usable_device(ray.train.torch.get_device())
+    return context.get_world_rank(), context.get_world_size(), device

@@ -98,8 +98,8 @@ def run_demo(run_dir: str, config_path: str, overrides: list[str] = (),
     text = next(p.config for p in plan if p.stage.name == "train-ar").conditioning == "text"
     if text and not (sample.prompts or sample.prompts_file):
         sample.prompts = demo_prompts()  # every shape in every colour, seen or not
-    init_ray(ray_address)
-    check_cluster(plan)  # what the stages ask of Ray fits this machine
+    started_here = init_ray(ray_address)
+    check_cluster(plan, started_here=started_here)  # what the stages ask of Ray fits the cluster
     records = run_pipeline(str(listing), run_dir, plan, overwrite)
     report = _report(run)
     vae_metrics = [json.loads(line) for line in (run / "vae" / "metrics.jsonl").open()]

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.core.actor_pool import POOL_FIELDS, ActorPool, ActorPoolConfig
 from pipeline.core.config import output_fields
+from pipeline.core.devices import usable_device
 from pipeline.core.lease import single_writer
 from pipeline.core.manifest import Manifest, vae_fingerprint
 from pipeline.core.progress import Progress
@@ -93,12 +94,11 @@ class ShardEncoder:
 
     def __init__(self, vae_uri: str, storage_config: StorageConfig, use_gpu: bool,
                  dtype: str = "float32") -> None:  # fmt: skip
-        import torch
 
         from model.rqvae import RQVAE
 
         self.storage = Storage(storage_config)
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.device = str(usable_device("cuda" if use_gpu else "cpu"))
         self.model = RQVAE.from_pretrained(vae_uri, storage_options=self.storage.options(vae_uri))
         self.model.to(self.device)
         self.bf16 = dtype == "bfloat16"

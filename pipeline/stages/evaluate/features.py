@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.core.devices import usable_device
 from pipeline.core.storage import Storage, StorageConfig, join
 
 
@@ -120,10 +121,9 @@ class FeatureWorker:
     def __init__(self, kind: str, weights: str | None, vae_uri: str | None,
                  lpips_weights: str | None, storage_config: StorageConfig,
                  use_gpu: bool, batch_size: int, clip: str | None = None) -> None:  # fmt: skip
-        import torch
 
         self.storage = Storage(storage_config)
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.device = str(usable_device("cuda" if use_gpu else "cpu"))
         self.extract = load_extractor(self.storage, kind, weights, self.device)
         self.batch_size = batch_size
         self.vae = self.lpips = self.clip = None

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from pipeline.core.devices import usable_device
 from pipeline.core.storage import Storage, StorageConfig, join
 from pipeline.formats.codes_table import codes_table, to_parquet_bytes
 
@@ -41,7 +42,7 @@ class ChunkSampler:
         from model.rqvae import RQVAE
 
         self.storage = Storage(storage_config)
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.device = str(usable_device("cuda" if use_gpu else "cpu"))
         self.ar = RQTransformer.from_pretrained(ar_uri, self.device,
                                                 storage_options=self.storage.options(ar_uri))  # fmt: skip
         self.vae = RQVAE.from_pretrained(vae_uri, self.device,

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from model.text import encode_captions, train_tokenizer
 from pipeline.core.manifest import vae_fingerprint
 from pipeline.core.storage import Storage, absolute, join
-from pipeline.core.training import epoch_file_order
+from pipeline.core.training import epoch_file_order, read_blocks
 from pipeline.formats.codes_table import CodeTables, first_views, read_captions, table_to_arrays
 
 
@@ -25,6 +25,7 @@ def train_dataset(storage: Storage, tables: CodeTables, columns: list[str], seed
 
     filesystem, source, skip = _train_source(storage, tables.train)
     dataset = ray.data.read_parquet(source, filesystem=filesystem, skip_paths=skip,
+                                    override_num_blocks=read_blocks(len(tables.train)),
                                     shuffle=epoch_file_order(seed))  # fmt: skip
     if tables.views > 1:
         columns = [*columns, "key", "view"]

@@ -176,7 +176,7 @@ def train_ar_worker(loop_config: dict[str, Any]) -> None:
     exact = check_data_position(position, loop_config["start_epoch"], rank, world)
     forward = model
     if world > 1 and config.strategy == "ddp":
-        forward = ray.train.torch.prepare_model(model)
+        forward = ray.train.torch.prepare_model(model, device)
     if config.compile:  # the forward and its backward through torch.compile (inductor)
         forward = torch.compile(forward)
     # rank 0's whole copies: of what is exported (the average, when on) and of the raw weights

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core.storage import Storage
-from pipeline.core.training import epoch_file_order
+from pipeline.core.training import epoch_file_order, read_blocks
 
 # decode_batch runs in Ray Data's workers: from a torch-free module, they start without torch
 from pipeline.formats.shard_tar import (
@@ -46,6 +46,7 @@ def train_dataset(storage: Storage, shards_dir: str, config: TrainVAEConfig, res
     paths = [storage.arrow_fs(uri)[1] for uri in tars]
     dataset = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
                                        file_extensions=["tar"],
+                                       override_num_blocks=read_blocks(len(paths)),
                                        shuffle=epoch_file_order(config.seed))  # fmt: skip
     dataset = dataset.with_column(AUGMENT_SEED, random(seed=config.seed,
                                                        reseed_after_execution=True))  # fmt: skip

@@ -110,10 +110,12 @@ def train_vae_worker(loop_config: dict[str, Any]) -> None:
     if world > 1:
         # Codebook buffers stay identical through the quantizer's own all-reduce.
         kwargs = {"broadcast_buffers": False}
-        state.forward = ray.train.torch.prepare_model(state.model, parallel_strategy_kwargs=kwargs)
+        state.forward = ray.train.torch.prepare_model(
+            state.model, device, parallel_strategy_kwargs=kwargs
+        )
         if state.loss.discriminator is not None:
             state.loss.discriminator = ray.train.torch.prepare_model(
-                state.loss.discriminator, parallel_strategy_kwargs=kwargs
+                state.loss.discriminator, device, parallel_strategy_kwargs=kwargs
             )
     if config.compile:  # the forward and its backward through torch.compile (inductor)
         state.forward = torch.compile(state.model if state.forward is None else state.forward)
