@@ -418,9 +418,9 @@ def soak(faults: int, seed: int, work: Path, per_round: int = 8) -> dict[str, An
     # moto's server behind bench/s3_meter.py at no added latency: stopping the meter is the
     # store outage, and the bench's own requests go to moto directly
     store, cluster = Services(0, work / "moto.log"), TwoNodes()
-    scaling = AutoscalingCluster(AUTOSCALED, work)
-    watching = None
+    scaling = watching = None
     try:
+        scaling = AutoscalingCluster(AUTOSCALED, work)
         client = boto3.client("s3", endpoint_url=store.direct)
         upload_input(client, work)
         command = [sys.executable, str(REPO / "jobs" / "run.py"), "--input",
@@ -484,7 +484,7 @@ def soak(faults: int, seed: int, work: Path, per_round: int = 8) -> dict[str, An
     finally:
         if watching is not None:
             watching.thread.join()
-        left = scaling.stop()
+        left = scaling.stop() if scaling is not None else 0
         cluster.stop()
         store.stop()
     record["autoscaled"]["processes_left"] = left

@@ -2,8 +2,8 @@
 Ray hands out is not a CUDA device.
 
 Ray hands out GPUs as resources; on a GPU node each comes with a CUDA device. A node can also
-declare GPUs it does not have: the autoscaler's fake multi-node provider (the autoscaling test,
-tests/test_autoscaling.py), or `ray start --num-gpus=2` on a CPU host to try a GPU recipe's
+declare GPUs it does not have: the autoscaler's fake multi-node provider (bench/fake_cluster.py,
+the fault soak's reference run), or `ray start --num-gpus=2` on a CPU host to try a GPU recipe's
 requests before paying for GPUs. With RQPIPE_CPU_FOR_DECLARED_GPUS=1 in the environment of the
 cluster's nodes and of the driver, a stage given such a GPU computes on the CPU, and Train
 workers join through gloo instead of NCCL. Without it, a GPU given to a process whose torch sees

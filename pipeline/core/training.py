@@ -115,15 +115,16 @@ def read_metrics(storage: Any, stage_dir: str) -> list[dict[str, Any]]:
     return records
 
 
-# Ray Data reads at most this many blocks a dataset (its own default, read_op_min_num_blocks)
+# The most read tasks a training dataset gets: Ray Data's own floor (read_op_min_num_blocks)
 READ_BLOCKS = 200
 
 
 def read_blocks(files: int) -> int:
     """The read tasks (blocks) of a training dataset: fixed by its file count. Left to Ray Data,
     the count follows the CPUs the cluster has when the stage starts, and with other block
-    boundaries the ranks get other rows and the rows other augmentation seeds: the autoscaling
-    test's run trained other weights than the same config on a local instance."""
+    boundaries the ranks get other rows and the rows other augmentation seeds: a run on an
+    autoscaling cluster trained other weights than the same config on a local instance
+    (bench/autoscale.py)."""
     return max(1, min(files, READ_BLOCKS))
 
 
